@@ -1,0 +1,168 @@
+"""The graph directory: the one place that knows its on-disk layout.
+
+The layout is the NVIDIA blueprint's (so its training container can read it), plus
+``manifest.json``, ``encoders.json`` and a split file that keeps validation edges
+identifiable::
+
+    <graph_dir>/
+      manifest.json                      source hash, counts, feature names and dims
+      encoders.json                      fitted encoders (to encode new raw rows the same way)
+      gnn/nodes/user.csv                 user (card) node features, header = feature names
+      gnn/nodes/user_feature_mask.csv    one row: the feature-group id of each column
+      gnn/nodes/merchant.csv
+      gnn/nodes/merchant_feature_mask.csv
+      gnn/edges/user_to_merchant.csv             src,dst (user row, merchant row)
+      gnn/edges/user_to_merchant_label.csv       Fraud (0/1)
+      gnn/edges/user_to_merchant_attr.csv        edge features
+      gnn/edges/user_to_merchant_attr_feature_mask.csv
+      gnn/edges/user_to_merchant_split.csv       split (train / validation)   [ours]
+      gnn/test_gnn/nodes/...                     same files, test edges (split = test)
+      gnn/test_gnn/edges/...
+
+Node tables hold every node (ids 0..n-1, encoders fitted on all ids), so the training
+graph and the test graph index the same node rows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+MANIFEST = "manifest.json"
+ENCODERS = "encoders.json"
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class Graph:
+    """One bipartite user->merchant graph, as plain arrays."""
+
+    x_user: np.ndarray  # float32 [U, Fu]
+    x_merchant: np.ndarray  # float32 [M, Fm]
+    edge_index: np.ndarray  # int64 [2, E]: row 0 user ids, row 1 merchant ids
+    edge_attr: np.ndarray  # float32 [E, Fe]
+    label: np.ndarray  # int64 [E]
+    split: np.ndarray  # str [E]: train / validation / test
+    user_features: list[str] = field(default_factory=list)
+    merchant_features: list[str] = field(default_factory=list)
+    edge_features: list[str] = field(default_factory=list)
+    feature_mask_user: np.ndarray | None = None  # int32 [Fu]
+    feature_mask_merchant: np.ndarray | None = None  # int32 [Fm]
+    feature_mask_edge: np.ndarray | None = None  # int32 [Fe]
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.edge_index.shape[1])
+
+    def edges(self, mask: np.ndarray) -> "Graph":
+        """The same nodes with only the edges selected by ``mask``."""
+        return Graph(
+            x_user=self.x_user,
+            x_merchant=self.x_merchant,
+            edge_index=self.edge_index[:, mask],
+            edge_attr=self.edge_attr[mask],
+            label=self.label[mask],
+            split=self.split[mask],
+            user_features=self.user_features,
+            merchant_features=self.merchant_features,
+            edge_features=self.edge_features,
+            feature_mask_user=self.feature_mask_user,
+            feature_mask_merchant=self.feature_mask_merchant,
+            feature_mask_edge=self.feature_mask_edge,
+        )
+
+
+def _part_dir(graph_dir: Path, part: str) -> Path:
+    if part not in ("train", "test"):
+        raise ValueError(f"part must be 'train' or 'test', got {part!r}")
+    return graph_dir / "gnn" if part == "train" else graph_dir / "gnn" / "test_gnn"
+
+
+def _write_table(path: Path, columns: list[str], values: np.ndarray) -> None:
+    values = np.asarray(values)
+    if values.ndim == 1:
+        values = values[:, None]
+    table = pa.table({name: values[:, i] for i, name in enumerate(columns)})
+    pacsv.write_csv(table, path)
+
+
+def _read_matrix(path: Path, dtype) -> tuple[np.ndarray, list[str]]:
+    table = pacsv.read_csv(path)
+    names = table.column_names
+    if table.num_rows == 0:
+        return np.zeros((0, len(names)), dtype=dtype), names
+    cols = [table.column(n).to_numpy().astype(dtype, copy=False) for n in names]
+    return np.column_stack(cols), names
+
+
+def write_part(graph_dir: Path, part: str, graph: Graph) -> None:
+    """Write one part ('train' = gnn/, 'test' = gnn/test_gnn/) of a graph directory."""
+    base = _part_dir(Path(graph_dir), part)
+    (base / "nodes").mkdir(parents=True, exist_ok=True)
+    (base / "edges").mkdir(parents=True, exist_ok=True)
+    _write_table(base / "nodes" / "user.csv", graph.user_features, graph.x_user)
+    _write_table(base / "nodes" / "merchant.csv", graph.merchant_features, graph.x_merchant)
+    _write_table(base / "nodes" / "user_feature_mask.csv", graph.user_features,
+                 np.asarray(graph.feature_mask_user, dtype=np.int32)[None, :])
+    _write_table(base / "nodes" / "merchant_feature_mask.csv", graph.merchant_features,
+                 np.asarray(graph.feature_mask_merchant, dtype=np.int32)[None, :])
+    _write_table(base / "edges" / "user_to_merchant.csv", ["src", "dst"], graph.edge_index.T)
+    _write_table(base / "edges" / "user_to_merchant_label.csv", ["Fraud"], graph.label)
+    _write_table(base / "edges" / "user_to_merchant_attr.csv", graph.edge_features, graph.edge_attr)
+    _write_table(base / "edges" / "user_to_merchant_attr_feature_mask.csv", graph.edge_features,
+                 np.asarray(graph.feature_mask_edge, dtype=np.int32)[None, :])
+    pacsv.write_csv(pa.table({"split": pa.array(graph.split.astype(str))}),
+                    base / "edges" / "user_to_merchant_split.csv")
+
+
+def read_part(graph_dir: Path | str, part: str) -> Graph:
+    """Read one part of a graph directory: 'train' (train + validation edges) or 'test'."""
+    base = _part_dir(Path(graph_dir), part)
+    if not base.is_dir():
+        raise FileNotFoundError(f"{base} does not exist: is {graph_dir} a preprocessed graph directory?")
+    x_user, user_features = _read_matrix(base / "nodes" / "user.csv", np.float32)
+    x_merchant, merchant_features = _read_matrix(base / "nodes" / "merchant.csv", np.float32)
+    edge_index, _ = _read_matrix(base / "edges" / "user_to_merchant.csv", np.int64)
+    label, _ = _read_matrix(base / "edges" / "user_to_merchant_label.csv", np.int64)
+    edge_attr, edge_features = _read_matrix(base / "edges" / "user_to_merchant_attr.csv", np.float32)
+    split = pacsv.read_csv(base / "edges" / "user_to_merchant_split.csv",
+                           convert_options=pacsv.ConvertOptions(column_types={"split": pa.string()}))
+    masks = {
+        name: _read_matrix(base / sub / f"{name}.csv", np.int32)[0][0]
+        for sub, name in (("nodes", "user_feature_mask"), ("nodes", "merchant_feature_mask"),
+                          ("edges", "user_to_merchant_attr_feature_mask"))
+    }
+    return Graph(
+        x_user=x_user,
+        x_merchant=x_merchant,
+        edge_index=np.ascontiguousarray(edge_index.T),
+        edge_attr=edge_attr,
+        label=label[:, 0],
+        split=np.asarray(split.column("split").to_pylist(), dtype=object),
+        user_features=user_features,
+        merchant_features=merchant_features,
+        edge_features=edge_features,
+        feature_mask_user=masks["user_feature_mask"],
+        feature_mask_merchant=masks["merchant_feature_mask"],
+        feature_mask_edge=masks["user_to_merchant_attr_feature_mask"],
+    )
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(graph_dir: Path | str) -> dict:
+    path = Path(graph_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the preprocess stage first")
+    return json.loads(path.read_text())
+
+
+def read_encoders(graph_dir: Path | str) -> dict:
+    return json.loads((Path(graph_dir) / ENCODERS).read_text())
