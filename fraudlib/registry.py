@@ -1,0 +1,138 @@
+"""MLflow model registry: one registered model, its versions and aliases.
+
+Aliases: ``champion`` (what Triton serves), ``challenger`` (while staged),
+``previous-champion`` (after a promotion, for rollback). Each registry version carries the
+Triton version it is served as and the data manifest it was trained on, as tags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlflow.exceptions import MlflowException
+
+from fraudlib import settings, tracking
+
+TRITON_VERSION_TAG = "triton_version"
+MANIFEST_TAG = "data_manifest"
+
+
+@dataclass(frozen=True)
+class RegistryVersion:
+    version: int
+    run_id: str
+    triton_version: int | None
+    manifest_hash: str | None
+    aliases: tuple[str, ...]
+
+
+def _to_version(mv) -> RegistryVersion:
+    tags = mv.tags or {}
+    triton = tags.get(TRITON_VERSION_TAG)
+    return RegistryVersion(
+        version=int(mv.version),
+        run_id=mv.run_id,
+        triton_version=int(triton) if triton not in (None, "") else None,
+        manifest_hash=tags.get(MANIFEST_TAG),
+        aliases=tuple(getattr(mv, "aliases", ()) or ()),
+    )
+
+
+def _ensure_registered_model(client, name: str) -> None:
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(
+            name, description="GNN embeddings + XGBoost fraud classifier served by Triton "
+            f"as '{settings.TRITON_MODEL_NAME}'.")
+
+
+def register(run_id: str, triton_version: int, manifest_hash: str | None,
+             name: str = settings.REGISTERED_MODEL_NAME) -> RegistryVersion:
+    """Register the training run's pyfunc model as a new version linked to that run."""
+    client = tracking.configure()
+    _ensure_registered_model(client, name)
+    mv = client.create_model_version(
+        name=name,
+        source=tracking.pyfunc_model_uri(run_id),
+        run_id=run_id,
+        tags={TRITON_VERSION_TAG: str(triton_version), MANIFEST_TAG: manifest_hash or ""},
+    )
+    return _to_version(client.get_model_version(name, mv.version))
+
+
+def by_alias(alias: str, name: str = settings.REGISTERED_MODEL_NAME) -> RegistryVersion | None:
+    client = tracking.configure()
+    try:
+        return _to_version(client.get_model_version_by_alias(name, alias))
+    except MlflowException:
+        return None
+
+
+def champion(name: str = settings.REGISTERED_MODEL_NAME) -> RegistryVersion | None:
+    return by_alias(settings.CHAMPION_ALIAS, name)
+
+
+def versions(name: str = settings.REGISTERED_MODEL_NAME) -> list[RegistryVersion]:
+    client = tracking.configure()
+    try:
+        found = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return []
+    return sorted((_to_version(client.get_model_version(name, mv.version)) for mv in found),
+                  key=lambda v: v.version)
+
+
+def for_run(run_id: str, name: str = settings.REGISTERED_MODEL_NAME) -> RegistryVersion | None:
+    """The registry version created from that training run, if any."""
+    matches = [v for v in versions(name) if v.run_id == run_id]
+    return matches[-1] if matches else None
+
+
+def set_triton_version(version: int, triton_version: int,
+                       name: str = settings.REGISTERED_MODEL_NAME) -> None:
+    tracking.configure().set_model_version_tag(name, str(version), TRITON_VERSION_TAG, str(triton_version))
+
+
+def _delete_alias(client, name: str, alias: str) -> None:
+    try:
+        client.delete_registered_model_alias(name, alias)
+    except MlflowException:
+        pass
+
+
+def mark_challenger(version: int, name: str = settings.REGISTERED_MODEL_NAME) -> None:
+    tracking.configure().set_registered_model_alias(name, settings.CHALLENGER_ALIAS, str(version))
+
+
+def clear_challenger(name: str = settings.REGISTERED_MODEL_NAME) -> None:
+    _delete_alias(tracking.configure(), name, settings.CHALLENGER_ALIAS)
+
+
+def promote(version: int, name: str = settings.REGISTERED_MODEL_NAME) -> None:
+    """``champion`` -> version; the old champion becomes ``previous-champion``."""
+    client = tracking.configure()
+    old = champion(name)
+    if old is not None and old.version != version:
+        client.set_registered_model_alias(name, settings.PREVIOUS_CHAMPION_ALIAS, str(old.version))
+    client.set_registered_model_alias(name, settings.CHAMPION_ALIAS, str(version))
+    _delete_alias(client, name, settings.CHALLENGER_ALIAS)
+
+
+def restore_champion(version: int, name: str = settings.REGISTERED_MODEL_NAME) -> None:
+    """Point ``champion`` back at ``version`` after a rollback, leaving other aliases."""
+    client = tracking.configure()
+    client.set_registered_model_alias(name, settings.CHAMPION_ALIAS, str(version))
+    _delete_alias(client, name, settings.CHALLENGER_ALIAS)
+
+
+def log_evaluation(run_id: str, challenger: dict[str, float], champion_metrics: dict[str, float] | None,
+                   decision: str, reason: str) -> None:
+    """Evaluation metrics and the promotion decision, on the challenger's training run."""
+    metrics = {f"challenger_{k}": v for k, v in challenger.items()}
+    if champion_metrics:
+        metrics.update({f"champion_{k}": v for k, v in champion_metrics.items()})
+        metrics.update({f"{k}_delta": challenger[k] - champion_metrics[k]
+                        for k in challenger if k in champion_metrics})
+    tracking.log_metrics(run_id, metrics)
+    tracking.set_tags(run_id, {"promotion_decision": decision, "promotion_reason": reason})
