@@ -21,6 +21,7 @@ parameter, never passed into the container and never written anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from fraudlib.settings import TRITON_MODEL_NAME
+from fraudlib.training import GNNSettings, XGBSettings, manifest_hash, parse_settings
 
 TRAINING_IMAGE = "nvcr.io/nvidia/cugraph/financial-fraud-training:2.0.0"
 MODEL_KIND = "GNN_XGBoost"
@@ -55,24 +57,6 @@ NCCL_ENV = {
 
 NGC_KEY_ENV = "NGC_API_KEY"
 
-# The container's hyperparameter names and defaults (blueprint 2.0.0).
-GNN_DEFAULTS: dict[str, int | float | str] = {
-    "hidden_channels": 32,
-    "n_hops": 2,
-    "layer": "SAGEConv",
-    "dropout_prob": 0.1,
-    "batch_size": 4096,
-    "fan_out": 10,
-    "num_epochs": 8,
-}
-XGB_DEFAULTS: dict[str, int | float] = {
-    "max_depth": 6,
-    "learning_rate": 0.2,
-    "num_parallel_tree": 3,
-    "num_boost_round": 512,
-    "gamma": 0.0,
-}
-
 
 class NgcUnavailableError(RuntimeError):
     """The container cannot be run here: no docker SDK, no engine, no image or no GPU runtime."""
@@ -90,36 +74,17 @@ class NgcTrainingResult:
     image: str
 
 
-def _merge_params(section: str, defaults: dict, overrides: dict | None) -> dict:
-    overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(defaults))
-    if unknown:
-        raise ValueError(
-            f"unknown {section} hyperparameter(s) {unknown} for the training container; "
-            f"known: {sorted(defaults)}"
-        )
-    merged = dict(defaults)
-    for key, value in overrides.items():
-        expected = type(defaults[key])
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(value, bool) or not isinstance(value, expected):
-            raise TypeError(
-                f"{section} hyperparameter {key!r} must be {expected.__name__}, "
-                f"got {type(value).__name__} {value!r}"
-            )
-        merged[key] = value
-    return merged
-
-
 def build_training_config(graph_dir: Path | str, output_dir: Path | str,
                           gnn_params: dict | None = None, xgb_params: dict | None = None) -> dict:
     """The container's training config (format 2.0.0) for one GNN + XGBoost model.
 
     ``graph_dir`` and ``output_dir`` are host paths; the config names the container mount
-    points that :func:`container_spec` binds them to. Hyperparameters not given take the
-    container's defaults; an unknown name or a wrongly typed value is an error.
+    points that :func:`container_spec` binds them to. Hyperparameters are validated by the
+    same rules as the local trainer (names and defaults are the container's); an unknown
+    name, a wrong type or a value out of range raises HyperparameterError naming the key.
     """
+    gnn = dataclasses.asdict(parse_settings(GNNSettings, gnn_params, "gnn"))
+    xgb = dataclasses.asdict(parse_settings(XGBSettings, xgb_params, "xgb"))
     graph_dir, output_dir = Path(graph_dir).resolve(), Path(output_dir).resolve()
     gnn_data = graph_dir / "gnn"
     if not (gnn_data / "nodes").is_dir() or not (gnn_data / "edges").is_dir():
@@ -138,10 +103,7 @@ def build_training_config(graph_dir: Path | str, output_dir: Path | str,
             {
                 "kind": MODEL_KIND,
                 "gpu": "single",
-                "hyperparameters": {
-                    "gnn": _merge_params("gnn", GNN_DEFAULTS, gnn_params),
-                    "xgb": _merge_params("xgb", XGB_DEFAULTS, xgb_params),
-                },
+                "hyperparameters": {"gnn": gnn, "xgb": xgb},
             }
         ],
     }
@@ -294,7 +256,7 @@ def collect_container_output(container_output: Path | str, package_root: Path | 
 
 def train_with_container(graph_dir: Path | str, output_dir: Path | str,
                          gnn_params: dict | None = None, xgb_params: dict | None = None,
-                         manifest_hash: str | None = None, image: str = TRAINING_IMAGE,
+                         image: str = TRAINING_IMAGE,
                          gpu_device: str = "0", extra_env: dict[str, str] | None = None,
                          log: Callable[[str], None] = print) -> NgcTrainingResult:
     """Train with the NVIDIA container and write our model package to ``output_dir``.
@@ -329,7 +291,7 @@ def train_with_container(graph_dir: Path | str, output_dir: Path | str,
     provenance = {
         "trainer": {"backend": "ngc", "image": image, "kind": MODEL_KIND},
         "hyperparameters": hyperparameters,
-        "manifest_hash": manifest_hash,
+        "manifest_hash": manifest_hash(graph_dir),
     }
     try:
         collect_container_output(raw_output, staging, provenance)

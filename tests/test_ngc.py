@@ -14,6 +14,7 @@ import pytest
 from fraudlib import ngc
 from fraudlib.graph_store import Graph, write_part
 from fraudlib.settings import TRITON_MODEL_NAME
+from fraudlib.training import HyperparameterError
 
 SECRET = "nvapi-test-key-that-must-not-leak"
 
@@ -76,15 +77,20 @@ def test_config_is_plain_json(graph_dir, tmp_path):
 def test_unknown_hyperparameter_is_named_in_the_error(graph_dir, tmp_path, section):
     params = {"hidden_chanels": 16}
     kwargs = {"gnn_params": params} if section == "gnn" else {"xgb_params": params}
-    with pytest.raises(ValueError, match=rf"unknown {section} hyperparameter.*'hidden_chanels'"):
+    with pytest.raises(HyperparameterError, match=rf"{section}: unknown .*'hidden_chanels'"):
         ngc.build_training_config(graph_dir, tmp_path / "out", **kwargs)
 
 
 def test_wrongly_typed_hyperparameter_is_named_in_the_error(graph_dir, tmp_path):
-    with pytest.raises(TypeError, match="'num_epochs' must be int"):
+    with pytest.raises(HyperparameterError, match=r"gnn\['num_epochs'\] = 2.5 has the wrong type"):
         ngc.build_training_config(graph_dir, tmp_path / "out", gnn_params={"num_epochs": 2.5})
-    with pytest.raises(TypeError, match="'max_depth' must be int"):
+    with pytest.raises(HyperparameterError, match=r"xgb\['max_depth'\] = True has the wrong type"):
         ngc.build_training_config(graph_dir, tmp_path / "out", xgb_params={"max_depth": True})
+
+
+def test_out_of_range_hyperparameter_is_named_in_the_error(graph_dir, tmp_path):
+    with pytest.raises(HyperparameterError, match=r"gnn\['dropout_prob'\] = 1.5 is out of range"):
+        ngc.build_training_config(graph_dir, tmp_path / "out", gnn_params={"dropout_prob": 1.5})
 
 
 def test_config_requires_a_preprocessed_graph_directory(tmp_path):
@@ -182,7 +188,7 @@ def test_training_without_a_docker_engine_fails_clearly_and_writes_nothing(
 def test_training_checks_hyperparameters_before_looking_for_docker(graph_dir, tmp_path,
                                                                    monkeypatch):
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path / 'no-engine.sock'}")
-    with pytest.raises(ValueError, match="'fanout'"):
+    with pytest.raises(HyperparameterError, match="'fanout'"):
         ngc.train_with_container(graph_dir, tmp_path / "out", gnn_params={"fanout": 5})
 
 
