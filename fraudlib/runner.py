@@ -1,0 +1,821 @@
+"""Papermill stage runner: executes the stage notebooks of one pipeline run into ``runs/<run_id>/``.
+
+A stage is a notebook named ``NN_name.ipynb`` in the notebooks directory; stages run in ``NN``
+order, so adding a stage is adding a notebook. For every run the runner
+
+- validates the requested parameters against each notebook's ``parameters`` cell (type
+  annotations, ``# help`` comments) before anything runs: ``ParameterError``;
+- executes each stage with papermill into ``<run_dir>/NN_name.ipynb`` plus ``NN_name.html``;
+  the notebook is written even when the stage fails, with the error at its top;
+- passes every glued output (scrapbook) of earlier stages to later stages that declare a
+  parameter of that name, ``run_dir`` to stages that declare it, and ``triton_url`` (an
+  embedded Triton started once per run) to stages that declare it; explicit parameters win;
+- records ``run.json`` after every stage and can resume a failed run from its failed stage;
+- logs the executed notebooks to the MLflow run a stage glued as ``mlflow_run_id``.
+
+``run_pipeline.py`` is the command line over ``run_pipeline``, ``resume_pipeline``,
+``discover_stages`` and ``describe_stages``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import difflib
+import html
+import importlib.metadata
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import nbformat
+import papermill as pm
+import yaml
+from filelock import FileLock, Timeout
+from papermill.exceptions import PapermillExecutionError
+from papermill.execute import ERROR_MARKER_TAG, ERROR_STYLE
+
+from fraudlib import settings
+
+STAGE_PATTERN = "[0-9][0-9]_*.ipynb"
+RUN_JSON = "run.json"
+RUN_DIR_PARAMETER = "run_dir"
+TRITON_URL_PARAMETER = "triton_url"
+MLFLOW_RUN_ID_OUTPUT = "mlflow_run_id"
+MLFLOW_ARTIFACT_PATH = "notebooks"
+KERNEL_FOR_THIS_VENV = "fraudlib"  # registered by `make setup` (ipykernel install --sys-prefix)
+
+PENDING, RUNNING, SUCCEEDED, FAILED, SKIPPED = "pending", "running", "succeeded", "failed", "skipped"
+
+# Distribution names per reported package (the first one installed is reported).
+_VERSIONED_PACKAGES = {
+    "numpy": ("numpy",),
+    "pandas": ("pandas",),
+    "torch": ("torch",),
+    "torch_geometric": ("torch-geometric", "torch_geometric"),
+    "xgboost": ("xgboost", "xgboost-cpu"),
+    "mlflow": ("mlflow", "mlflow-skinny"),
+    "papermill": ("papermill",),
+    "tritonclient": ("tritonclient",),
+}
+_CHECKED_TYPES = ("int", "float", "bool", "str", "list", "dict")
+_TRUE_WORDS, _FALSE_WORDS = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+class RunSetupError(Exception):
+    """The run cannot start as asked (nothing has been executed); the CLI exits with status 2."""
+
+
+class ParameterError(RunSetupError):
+    """A requested parameter is declared by no selected stage or has the wrong type."""
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    type_name: str  # the annotation as written in the notebook; "" when it has none
+    default: str  # source text of the default value
+    help: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    number: int
+    name: str
+    notebook: Path
+    parameters: Mapping[str, Parameter]
+
+    @property
+    def label(self) -> str:
+        return f"{self.number:02d}_{self.name}"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_id: str
+    run_dir: Path
+    status: str  # SUCCEEDED or FAILED
+    record: dict  # the contents of run.json
+    warnings: list[str] = field(default_factory=list)
+
+
+# --- stages -----------------------------------------------------------------------------------
+
+
+def read_stage(notebook: Path) -> Stage:
+    """The stage a notebook ``NN_name.ipynb`` defines, with its declared parameters."""
+    match = re.fullmatch(r"(\d\d)_(.+)\.ipynb", notebook.name)
+    if not match:
+        raise RunSetupError(f"{notebook}: a stage notebook is named NN_name.ipynb (e.g. 01_preprocess.ipynb)")
+    try:
+        inferred = pm.inspect_notebook(notebook)
+    except Exception as exc:
+        raise RunSetupError(f"{notebook}: cannot read its parameters cell: {exc}") from exc
+    parameters = {
+        name: Parameter(
+            name=name,
+            type_name="" if p["inferred_type_name"] == "None" else p["inferred_type_name"],
+            default=p["default"],
+            help=p["help"],
+        )
+        for name, p in inferred.items()
+    }
+    return Stage(int(match.group(1)), match.group(2), notebook.resolve(), parameters)
+
+
+def discover_stages(notebooks_dir: Path) -> list[Stage]:
+    """All stages in ``notebooks_dir`` (``NN_name.ipynb``), in ``NN`` order."""
+    notebooks_dir = Path(notebooks_dir)
+    if not notebooks_dir.is_dir():
+        raise RunSetupError(f"notebooks directory {notebooks_dir} does not exist (see --notebooks-dir)")
+    stages = [read_stage(path) for path in sorted(notebooks_dir.glob(STAGE_PATTERN))]
+    if not stages:
+        raise RunSetupError(f"no stage notebooks ({STAGE_PATTERN}) in {notebooks_dir}")
+    for attribute in ("number", "name"):
+        seen: dict[Any, Stage] = {}
+        for stage in stages:
+            other = seen.setdefault(getattr(stage, attribute), stage)
+            if other is not stage:
+                raise RunSetupError(
+                    f"stages {other.notebook.name} and {stage.notebook.name} share the {attribute} "
+                    f"{getattr(stage, attribute)!r}; rename one so each stage has its own number and name"
+                )
+    return stages
+
+
+def select_stages(stages: list[Stage], selection: str | None) -> list[Stage]:
+    """The stages a ``--stages`` value names (numbers like ``1,2`` or names), in pipeline order."""
+    if not selection:
+        return list(stages)
+    wanted: set[str] = set()
+    for item in (part.strip() for part in selection.split(",")):
+        if not item:
+            continue
+        matches = [s for s in stages if (item.isdigit() and s.number == int(item)) or item in (s.name, s.label)]
+        if not matches:
+            available = ", ".join(f"{s.number} or {s.name}" for s in stages)
+            raise RunSetupError(f"--stages: no stage {item!r}; available: {available}")
+        wanted.add(matches[0].label)
+    return [s for s in stages if s.label in wanted]
+
+
+def describe_stages(stages: list[Stage]) -> str:
+    """Every stage with its parameters (name, type, default, help): the pipeline's --help-notebook."""
+    lines = []
+    for stage in stages:
+        lines.append(f"{stage.number:02d} {stage.name}  ({stage.notebook})")
+        if not stage.parameters:
+            lines.append("    (no parameters cell)")
+        for p in stage.parameters.values():
+            lines.append(f"    {p.name}: {p.type_name or 'untyped'} = {p.default}")
+            if p.help:
+                lines.append(f"        {p.help}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --- parameters -------------------------------------------------------------------------------
+
+
+def parse_assignments(pairs: list[str]) -> dict[str, str]:
+    """``["name=value", ...]`` (``-p``) to ``{name: raw value text}``; a later name wins."""
+    assignments = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier():
+            raise ParameterError(f"-p {pair!r}: expected NAME=VALUE, e.g. -p num_epochs=3")
+        assignments[name] = value
+    return assignments
+
+
+def read_parameter_file(path: Path) -> dict[str, Any]:
+    """The mapping in a ``-f`` YAML parameter file (empty file: no parameters)."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ParameterError(f"-f {path}: cannot read the parameter file: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ParameterError(f"-f {path}: not valid YAML: {exc}") from exc
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ParameterError(f"-f {path}: expected a mapping of parameter names (or stage sections), "
+                             f"got {type(values).__name__}")
+    return values
+
+
+def _declared_type(parameter: Parameter) -> tuple[str | None, bool]:
+    """(checked base type or None when unchecked, whether None is an accepted value)."""
+    text = parameter.type_name.replace(" ", "")
+    nullable = parameter.default == "None"
+    optional = re.fullmatch(r"(?:typing\.)?Optional\[(.+)\]", text)
+    if optional:
+        text, nullable = optional.group(1), True
+    parts = text.split("|")
+    if len(parts) > 1 and "None" in parts:
+        parts.remove("None")
+        nullable = True
+    if len(parts) != 1:
+        return None, nullable
+    base = re.sub(r"^typing\.", "", re.sub(r"\[.*\]$", "", parts[0])).lower()
+    return (base if base in _CHECKED_TYPES else None), nullable
+
+
+def _coerce(value: Any, parameter: Parameter, raw: str | None) -> Any:
+    """``value`` as the parameter's declared type; ValueError when it is not one.
+
+    ``raw`` is the text typed after ``-p name=``: a ``str`` parameter gets it verbatim (so
+    ``-p seed_text=007`` stays "007"), every other type gets the YAML scalar ``value``.
+    """
+    base, nullable = _declared_type(parameter)
+    if value is None:
+        if nullable or base is None:
+            return None
+        raise ValueError
+    if base is None:
+        return value
+    if base == "str":
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (list, dict)) or (raw is None and isinstance(value, bool)):
+            raise ValueError
+        return raw if raw is not None else str(value)
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        if word in _TRUE_WORDS | _FALSE_WORDS:
+            return word in _TRUE_WORDS
+        raise ValueError
+    if isinstance(value, bool):
+        raise ValueError  # True is an int to Python, but never a valid count or rate
+    if base == "int":
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            return int(value.strip())
+        raise ValueError
+    if base == "float":
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            return float(value.strip())
+        raise ValueError
+    if isinstance(value, {"list": list, "dict": dict}[base]):
+        return value
+    raise ValueError
+
+
+def resolve_parameters(
+    stages: list[Stage],
+    selected: list[Stage],
+    assignments: Mapping[str, str],
+    file_values: Mapping[str, Any],
+    file_label: str = "-f",
+) -> dict[str, dict[str, Any]]:
+    """The explicit parameters of each selected stage, ``{stage name: {parameter: value}}``.
+
+    ``file_values`` is a ``-f`` file: flat names apply to every selected stage declaring them;
+    a top-level key equal to a stage name with a mapping value is that stage's section (a
+    section of an unselected stage is ignored). Precedence: ``-p`` > section > flat entry.
+    Every problem is collected, then raised as one ``ParameterError`` naming the parameter,
+    the stage(s) and the expected type.
+    """
+    stage_names = {s.name for s in stages}
+    selected_names = {s.name for s in selected}
+    errors: list[str] = []
+    resolved: dict[str, dict[str, Any]] = {s.name: {} for s in selected}
+
+    def assign(stage: Stage, name: str, value: Any, raw: str | None, source: str) -> None:
+        parameter = stage.parameters[name]
+        try:
+            resolved[stage.name][name] = _coerce(value, parameter, raw)
+        except ValueError:
+            shown = raw if raw is not None else value
+            errors.append(
+                f"{source}: stage {stage.label} ({stage.notebook}) declares {name!r} as "
+                f"{parameter.type_name}; {shown!r} is not a valid {parameter.type_name}"
+            )
+
+    def unknown(name: str, source: str, candidates: list[Stage]) -> str:
+        message = f"{source}: no selected stage declares a parameter {name!r} " \
+                  f"(selected: {', '.join(s.label for s in candidates)})."
+        elsewhere = [s.label for s in stages if s.name not in selected_names and name in s.parameters]
+        if elsewhere:
+            message += f" It is declared by {', '.join(elsewhere)}, which this run does not execute."
+        else:
+            known = sorted({p for s in candidates for p in s.parameters})
+            close = difflib.get_close_matches(name, known, n=3)
+            if close:
+                message += f" Did you mean {', '.join(map(repr, close))}?"
+        return message + " `run_pipeline.py --list` shows every stage's parameters."
+
+    def apply_to_selected(name: str, value: Any, raw: str | None, source: str) -> None:
+        targets = [s for s in selected if name in s.parameters]
+        if not targets:
+            errors.append(unknown(name, source, selected))
+        for stage in targets:
+            assign(stage, name, value, raw, source)
+
+    sections = {}
+    for key, value in file_values.items():
+        if key in stage_names:
+            if not isinstance(value, dict):
+                errors.append(f"{file_label}: section {key!r} (a stage name) must be a mapping of parameters, "
+                              f"got {value!r}")
+            else:
+                sections[key] = value
+        else:
+            apply_to_selected(key, value, None, f"{file_label}: {key}")
+    for stage in selected:
+        for name, value in sections.get(stage.name, {}).items():
+            source = f"{file_label}: {stage.name}.{name}"
+            if name in stage.parameters:
+                assign(stage, name, value, None, source)
+            else:
+                errors.append(unknown(name, source, [stage]))
+    for name, raw in assignments.items():
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw  # only a str parameter can take it; _coerce rejects it for the others
+        apply_to_selected(name, value, raw, f"-p {name}={raw}")
+    if errors:
+        raise ParameterError("invalid parameters, nothing was run:\n  " + "\n  ".join(errors))
+    return resolved
+
+
+# --- kernel -----------------------------------------------------------------------------------
+
+
+def choose_kernel(requested: str | None = None) -> str:
+    """The Jupyter kernel the stages run in: ``requested`` when given, else one running this interpreter.
+
+    ``fraudlib`` (registered in the venv by ``make setup``) when its command is this Python;
+    else ``python3``, whose ``python`` command jupyter_client replaces with this interpreter.
+    """
+    if requested:
+        return requested
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    manager = KernelSpecManager()
+    here = Path(sys.executable).absolute()
+    for name in (KERNEL_FOR_THIS_VENV, "python3"):
+        try:
+            command = manager.get_kernel_spec(name).argv[0]
+        except NoSuchKernel:
+            continue
+        if command in {"python", f"python{sys.version_info[0]}", "python%d.%d" % sys.version_info[:2]} \
+                or Path(command).absolute() == here:
+            return name
+    raise RunSetupError(
+        f"no Jupyter kernel runs this interpreter ({here}): register one with "
+        f"`{here} -m ipykernel install --sys-prefix --name {KERNEL_FOR_THIS_VENV}` or pass --kernel NAME"
+    )
+
+
+# --- run record -------------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_run_id() -> str:
+    return f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def _git_state(root: Path) -> dict[str, Any]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              check=True, timeout=30).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def _package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for package, distributions in _VERSIONED_PACKAGES.items():
+        versions[package] = None
+        for distribution in distributions:
+            try:
+                versions[package] = importlib.metadata.version(distribution)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return versions
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+
+
+def write_record(run_dir: Path, record: dict) -> None:
+    _write_atomic(run_dir / RUN_JSON, json.dumps(record, indent=2, default=str) + "\n")
+
+
+def read_record(run_dir: Path) -> dict:
+    path = run_dir / RUN_JSON
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise RunSetupError(f"no run to resume: {path} does not exist (see --runs-dir)") from exc
+    except (OSError, ValueError) as exc:
+        raise RunSetupError(f"cannot read {path}: {exc}") from exc
+
+
+def _stage_record(stage: Stage) -> dict:
+    return {
+        "name": stage.name,
+        "number": stage.number,
+        "notebook": f"{stage.label}.ipynb",
+        "html": f"{stage.label}.html",
+        "source": str(stage.notebook),
+        "status": PENDING,
+        "start": None,
+        "end": None,
+        "duration_s": None,
+        "requested": {},  # explicit -p/-f parameters, kept so a resume re-applies them
+        "parameters": {},  # everything passed to papermill (explicit, chained, run_dir, triton_url)
+        "outputs": {},
+        "error": None,
+        "previous_attempts": [],
+    }
+
+
+# --- executing one stage ----------------------------------------------------------------------
+
+
+def _failed_cell_index(nb: nbformat.NotebookNode) -> int | None:
+    """Index of the cell running when the kernel died or timed out: the last one papermill started."""
+    started = [i for i, cell in enumerate(nb.cells)
+               if cell.cell_type == "code" and cell.metadata.get("papermill", {}).get("start_time")]
+    return started[-1] if started else None
+
+
+def _mark_failure(nb: nbformat.NotebookNode, error: str) -> str:
+    """Puts ``error`` at the top of ``nb`` (and an anchor before the failing cell); returns where it failed.
+
+    Papermill does this itself only for an exception raised inside a cell; a dead kernel or a
+    cell timeout leaves a notebook that looks fine, so the runner marks it the same way.
+    """
+    index = _failed_cell_index(nb)
+    where = ""
+    if index is not None:
+        first_line = nb.cells[index].source.strip().splitlines()[0] if nb.cells[index].source.strip() else ""
+        where = f" in cell {index + 1} (`{first_line}`)"
+        anchor = nbformat.v4.new_markdown_cell(
+            f'<span id="papermill-error-cell" {ERROR_STYLE}>The stage stopped while running this cell:</span>')
+        anchor.metadata["tags"] = [ERROR_MARKER_TAG]
+        nb.cells.insert(index, anchor)
+    link = ' <a href="#papermill-error-cell">(go to the cell)</a>' if index is not None else ""
+    banner = nbformat.v4.new_markdown_cell(
+        f"<span {ERROR_STYLE}>Stage failed: {html.escape(error)}{html.escape(where)}</span>{link}")
+    banner.metadata["tags"] = [ERROR_MARKER_TAG]
+    nb.cells.insert(0, banner)
+    return where
+
+
+def _describe_exception(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def execute_stage(
+    stage: Stage,
+    output: Path,
+    parameters: dict[str, Any],
+    kernel_name: str,
+    timeout: int | None = None,
+    progress: bool = True,
+) -> str | None:
+    """Executes ``stage`` into ``output``; returns None on success, else the error.
+
+    ``output`` is written even on failure, with the error visible at its top. A cell error,
+    kernel death, cell timeout (``timeout`` seconds per cell) or kernel start failure are all
+    failures. Papermill saves the notebook while it runs, so it executes into a hidden
+    ``.partial`` file that is renamed to ``output`` once complete.
+    """
+    partial = output.with_name(f".{output.stem}.partial.ipynb")
+    interrupted = None
+    try:
+        pm.execute_notebook(
+            stage.notebook,
+            partial,
+            parameters=parameters,
+            kernel_name=kernel_name,
+            progress_bar={"desc": stage.label} if progress else False,
+            execution_timeout=timeout,
+            cwd=stage.notebook.parent,  # as when the notebook is opened in JupyterLab
+        )
+        error = None
+    except PapermillExecutionError as exc:  # papermill has already put the error at the top
+        error = f"{exc.ename}: {exc.evalue} (cell In [{exc.exec_count}])"
+    except (Exception, KeyboardInterrupt) as exc:  # kernel death, cell timeout, kernel start failure, Ctrl-C
+        error = _describe_exception(exc)
+        nb = nbformat.read(partial if partial.exists() else stage.notebook, as_version=4)
+        error += _mark_failure(nb, error)
+        _write_atomic(partial, nbformat.writes(nb))
+        if isinstance(exc, KeyboardInterrupt):
+            interrupted = exc
+    os.replace(partial, output)
+    if interrupted:
+        raise interrupted
+    return error
+
+
+def export_html(notebook: Path, target: Path) -> None:
+    from nbconvert import HTMLExporter
+
+    with warnings.catch_warnings():  # scrapbook's glue mimetypes have no HTML form; that is expected
+        warnings.filterwarnings("ignore", message="Your element with mimetype")
+        body, _ = HTMLExporter().from_filename(str(notebook))
+    _write_atomic(target, body)
+
+
+def read_outputs(notebook: Path) -> tuple[dict[str, Any], list[str]]:
+    """The glued outputs of an executed notebook (JSON and text scraps), and warnings for the others."""
+    import scrapbook as sb
+
+    outputs, ignored = {}, []
+    for name, scrap in sb.read_notebook(str(notebook)).scraps.items():
+        if scrap.encoder in ("json", "text"):
+            outputs[name] = scrap.data
+        else:
+            ignored.append(f"{notebook.name}: glued output {name!r} (encoder {scrap.encoder}) is not passed on: "
+                            f"stages pass small JSON values and paths only")
+    return outputs, ignored
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(message, flush=True)
+
+
+def _start_embedded_triton(run_dir: Path, services: contextlib.ExitStack) -> str:
+    from fraudlib.triton_server import EmbeddedTriton
+
+    server = services.enter_context(EmbeddedTriton(settings.triton_model_repository(), run_dir / "triton.log"))
+    return server.url
+
+
+def _execute_run(
+    run_dir: Path,
+    record: dict,
+    stages: dict[str, Stage],
+    kernel_name: str,
+    timeout: int | None,
+    progress: bool,
+) -> RunResult:
+    """Runs every stage of ``record`` that has not succeeded, in order, stopping at the first failure."""
+    run_warnings: list[str] = []
+    outputs: dict[str, Any] = {}
+    for rec in record["stages"]:
+        if rec["status"] == SUCCEEDED:
+            outputs.update(rec["outputs"])
+    to_run = [rec for rec in record["stages"] if rec["status"] != SUCCEEDED]
+    triton_url = os.environ.get("TRITON_URL") or None
+    with contextlib.ExitStack() as services:  # the embedded Triton, started by the first stage needing it
+        for position, rec in enumerate(to_run, start=1):
+            stage = stages[rec["name"]]
+            label = f"[{position}/{len(to_run)}] {stage.label}"
+            notebook = run_dir / rec["notebook"]
+            parameters = {name: value for name, value in outputs.items() if name in stage.parameters}
+            if RUN_DIR_PARAMETER in stage.parameters:
+                parameters[RUN_DIR_PARAMETER] = str(run_dir)
+            rec.update(status=RUNNING, start=_now(), end=None, duration_s=None, error=None, outputs={})
+            started = time.monotonic()
+            error = None
+            if TRITON_URL_PARAMETER in stage.parameters and TRITON_URL_PARAMETER not in rec["requested"]:
+                try:
+                    if triton_url is None:
+                        _say(progress, f"{label}: starting the embedded Triton server (log: {run_dir / 'triton.log'})")
+                        triton_url = _start_embedded_triton(run_dir, services)
+                    parameters[TRITON_URL_PARAMETER] = triton_url
+                except Exception as exc:
+                    error = (f"the embedded Triton server did not start (log: {run_dir / 'triton.log'}): "
+                             f"{_describe_exception(exc)}")
+            rec["parameters"] = {**parameters, **rec["requested"]}
+            write_record(run_dir, record)
+            if error is None:
+                _say(progress, f"{label}: running {stage.notebook} -> {notebook}")
+                try:
+                    error = execute_stage(stage, notebook, rec["parameters"], kernel_name, timeout, progress)
+                except KeyboardInterrupt:
+                    rec.update(status=FAILED, error="interrupted (Ctrl-C)", end=_now())
+                    record.update(status=FAILED, ended=_now())
+                    write_record(run_dir, record)
+                    raise
+            if notebook.exists():
+                try:
+                    export_html(notebook, run_dir / rec["html"])
+                except Exception as exc:
+                    run_warnings.append(f"{rec['notebook']}: HTML copy not written: {_describe_exception(exc)}")
+            if error is None:
+                rec["outputs"], read_warnings = read_outputs(notebook)
+                run_warnings.extend(read_warnings)
+                outputs.update(rec["outputs"])
+            rec.update(status=FAILED if error else SUCCEEDED, error=error, end=_now(),
+                       duration_s=round(time.monotonic() - started, 1))
+            _say(progress, f"{label}: {rec['status']} in {rec['duration_s']} s" + (f": {error}" if error else ""))
+            if error:
+                for later in to_run[position:]:
+                    later["status"] = SKIPPED
+                break
+            write_record(run_dir, record)
+    record.update(status=FAILED if any(r["status"] == FAILED for r in record["stages"]) else SUCCEEDED,
+                  ended=_now())
+    write_record(run_dir, record)
+    try:
+        logged_to = log_notebooks_to_mlflow(run_dir, record)
+    except Exception as exc:
+        run_warnings.append(f"the notebooks were not logged to MLflow ({settings.mlflow_tracking_uri()}): "
+                        f"{_describe_exception(exc)}")
+    else:
+        if logged_to:
+            _say(progress, f"notebooks, HTML copies and run.json logged to MLflow run {logged_to} "
+                           f"under {MLFLOW_ARTIFACT_PATH}/")
+    return RunResult(record["run_id"], run_dir, record["status"], record, run_warnings)
+
+
+@contextlib.contextmanager
+def _exclusive(run_dir: Path):
+    """Holds the run folder against a second runner (e.g. two resumes of one run)."""
+    lock = FileLock(str(run_dir / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout as exc:
+        raise RunSetupError(f"run {run_dir.name} is being executed by another runner ({run_dir / '.lock'})") from exc
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def run_pipeline(
+    notebooks_dir: Path,
+    runs_dir: Path,
+    *,
+    stages: str | None = None,
+    assignments: Mapping[str, str] | None = None,
+    parameter_file: Path | None = None,
+    run_id: str | None = None,
+    timeout: int | None = None,
+    kernel: str | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Validates, then executes the selected stages of ``notebooks_dir`` into ``runs_dir/<run_id>/``.
+
+    ``stages``: ``--stages`` text (``"1,2"`` or ``"preprocess,train"``), None for all.
+    ``assignments``: ``-p`` values as typed (``{"num_epochs": "3"}``). ``parameter_file``: ``-f``.
+    Raises ``RunSetupError``/``ParameterError`` before anything runs; a failing stage gives a
+    result with status ``failed`` (its notebook, HTML copy and run.json are written).
+    """
+    all_stages = discover_stages(Path(notebooks_dir))
+    selected = select_stages(all_stages, stages)
+    file_values = read_parameter_file(parameter_file) if parameter_file else {}
+    requested = resolve_parameters(all_stages, selected, assignments or {}, file_values, f"-f {parameter_file}")
+    kernel_name = choose_kernel(kernel)
+    run_id = run_id or new_run_id()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run_id):
+        raise RunSetupError(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' only")
+    run_dir = Path(runs_dir).resolve() / run_id
+    try:
+        run_dir.mkdir(parents=True)
+    except FileExistsError as exc:
+        raise RunSetupError(f"run folder {run_dir} already exists: runs are append-only; choose another "
+                            f"--run-id or continue it with --resume {run_id}") from exc
+    record = {
+        "run_id": run_id,
+        "status": RUNNING,
+        "started": _now(),
+        "ended": None,
+        "resumed": [],
+        "kernel": kernel_name,
+        "timeout_s": timeout,
+        "git": _git_state(settings.project_root()),
+        "versions": _package_versions(),
+        "stages": [],
+    }
+    for stage in selected:
+        rec = _stage_record(stage)
+        rec["requested"] = requested[stage.name]
+        record["stages"].append(rec)
+    with _exclusive(run_dir):
+        write_record(run_dir, record)
+        _say(progress, f"run {run_id}: {len(selected)} stage(s) into {run_dir}")
+        return _execute_run(run_dir, record, {s.name: s for s in selected}, kernel_name, timeout, progress)
+
+
+def _keep_failed_attempt(run_dir: Path, rec: dict) -> None:
+    """Renames a failed stage's notebook and HTML to ``NN_name.failed-<n>.*`` and records the attempt."""
+    stem = Path(rec["notebook"]).stem
+    n = 1
+    while (run_dir / f"{stem}.failed-{n}.ipynb").exists():
+        n += 1
+    attempt = {key: rec[key] for key in ("status", "start", "end", "duration_s", "parameters", "error")}
+    for key, suffix in (("notebook", ".ipynb"), ("html", ".html")):
+        kept = run_dir / f"{stem}.failed-{n}{suffix}"
+        if (run_dir / rec[key]).exists():
+            os.replace(run_dir / rec[key], kept)
+            attempt[key] = kept.name
+    rec["previous_attempts"].append(attempt)
+
+
+def resume_pipeline(
+    run_id: str,
+    runs_dir: Path,
+    *,
+    assignments: Mapping[str, str] | None = None,
+    parameter_file: Path | None = None,
+    timeout: int | None = None,
+    kernel: str | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Continues run ``run_id`` from its first stage that did not succeed.
+
+    Succeeded stages are kept and their outputs feed the later ones; the failed notebook is kept
+    as ``NN_name.failed-<n>.ipynb``; the stage notebooks are re-read from their recorded
+    sources (so a fixed notebook is picked up). ``assignments``/``parameter_file`` override the
+    run's recorded explicit parameters for the stages still to run. ``timeout``/``kernel``
+    default to the run's.
+    """
+    run_dir = Path(runs_dir).resolve() / run_id
+    if not run_dir.is_dir():
+        raise RunSetupError(f"no run {run_id!r} in {Path(runs_dir).resolve()} (see --runs-dir)")
+    with _exclusive(run_dir):
+        record = read_record(run_dir)
+        remaining = [rec for rec in record["stages"] if rec["status"] != SUCCEEDED]
+        if not remaining:
+            raise RunSetupError(f"run {run_id} has already succeeded: nothing to resume")
+        all_stages = [read_stage(Path(rec["source"])) for rec in record["stages"]]
+        stages = {s.name: s for s in all_stages if s.name in {rec["name"] for rec in remaining}}
+        file_values = read_parameter_file(parameter_file) if parameter_file else {}
+        overrides = resolve_parameters(all_stages, list(stages.values()), assignments or {},
+                                       file_values, f"-f {parameter_file}")
+        kernel_name = choose_kernel(kernel or record["kernel"])
+        timeout = timeout if timeout is not None else record["timeout_s"]
+        for rec in remaining:
+            if rec["status"] in (FAILED, RUNNING):  # RUNNING: a runner that was killed mid-stage
+                _keep_failed_attempt(run_dir, rec)
+            rec.update(status=PENDING, start=None, end=None, duration_s=None, error=None, outputs={})
+            rec["requested"] = {**rec["requested"], **overrides[rec["name"]]}
+        record.update(status=RUNNING, ended=None, kernel=kernel_name, timeout_s=timeout)
+        record["resumed"].append(_now())
+        write_record(run_dir, record)
+        _say(progress, f"run {run_id}: resuming at stage {remaining[0]['notebook']} in {run_dir}")
+        return _execute_run(run_dir, record, stages, kernel_name, timeout, progress)
+
+
+# --- after the run ----------------------------------------------------------------------------
+
+
+def log_notebooks_to_mlflow(run_dir: Path, record: dict) -> str | None:
+    """Logs the run's notebooks, HTML copies and run.json to the MLflow run a stage glued.
+
+    Returns that MLflow run's id, or None when no stage glued ``mlflow_run_id``; the last
+    stage that glued one wins. MLflow errors propagate (the caller reports them as a warning).
+    """
+    run_ids = [rec["outputs"][MLFLOW_RUN_ID_OUTPUT] for rec in record["stages"]
+               if rec["outputs"].get(MLFLOW_RUN_ID_OUTPUT)]
+    if not run_ids:
+        return None
+    from fraudlib.tracking import configure
+
+    client = configure()
+    files = sorted([*run_dir.glob(STAGE_PATTERN), *run_dir.glob("[0-9][0-9]_*.html")]) + [run_dir / RUN_JSON]
+    for path in files:
+        client.log_artifact(run_ids[-1], str(path), MLFLOW_ARTIFACT_PATH)
+    return run_ids[-1]
+
+
+def format_summary(record: dict, width: int = 70) -> str:
+    """A table of the run's stages: status, duration and key outputs (or the error)."""
+    rows = [("stage", "status", "duration", "outputs / error")]
+    for rec in record["stages"]:
+        duration = f"{rec['duration_s']:.1f} s" if rec["duration_s"] is not None else "-"
+        detail = rec["error"] or ", ".join(f"{k}={v!r}" for k, v in rec["outputs"].items())
+        if len(detail) > width:
+            detail = detail[: width - 3] + "..."
+        rows.append((f"{rec['number']:02d}_{rec['name']}", rec["status"], duration, detail))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d}" for a, b, c, d in rows]
+    return "\n".join([f"run {record['run_id']}: {record['status']}", *lines]) + "\n"
