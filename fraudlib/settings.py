@@ -45,3 +45,16 @@ def triton_model_repository() -> Path:
     """``$TRITON_MODEL_REPO`` when set, else the embedded repository under runs/."""
     repo = os.environ.get("TRITON_MODEL_REPO")
     return Path(repo).resolve() if repo else runs_root() / "triton_repository"
+
+
+def run_folder(run_dir: str | Path | None) -> Path:
+    """A notebook's run folder: the runner's ``run_dir``, or ``runs/scratch`` when opened alone."""
+    folder = Path(run_dir) if run_dir else runs_root() / "scratch"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder.resolve()
+
+
+def latest_output(pattern: str) -> Path | None:
+    """The newest path under runs/ matching ``pattern`` (e.g. ``*/graph/manifest.json``), if any."""
+    found = sorted(runs_root().glob(pattern), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
