@@ -1,0 +1,103 @@
+"""The GNN: node embeddings on the user/merchant transaction graph, and an edge classifier.
+
+This file is copied verbatim into every model version as ``gnn_model.py`` and imported there
+by the Triton backend, so it imports only torch and torch_geometric.
+
+For hop k = 1..n_hops, with E the user->merchant edges and E^T their reverse::
+
+    h_merchant^k = dropout(relu(conv_k[user->merchant]((h_user^{k-1}, h_merchant^{k-1}), E)))
+    h_user^k     = dropout(relu(conv_k[merchant->user]((h_merchant^{k-1}, h_user^{k-1}), E^T)))
+    logits(u->m) = head([h_user[u] | h_merchant[m] | edge_attr(u->m)])
+
+with h^0 = the node features. ``edge_features`` gives the XGBoost input of each edge:
+[x_user | h_user | x_merchant | h_merchant | edge_attr].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric.nn import GATConv, GATv2Conv, GraphConv, HeteroConv, SAGEConv
+
+USER_TO_MERCHANT = ("user", "to", "merchant")
+MERCHANT_TO_USER = ("merchant", "rev_to", "user")
+
+
+def _sage(in_channels: tuple[int, int], out_channels: int) -> nn.Module:
+    return SAGEConv(in_channels, out_channels)
+
+
+def _graph(in_channels: tuple[int, int], out_channels: int) -> nn.Module:
+    # Mean, not sum: a graph sent for scoring is far smaller than the training graph.
+    return GraphConv(in_channels, out_channels, aggr="mean")
+
+
+def _gat(in_channels: tuple[int, int], out_channels: int) -> nn.Module:
+    # Self-loops are undefined between two node types.
+    return GATConv(in_channels, out_channels, add_self_loops=False)
+
+
+def _gatv2(in_channels: tuple[int, int], out_channels: int) -> nn.Module:
+    return GATv2Conv(in_channels, out_channels, add_self_loops=False)
+
+
+# The training container's layer names that PyG provides.
+LAYERS = {"SAGEConv": _sage, "GraphConv": _graph, "GATConv": _gat, "GATv2Conv": _gatv2}
+
+
+class FraudGNN(nn.Module):
+    """Heterogeneous GNN over users and merchants with an edge-classification head."""
+
+    def __init__(self, user_channels: int, merchant_channels: int, edge_channels: int,
+                 hidden_channels: int = 32, n_hops: int = 2, layer: str = "SAGEConv",
+                 dropout_prob: float = 0.1):
+        super().__init__()
+        if layer not in LAYERS:
+            raise ValueError(f"unknown GNN layer {layer!r}: choose one of {sorted(LAYERS)}")
+        make = LAYERS[layer]
+        self.dropout_prob = dropout_prob
+        self.convs = nn.ModuleList()
+        user_in, merchant_in = user_channels, merchant_channels
+        for _ in range(n_hops):
+            self.convs.append(HeteroConv({
+                USER_TO_MERCHANT: make((user_in, merchant_in), hidden_channels),
+                MERCHANT_TO_USER: make((merchant_in, user_in), hidden_channels),
+            }))
+            user_in = merchant_in = hidden_channels
+        self.head = nn.Linear(2 * hidden_channels + edge_channels, 2)
+
+    def embed(self, x_user: Tensor, x_merchant: Tensor, edge_index: Tensor,
+              rev_edge_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Node embeddings (h_user [U, H], h_merchant [M, H]) by message passing over ``edge_index``
+        and its reverse (``rev_edge_index`` when a neighbour sampler drew the reverse edges apart)."""
+        x = {"user": x_user, "merchant": x_merchant}
+        edges = {USER_TO_MERCHANT: edge_index,
+                 MERCHANT_TO_USER: edge_index.flip(0) if rev_edge_index is None else rev_edge_index}
+        for conv in self.convs:
+            x = {kind: F.dropout(F.relu(h), self.dropout_prob, self.training)
+                 for kind, h in conv(x, edges).items()}
+        return x["user"], x["merchant"]
+
+    def classify(self, h_user: Tensor, h_merchant: Tensor, edge_index: Tensor, edge_attr: Tensor) -> Tensor:
+        """Fraud logits [E, 2] of the edges ``edge_index`` from the node embeddings."""
+        src, dst = edge_index
+        return self.head(torch.cat([h_user[src], h_merchant[dst], edge_attr], dim=1))
+
+    def forward(self, x_user: Tensor, x_merchant: Tensor, edge_index: Tensor, edge_attr: Tensor,
+                return_embeddings: bool = False):
+        """Fraud logits [E, 2] of every edge; with ``return_embeddings`` also (h_user, h_merchant)."""
+        h_user, h_merchant = self.embed(x_user, x_merchant, edge_index)
+        logits = self.classify(h_user, h_merchant, edge_index, edge_attr)
+        return (logits, (h_user, h_merchant)) if return_embeddings else logits
+
+    @torch.no_grad()
+    def edge_features(self, x_user: Tensor, x_merchant: Tensor, edge_index: Tensor,
+                      edge_attr: Tensor) -> Tensor:
+        """XGBoost input of every edge: [x_user | h_user | x_merchant | h_merchant | edge_attr].
+
+        Call in eval mode (no dropout): training and serving compute it the same way.
+        """
+        h_user, h_merchant = self.embed(x_user, x_merchant, edge_index)
+        src, dst = edge_index
+        return torch.cat([x_user[src], h_user[src], x_merchant[dst], h_merchant[dst], edge_attr], dim=1)

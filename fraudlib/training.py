@@ -1,0 +1,365 @@
+"""Train the GNN + XGBoost fraud model, and the tabular baseline beside it, on a graph directory.
+
+Phases (each timed in ``TrainResult.seconds``):
+
+1. load: the train part (train + validation edges) and the test part of the graph directory.
+2. gnn: ``FraudGNN`` trained with class-weighted cross-entropy on the train edges, with message
+   passing over the train edges. Full-batch (one step per epoch) unless pyg-lib or torch-sparse
+   is importable; then neighbour-sampled mini-batches (``batch_size`` edges, ``fan_out``
+   neighbours per hop), a path that cannot run (and is untested) where neither is installed.
+3. embed: every split's edges are embedded by message passing over that split's own edges:
+   train over the train edges, validation over the validation edges, test over the test graph's
+   edges. That is exactly what Triton computes for a graph it is sent, so validation (early
+   stopping, threshold) and test see what serving sees.
+4. xgboost: XGBoost (hist) on [user x | user h | merchant x | merchant h | edge x], early stopping
+   on the validation edges; the model keeps the best iteration only.
+5. baseline: the same XGBoost on [user x | merchant x | edge x] (no GNN).
+6. export: the self-contained Triton model package (``fraudlib.model_export``).
+
+Hyperparameters use the NVIDIA training container's names and defaults (``GNNSettings``,
+``XGBSettings``); invalid ones fail before any data is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import xgboost as xgb
+
+from fraudlib import gnn, metrics, model_export
+from fraudlib.graph_store import MANIFEST, Graph, read_part
+
+# Not container hyperparameters: fixed here so that a run is described by the container's names.
+GNN_LEARNING_RATE = 0.01
+EARLY_STOPPING_ROUNDS = 32
+
+
+class HyperparameterError(ValueError):
+    """A hyperparameter is unknown, of the wrong type or out of range."""
+
+
+def _rule(default, check, text: str):
+    return field(default=default, metadata={"check": check, "text": text})
+
+
+@dataclass(frozen=True)
+class GNNSettings:
+    """GNN hyperparameters (training container names and defaults)."""
+
+    hidden_channels: int = _rule(32, lambda v: v >= 1, ">= 1")
+    n_hops: int = _rule(2, lambda v: v >= 1, ">= 1")
+    layer: str = _rule("SAGEConv", lambda v: v in gnn.LAYERS, f"one of {sorted(gnn.LAYERS)}")
+    dropout_prob: float = _rule(0.1, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+    batch_size: int = _rule(4096, lambda v: v >= 1, ">= 1")
+    fan_out: int = _rule(10, lambda v: v >= 1, ">= 1")
+    num_epochs: int = _rule(8, lambda v: v >= 1, ">= 1")
+
+
+@dataclass(frozen=True)
+class XGBSettings:
+    """XGBoost hyperparameters (training container names and defaults)."""
+
+    max_depth: int = _rule(6, lambda v: 1 <= v <= 32, "in [1, 32]")
+    learning_rate: float = _rule(0.2, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
+    num_parallel_tree: int = _rule(3, lambda v: v >= 1, ">= 1")
+    num_boost_round: int = _rule(512, lambda v: v >= 1, ">= 1")
+    gamma: float = _rule(0.0, lambda v: v >= 0.0, ">= 0")
+
+
+def parse_settings(cls, params: dict | None, group: str):
+    """``cls`` (GNNSettings or XGBSettings) from a plain dict; raises HyperparameterError naming the key."""
+    if params is None:
+        return cls()
+    if not isinstance(params, dict):
+        raise HyperparameterError(f"{group} must be a dict of hyperparameters, got {type(params).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise HyperparameterError(f"{group}: unknown hyperparameter(s) {unknown}; known: {sorted(fields)}")
+    values = {}
+    for name, value in params.items():
+        kind = {"int": int, "float": float, "str": str}[fields[name].type]
+        values[name] = _coerce(value, kind, f"{group}[{name!r}]")
+        if not fields[name].metadata["check"](values[name]):
+            raise HyperparameterError(
+                f"{group}[{name!r}] = {value!r} is out of range: it must be {fields[name].metadata['text']}")
+    return cls(**values)
+
+
+_EXPECTED = {int: "an integer", float: "a finite number", str: "a string"}
+
+
+def _coerce(value: Any, kind: type, where: str):
+    if isinstance(value, (bool, np.bool_)):
+        ok = False  # bool is an int subclass, but True is no layer count
+    elif kind is int:
+        ok = isinstance(value, (int, np.integer))
+    elif kind is float:
+        ok = isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise HyperparameterError(f"{where} = {value!r} has the wrong type: it must be {_EXPECTED[kind]}")
+    return kind(value)
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path  # <out_dir>/prediction_and_shapley
+    metrics: dict  # {"gnn_xgboost" | "baseline": {"validation" | "test": metrics.report(...)}}
+    seconds: dict  # per phase: load, gnn, embed, xgboost, baseline, export
+    curve: dict  # {"epoch": [...], "loss": [...], "val_auprc": [...]} of the GNN's own head
+    test_labels: np.ndarray
+    test_scores: dict  # {"gnn_xgboost": [E], "baseline": [E]} fraud probabilities on the test edges
+    feature_importance: dict  # {"gnn_xgboost" | "baseline": {feature name: total gain}}, largest first
+    gnn_settings: GNNSettings
+    xgb_settings: XGBSettings
+    best_iteration: dict  # {"gnn_xgboost": n, "baseline": n}
+    device: str
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" or device.startswith("cuda"):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but torch sees no CUDA device: use 'auto' or 'cpu'")
+        return device
+    raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+
+
+def manifest_hash(graph_dir: Path | str) -> str | None:
+    """sha256 of the graph directory's manifest.json (None when it has none)."""
+    path = Path(graph_dir) / MANIFEST
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def neighbor_sampling_available() -> bool:
+    import torch_geometric.typing as pyg_typing
+
+    return bool(pyg_typing.WITH_PYG_LIB or pyg_typing.WITH_TORCH_SPARSE)
+
+
+def _check_graph(graph_dir: Path, train_part: Graph, test_part: Graph) -> None:
+    where = f"graph directory {graph_dir}"
+    for part, g in (("train", train_part), ("test", test_part)):
+        if g.num_edges == 0:
+            raise ValueError(f"{where}: the {part} part has no edges")
+        if g.edge_index.min() < 0 or g.edge_index[0].max() >= len(g.x_user) \
+                or g.edge_index[1].max() >= len(g.x_merchant):
+            raise ValueError(f"{where}: {part} edges point outside the node tables")
+    dims = lambda g: (g.x_user.shape[1], g.x_merchant.shape[1], g.edge_attr.shape[1])  # noqa: E731
+    if dims(train_part) != dims(test_part):
+        raise ValueError(f"{where}: train and test feature dims differ: {dims(train_part)} vs {dims(test_part)}")
+    splits = set(np.unique(train_part.split))
+    if not {"train", "validation"} <= splits:
+        raise ValueError(f"{where}: the train part needs both 'train' and 'validation' edges "
+                         f"(gnn/edges/user_to_merchant_split.csv has {sorted(splits)}); "
+                         "validation edges drive early stopping and the decision threshold")
+    train_labels = train_part.label[train_part.split == "train"]
+    if np.unique(train_labels).size < 2:
+        raise ValueError(f"{where}: the train edges hold one class only; fraud and non-fraud are both needed")
+
+
+def _tensors(graph: Graph, device: str) -> tuple[torch.Tensor, ...]:
+    return (torch.as_tensor(graph.x_user, device=device), torch.as_tensor(graph.x_merchant, device=device),
+            torch.as_tensor(graph.edge_index, device=device), torch.as_tensor(graph.edge_attr, device=device))
+
+
+def _class_weights(labels: torch.Tensor) -> torch.Tensor:
+    counts = torch.bincount(labels, minlength=2).clamp(min=1).float()
+    return counts.sum() / (2 * counts)
+
+
+def _train_gnn(model: gnn.FraudGNN, train: Graph, val: Graph, s: GNNSettings, device: str,
+               progress: bool) -> dict:
+    xu, xm, ei, ea = _tensors(train, device)
+    y = torch.as_tensor(train.label, device=device)
+    val_tensors = _tensors(val, device)
+    weight = _class_weights(y)
+    optimizer = torch.optim.Adam(model.parameters(), lr=GNN_LEARNING_RATE)
+    sampled = neighbor_sampling_available()
+    loader = _link_loader(xu, xm, ei, s) if sampled else None
+    curve = {"epoch": [], "loss": [], "val_auprc": []}
+    for epoch in range(1, s.num_epochs + 1):
+        model.train()
+        if sampled:
+            loss = _sampled_epoch(model, loader, ea, y, weight, optimizer)
+        else:
+            optimizer.zero_grad()
+            loss_t = F.cross_entropy(model(xu, xm, ei, ea), y, weight=weight)
+            loss_t.backward()
+            optimizer.step()
+            loss = loss_t.item()
+        model.eval()
+        with torch.no_grad():
+            val_scores = torch.softmax(model(*val_tensors), dim=1)[:, 1].cpu().numpy()
+        curve["epoch"].append(epoch)
+        curve["loss"].append(loss)
+        curve["val_auprc"].append(metrics.auprc(val.label, val_scores))
+        if progress:
+            print(f"  GNN epoch {epoch}/{s.num_epochs}: loss {loss:.4f}, "
+                  f"validation AUPRC {curve['val_auprc'][-1]:.4f}", flush=True)
+    return curve
+
+
+def _link_loader(xu, xm, ei, s: GNNSettings):
+    """Neighbour-sampled mini-batches of train edges (needs pyg-lib or torch-sparse)."""
+    from torch_geometric.data import HeteroData
+    from torch_geometric.loader import LinkNeighborLoader
+
+    data = HeteroData()
+    data["user"].x, data["merchant"].x = xu, xm
+    data[gnn.USER_TO_MERCHANT].edge_index = ei
+    data[gnn.MERCHANT_TO_USER].edge_index = ei.flip(0)
+    # The label of a seed edge is its position, to look up its class and edge features.
+    return LinkNeighborLoader(data, num_neighbors=[s.fan_out] * s.n_hops,
+                              edge_label_index=(gnn.USER_TO_MERCHANT, ei),
+                              edge_label=torch.arange(ei.shape[1], device=ei.device),
+                              batch_size=s.batch_size, shuffle=True)
+
+
+def _sampled_epoch(model, loader, ea, y, weight, optimizer) -> float:
+    total, count = 0.0, 0
+    for batch in loader:
+        edges = batch[gnn.USER_TO_MERCHANT]
+        ids = edges.edge_label
+        optimizer.zero_grad()
+        h_user, h_merchant = model.embed(batch["user"].x, batch["merchant"].x, edges.edge_index,
+                                         batch[gnn.MERCHANT_TO_USER].edge_index)
+        logits = model.classify(h_user, h_merchant, edges.edge_label_index, ea[ids])
+        loss = F.cross_entropy(logits, y[ids], weight=weight)
+        loss.backward()
+        optimizer.step()
+        total += float(loss) * len(ids)
+        count += len(ids)
+    return total / max(count, 1)
+
+
+def _xgb_params(s: XGBSettings, device: str, seed: int) -> dict:
+    return {"objective": "binary:logistic", "eval_metric": "aucpr", "tree_method": "hist",
+            "max_depth": s.max_depth, "learning_rate": s.learning_rate,
+            "num_parallel_tree": s.num_parallel_tree, "gamma": s.gamma,
+            "nthread": os.cpu_count() or 1, "seed": seed, "device": device}
+
+
+def _fit_xgboost(x: dict, y: dict, s: XGBSettings, device: str, seed: int) -> tuple[xgb.Booster, dict]:
+    """Booster cut at its best validation iteration, and its scores on each split."""
+    params = _xgb_params(s, device, seed)
+    dm = {split: xgb.DMatrix(x[split], label=y[split], nthread=params["nthread"]) for split in x}
+    booster = xgb.train(params, dm["train"], num_boost_round=s.num_boost_round,
+                        evals=[(dm["validation"], "validation")],
+                        early_stopping_rounds=EARLY_STOPPING_ROUNDS, verbose_eval=False)
+    booster = booster[: booster.best_iteration + 1]
+    return booster, {split: booster.predict(dm[split]) for split in ("validation", "test")}
+
+
+def _importance(booster: xgb.Booster, names: list[str]) -> dict[str, float]:
+    gain = booster.get_score(importance_type="total_gain")
+    named = {names[int(k[1:])]: float(v) for k, v in gain.items()}  # keys are f0, f1, ...
+    return dict(sorted(named.items(), key=lambda kv: -kv[1]))
+
+
+def _evaluate(y: dict, scores: dict) -> dict:
+    threshold = metrics.best_f1_threshold(y["validation"], scores["validation"])
+    return {split: metrics.report(y[split], scores[split], threshold) for split in ("validation", "test")}
+
+
+def train(graph_dir: Path | str, out_dir: Path | str, gnn_params: dict | None = None,
+          xgb_params: dict | None = None, device: str = "auto", seed: int = 42,
+          progress: bool = True) -> TrainResult:
+    """Train on ``graph_dir`` and write the model package under ``out_dir``; see the module doc."""
+    gnn_s = parse_settings(GNNSettings, gnn_params, "gnn_params")
+    xgb_s = parse_settings(XGBSettings, xgb_params, "xgb_params")
+    device = resolve_device(device)
+    graph_dir, out_dir = Path(graph_dir), Path(out_dir)
+    seconds: dict[str, float] = {}
+    say = print if progress else (lambda *a, **k: None)
+
+    t = time.perf_counter()
+    train_part, test = read_part(graph_dir, "train"), read_part(graph_dir, "test")
+    _check_graph(graph_dir, train_part, test)
+    graphs = {"train": train_part.edges(train_part.split == "train"),
+              "validation": train_part.edges(train_part.split == "validation"), "test": test}
+    y = {split: g.label for split, g in graphs.items()}
+    seconds["load"] = time.perf_counter() - t
+    say(f"loaded {graph_dir}: " + ", ".join(f"{k} {g.num_edges} edges ({int(g.label.sum())} fraud)"
+                                             for k, g in graphs.items()), flush=True)
+
+    t = time.perf_counter()
+    torch.manual_seed(seed)
+    architecture = {"user_channels": test.x_user.shape[1], "merchant_channels": test.x_merchant.shape[1],
+                    "edge_channels": test.edge_attr.shape[1], "hidden_channels": gnn_s.hidden_channels,
+                    "n_hops": gnn_s.n_hops, "layer": gnn_s.layer, "dropout_prob": gnn_s.dropout_prob}
+    model = gnn.FraudGNN(**architecture).to(device)
+    curve = _train_gnn(model, graphs["train"], graphs["validation"], gnn_s, device, progress)
+    seconds["gnn"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    model.eval()
+    x_emb = {split: model.edge_features(*_tensors(g, device)).cpu().numpy() for split, g in graphs.items()}
+    seconds["embed"] = time.perf_counter() - t
+
+    names = _feature_names(test, gnn_s.hidden_channels)
+    t = time.perf_counter()
+    booster, scores = _fit_xgboost(x_emb, y, xgb_s, device, seed)
+    seconds["xgboost"] = time.perf_counter() - t
+    say(f"XGBoost on GNN embeddings: best iteration {booster.num_boosted_rounds()}", flush=True)
+
+    t = time.perf_counter()
+    x_tab = {split: np.hstack([g.x_user[g.edge_index[0]], g.x_merchant[g.edge_index[1]], g.edge_attr])
+             for split, g in graphs.items()}
+    base_booster, base_scores = _fit_xgboost(x_tab, y, xgb_s, device, seed)
+    seconds["baseline"] = time.perf_counter() - t
+
+    result_metrics = {"gnn_xgboost": _evaluate(y, scores), "baseline": _evaluate(y, base_scores)}
+    threshold = result_metrics["gnn_xgboost"]["validation"]["threshold"]
+    t = time.perf_counter()
+    meta = {
+        "architecture": architecture,
+        "features": {"user": list(test.user_features), "merchant": list(test.merchant_features),
+                     "edge": list(test.edge_features), "xgboost": names["gnn_xgboost"]},
+        "feature_masks": {"user": np.asarray(test.feature_mask_user).tolist(),
+                          "merchant": np.asarray(test.feature_mask_merchant).tolist(),
+                          "edge": np.asarray(test.feature_mask_edge).tolist()},
+        "hyperparameters": {"gnn": dataclasses.asdict(gnn_s), "xgb": dataclasses.asdict(xgb_s),
+                            "gnn_learning_rate": GNN_LEARNING_RATE,
+                            "early_stopping_rounds": EARLY_STOPPING_ROUNDS, "seed": seed},
+        "best_iteration": booster.num_boosted_rounds(),
+        "threshold": threshold,
+        "manifest_hash": manifest_hash(graph_dir),
+        "metrics": result_metrics["gnn_xgboost"],
+    }
+    model_dir = model_export.export_model(out_dir, model, booster, meta)
+    seconds["export"] = time.perf_counter() - t
+    say(f"model package written to {model_dir}", flush=True)
+
+    return TrainResult(
+        model_dir=model_dir, metrics=result_metrics, seconds=seconds, curve=curve,
+        test_labels=y["test"], test_scores={"gnn_xgboost": scores["test"], "baseline": base_scores["test"]},
+        feature_importance={"gnn_xgboost": _importance(booster, names["gnn_xgboost"]),
+                            "baseline": _importance(base_booster, names["baseline"])},
+        gnn_settings=gnn_s, xgb_settings=xgb_s,
+        best_iteration={"gnn_xgboost": booster.num_boosted_rounds(),
+                        "baseline": base_booster.num_boosted_rounds()},
+        device=device,
+    )
+
+
+def _feature_names(graph: Graph, hidden: int) -> dict[str, list[str]]:
+    user = [f"user:{n}" for n in graph.user_features]
+    merchant = [f"merchant:{n}" for n in graph.merchant_features]
+    edge = [f"edge:{n}" for n in graph.edge_features]
+    h_user = [f"user:h{i}" for i in range(hidden)]
+    h_merchant = [f"merchant:h{i}" for i in range(hidden)]
+    return {"gnn_xgboost": user + h_user + merchant + h_merchant + edge, "baseline": user + merchant + edge}

@@ -1,0 +1,203 @@
+"""Triton Python backend of the fraud model: GNN embeddings + XGBoost, with Shapley values.
+
+Copied into every model version directory beside ``gnn_model.py`` (the GNN architecture),
+``state_dict_gnn_model.pth``, ``embedding_based_xgboost.json`` and ``meta.json``. It reads only
+that directory and never imports fraudlib, so a version keeps working after fraudlib changes.
+fraudlib.model_export.load_model imports this same file to predict in-process, so Triton and
+in-process scoring run one function.
+
+Serving contract (blueprint 2.0.0): inputs x_user [U', Fu], x_merchant [M', Fm],
+edge_index_user_to_merchant [2, E] (row 0 indexes x_user, row 1 x_merchant),
+edge_attr_user_to_merchant [E, Fe], optional feature masks (one group id per column) and
+COMPUTE_SHAP [1]. Outputs PREDICTION [E, 1] (fraud probability of every edge, computed with
+message passing over the edges sent) and shap_values_{user,merchant,user_to_merchant}
+[E, groups]: Captum Shapley value sampling where a player is one feature group, ablated to 0 on
+every node (or edge) of the graph at once; [0, groups] when COMPUTE_SHAP is false.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import xgboost as xgb
+from captum.attr import ShapleyValueSampling
+
+try:
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # imported in-process by fraudlib.model_export.load_model
+    pb_utils = None
+
+SHAP_OUTPUTS = ("shap_values_user", "shap_values_merchant", "shap_values_user_to_merchant")
+MASK_INPUTS = ("feature_mask_user", "feature_mask_merchant", "edge_feature_mask_user_to_merchant")
+
+
+def _import_by_path(path: Path, prefix: str):
+    """Import ``path`` under a name unique to its location, so two versions never share a module."""
+    name = f"{prefix}_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+class FraudPredictor:
+    """The model of one version directory; inputs are numpy arrays as in the serving contract."""
+
+    def __init__(self, version_dir: Path | str, device: str = "cpu"):
+        version_dir = Path(version_dir)
+        self.meta = json.loads((version_dir / "meta.json").read_text())
+        self.device = device
+        gnn_model = _import_by_path(version_dir / "gnn_model.py", "fraud_gnn_model")
+        self.gnn = gnn_model.FraudGNN(**self.meta["architecture"])
+        state = torch.load(version_dir / "state_dict_gnn_model.pth", map_location=device, weights_only=True)
+        self.gnn.load_state_dict(state)
+        self.gnn.to(device).eval()
+        self.booster = xgb.Booster(model_file=str(version_dir / "embedding_based_xgboost.json"))
+        self.booster.set_param({"device": device})
+        arch = self.meta["architecture"]
+        self.dims = {"x_user": arch["user_channels"], "x_merchant": arch["merchant_channels"],
+                     "edge_attr_user_to_merchant": arch["edge_channels"]}
+        self.default_masks = dict(zip(MASK_INPUTS, (self.meta["feature_masks"][k]
+                                                    for k in ("user", "merchant", "edge"))))
+
+    def check(self, x_user, x_merchant, edge_index, edge_attr) -> tuple[np.ndarray, ...]:
+        """The inputs as float32/int64 arrays; ValueError naming the input when one is invalid."""
+        arrays = {"x_user": x_user, "x_merchant": x_merchant, "edge_attr_user_to_merchant": edge_attr}
+        for name, a in arrays.items():
+            a = np.asarray(a)
+            if a.ndim != 2 or a.shape[1] != self.dims[name]:
+                raise ValueError(f"{name} must have shape [-1, {self.dims[name]}], got {list(a.shape)}")
+            if a.dtype.kind != "f":
+                raise ValueError(f"{name} must be floating point, got {a.dtype}")
+            if not np.isfinite(a).all():
+                raise ValueError(f"{name} contains NaN or infinite values")
+            arrays[name] = a.astype(np.float32, copy=False)
+        edge_index = np.asarray(edge_index)
+        if edge_index.ndim != 2 or edge_index.shape[0] != 2:
+            raise ValueError(f"edge_index_user_to_merchant must have shape [2, -1], got {list(edge_index.shape)}")
+        if edge_index.dtype.kind not in "iu":
+            raise ValueError(f"edge_index_user_to_merchant must be integer, got {edge_index.dtype}")
+        n_edges = edge_index.shape[1]
+        if arrays["edge_attr_user_to_merchant"].shape[0] != n_edges:
+            raise ValueError(f"edge_attr_user_to_merchant has {arrays['edge_attr_user_to_merchant'].shape[0]} "
+                             f"rows but edge_index_user_to_merchant has {n_edges} edges")
+        for row, name in ((0, "x_user"), (1, "x_merchant")):
+            ids = edge_index[row]
+            if n_edges and (ids.min() < 0 or ids.max() >= arrays[name].shape[0]):
+                raise ValueError(f"edge_index_user_to_merchant row {row} must index {name} rows "
+                                 f"0..{arrays[name].shape[0] - 1}, got {ids.min()}..{ids.max()}")
+        return (arrays["x_user"], arrays["x_merchant"], edge_index.astype(np.int64, copy=False),
+                arrays["edge_attr_user_to_merchant"])
+
+    def _scores(self, x_user: torch.Tensor, x_merchant: torch.Tensor, edge_index: torch.Tensor,
+                edge_attr: torch.Tensor) -> np.ndarray:
+        features = self.gnn.edge_features(x_user, x_merchant, edge_index, edge_attr)
+        return self.booster.predict(xgb.DMatrix(features.cpu().numpy()))
+
+    def predict(self, x_user, x_merchant, edge_index, edge_attr) -> np.ndarray:
+        """Fraud probability of every edge, float32 [E]."""
+        inputs = [torch.as_tensor(a, device=self.device) for a in self.check(x_user, x_merchant, edge_index, edge_attr)]
+        if inputs[2].shape[1] == 0:
+            return np.zeros(0, dtype=np.float32)
+        return self._scores(*inputs).astype(np.float32)
+
+    def _groups(self, widths: tuple[int, int, int], masks: dict | None) -> list[np.ndarray]:
+        """Per input, the group rank (0..groups-1, by ascending group id) of each feature column."""
+        masks = {**self.default_masks, **(masks or {})}
+        ranks = []
+        for name, width in zip(MASK_INPUTS, widths):
+            mask = np.asarray(masks[name])
+            if mask.shape != (width,) or mask.dtype.kind not in "iu" or (width and mask.min() < 0):
+                raise ValueError(f"{name} must hold {width} non-negative integer group ids, "
+                                 f"got shape {list(mask.shape)} of {mask.dtype}")
+            ranks.append(np.unique(mask, return_inverse=True)[1].reshape(-1))
+        return ranks
+
+    def no_shapley(self, masks: dict | None = None) -> dict:
+        """The Shapley outputs when none are computed: [0, groups] each."""
+        ranks = self._groups(tuple(self.dims.values()), masks)
+        return {name: np.zeros((0, int(r.max(initial=-1)) + 1), np.float32) for name, r in zip(SHAP_OUTPUTS, ranks)}
+
+    def shapley(self, x_user, x_merchant, edge_index, edge_attr, masks: dict | None = None) -> dict:
+        """Shapley values {output name: float32 [E, groups]} of every edge's fraud probability.
+
+        ``masks`` maps the mask input names to one group id per feature column (default: the
+        trained masks). Group columns come in ascending group id.
+        """
+        x_user, x_merchant, edge_index, edge_attr = self.check(x_user, x_merchant, edge_index, edge_attr)
+        ranks = self._groups((x_user.shape[1], x_merchant.shape[1], edge_attr.shape[1]), masks)
+        if edge_index.shape[1] == 0:
+            return self.no_shapley(masks)
+
+        t = lambda a: torch.as_tensor(a, device=self.device)  # noqa: E731
+        xu, xm, ei, ea = t(x_user), t(x_merchant), t(edge_index), t(edge_attr)
+        src, dst = ei
+
+        def forward(xu_edges, xm_edges, ea_edges):
+            # Captum ablates the same groups for every edge in one evaluation, so all copies of a
+            # node's row agree and scattering them back rebuilds the ablated node table.
+            xu_ablated, xm_ablated = xu.clone(), xm.clone()
+            xu_ablated[src], xm_ablated[dst] = xu_edges, xm_edges
+            return torch.as_tensor(self._scores(xu_ablated, xm_ablated, ei, ea_edges))
+
+        # Captum numbers the players across all inputs: offset each input's group ranks.
+        offsets = np.cumsum([0] + [int(r.max(initial=-1)) + 1 for r in ranks[:-1]])
+        feature_mask = tuple(t(r + o)[None, :] for r, o in zip(ranks, offsets))
+        shap = self.meta.get("shap", {})
+        with torch.random.fork_rng(devices=[]):  # the same permutations in-process and in Triton
+            torch.manual_seed(int(shap.get("seed", 0)))
+            attributions = ShapleyValueSampling(forward).attribute(
+                (xu[src], xm[dst], ea), feature_mask=feature_mask, n_samples=int(shap.get("n_samples", 8)))
+        out = {}
+        for name, attribution, r in zip(SHAP_OUTPUTS, attributions, ranks):
+            # Every column of a group carries the group's value: keep the group's first column.
+            first_column = [int(np.flatnonzero(r == g)[0]) for g in range(int(r.max(initial=-1)) + 1)]
+            out[name] = attribution[:, first_column].detach().cpu().numpy().astype(np.float32)
+        return out
+
+
+class TritonPythonModel:
+    """Triton entry points around FraudPredictor."""
+
+    def initialize(self, args):
+        device = "cpu"
+        if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
+            device = f"cuda:{args['model_instance_device_id']}"
+        self.predictor = FraudPredictor(Path(__file__).resolve().parent, device)
+
+    def execute(self, requests):
+        return [self._respond(request) for request in requests]
+
+    def _respond(self, request):
+        def get(name):
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            return None if tensor is None else tensor.as_numpy()
+
+        try:
+            graph = [get(n) for n in ("x_user", "x_merchant", "edge_index_user_to_merchant",
+                                      "edge_attr_user_to_merchant")]
+            masks = {name: get(name) for name in MASK_INPUTS if get(name) is not None}
+            compute_shap = get("COMPUTE_SHAP")
+            scores = self.predictor.predict(*graph)
+            if compute_shap is not None and bool(compute_shap.reshape(-1)[0]):
+                shap = self.predictor.shapley(*graph, masks=masks)
+            else:
+                shap = self.predictor.no_shapley(masks)
+        except ValueError as error:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"invalid request: {error}"))
+        except Exception as error:  # a response, never a dead model instance
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"inference failed: {error!r}"))
+        outputs = [pb_utils.Tensor("PREDICTION", scores.reshape(-1, 1))]
+        outputs += [pb_utils.Tensor(name, values) for name, values in shap.items()]
+        return pb_utils.InferenceResponse(output_tensors=outputs)
+
+    def finalize(self):
+        self.predictor = None
