@@ -25,6 +25,7 @@ graph and the test graph index the same node rows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,3 +167,9 @@ def read_manifest(graph_dir: Path | str) -> dict:
 
 def read_encoders(graph_dir: Path | str) -> dict:
     return json.loads((Path(graph_dir) / ENCODERS).read_text())
+
+
+def manifest_hash(graph_dir: Path | str) -> str | None:
+    """sha256 of the graph directory's manifest.json: names the data a model was trained on."""
+    path = Path(graph_dir) / MANIFEST
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None

@@ -89,11 +89,6 @@ def for_run(run_id: str, name: str = settings.REGISTERED_MODEL_NAME) -> Registry
     return matches[-1] if matches else None
 
 
-def set_triton_version(version: int, triton_version: int,
-                       name: str = settings.REGISTERED_MODEL_NAME) -> None:
-    tracking.configure().set_model_version_tag(name, str(version), TRITON_VERSION_TAG, str(triton_version))
-
-
 def _delete_alias(client, name: str, alias: str) -> None:
     try:
         client.delete_registered_model_alias(name, alias)
@@ -136,3 +131,7 @@ def log_evaluation(run_id: str, challenger: dict[str, float], champion_metrics: 
                         for k in challenger if k in champion_metrics})
     tracking.log_metrics(run_id, metrics)
     tracking.set_tags(run_id, {"promotion_decision": decision, "promotion_reason": reason})
+
+
+def tag_version(version: int, key: str, value: str, name: str = settings.REGISTERED_MODEL_NAME) -> None:
+    tracking.configure().set_model_version_tag(name, str(version), key, value)

@@ -1,0 +1,148 @@
+"""Champion/challenger jobs: evaluate a trained model against the served champion, then
+deploy the decision. Stages 3 and 4 call these; each is also usable without notebooks.
+
+The Triton repository (``triton_repo``) and the MLflow registry (``registry``) change
+together here, in an order that ``reconcile`` can always repair: Triton first (journalled),
+then the registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fraudlib import metrics, promotion, registry, settings, tracking
+from fraudlib.graph_store import Graph, manifest_hash, read_part
+from fraudlib.triton_repo import PromotionFailed, ReconcileReport, TritonRepository, graph_inputs
+from fraudlib.triton_server import TritonClient, TritonError
+
+REJECTED_TAG = "rejected"
+ROLLED_BACK = "rolled-back"
+
+
+@dataclass
+class Evaluation:
+    challenger_version: int  # Triton version of the staged challenger
+    champion_version: int | None  # Triton version of the champion, if any
+    registry_version: int  # registry version of the challenger
+    challenger_metrics: dict
+    champion_metrics: dict | None
+    decision: promotion.Decision
+    threshold: float
+    labels: np.ndarray = field(repr=False)
+    challenger_scores: np.ndarray = field(repr=False)
+    champion_scores: np.ndarray | None = field(repr=False)
+    champion_unusable: str | None = None  # why the champion could not score this graph
+
+
+@dataclass(frozen=True)
+class Deployment:
+    action: str  # promote, reject or rolled-back
+    champion_version: int | None  # Triton version serving afterwards
+    registry_champion: int | None  # registry version with the champion alias afterwards
+    health: str
+
+
+def repository(client: TritonClient | None, root: Path | str | None = None) -> TritonRepository:
+    return TritonRepository(Path(root) if root else settings.triton_model_repository(), client)
+
+
+def registry_champion_triton_version() -> int | None:
+    champion = registry.champion()
+    return champion.triton_version if champion else None
+
+
+def reconcile(client: TritonClient | None, root: Path | str | None = None) -> ReconcileReport:
+    """Bring repository, Triton and registry back to one consistent champion."""
+    repo = repository(client, root)
+    report = repo.reconcile(registry_champion_triton_version())
+    if report.challenger is None:
+        registry.clear_challenger()
+    return report
+
+
+def find_training_run(model_dir: Path | str) -> str:
+    """The MLflow training run that logged this model package (tag ``model_dir``)."""
+    client = tracking.configure()
+    experiment = client.get_experiment_by_name(settings.EXPERIMENT_NAME)
+    runs = client.search_runs(
+        [experiment.experiment_id] if experiment else [],
+        filter_string=f"tags.model_dir = '{Path(model_dir).resolve()}'",
+        order_by=["attributes.start_time DESC"], max_results=1) if experiment else []
+    if not runs:
+        raise LookupError(f"no MLflow training run logged the model package {model_dir}: "
+                          "pass mlflow_run_id, or train it with notebooks/02_train.ipynb")
+    return runs[0].info.run_id
+
+
+def _prediction(out: dict) -> np.ndarray:
+    return np.asarray(out["PREDICTION"], dtype=np.float64).reshape(-1)
+
+
+def evaluate(model_dir: Path | str, graph_dir: Path | str, client: TritonClient, mlflow_run_id: str,
+             threshold: float = 0.5, metric: str = "f1", min_improvement: float = 0.0,
+             repo_root: Path | str | None = None) -> Evaluation:
+    """Stage the model as the challenger, score it and the champion on the test graph with
+    explicit versions, and decide. The challenger is registered with alias ``challenger``."""
+    repo = repository(client, repo_root)
+    reconcile(client, repo_root)
+    version = repo.stage(Path(model_dir), registry_champion_version=registry_champion_triton_version())
+    registered = registry.register(mlflow_run_id, version, manifest_hash(graph_dir))
+    registry.mark_challenger(registered.version)
+
+    test: Graph = read_part(graph_dir, "test")
+    inputs = graph_inputs(test)
+    challenger_scores = _prediction(repo.score(version, inputs))
+    challenger_metrics = metrics.report(test.label, challenger_scores, threshold)
+
+    champion_version = repo.state().champion
+    champion_scores = champion_metrics = unusable = None
+    if champion_version is not None:
+        try:
+            champion_scores = _prediction(repo.score(champion_version, inputs))
+            champion_metrics = metrics.report(test.label, champion_scores, threshold)
+        except TritonError as e:
+            unusable = f"the champion (version {champion_version}) cannot score this graph: {e}"
+
+    if unusable:
+        decision = promotion.Decision(
+            promotion.REJECT, unusable + "; the feature schema changed: compare on a common test set "
+            "or promote explicitly", metric, float(challenger_metrics[metric]), None, min_improvement)
+    else:
+        decision = promotion.decide(challenger_metrics, champion_metrics, metric, min_improvement)
+    registry.log_evaluation(mlflow_run_id, challenger_metrics, champion_metrics,
+                            decision.decision, decision.reason)
+    return Evaluation(version, champion_version, registered.version, challenger_metrics, champion_metrics,
+                      decision, threshold, test.label, challenger_scores, champion_scores, unusable)
+
+
+def deploy(decision: str, challenger_version: int, registry_version: int, client: TritonClient,
+           repo_root: Path | str | None = None, fail_after: str | None = None) -> Deployment:
+    """Act on the decision: promote (Triton, then registry alias) or reject.
+
+    A failed health check after promotion restores the previous champion in Triton, leaves
+    the registry's champion alias where it was, and is reported as ``rolled-back``.
+    """
+    repo = repository(client, repo_root)
+    registry_champion = registry_champion_triton_version()
+    if decision == promotion.PROMOTE:
+        try:
+            health = repo.promote(challenger_version, registry_champion_version=registry_champion,
+                                  fail_after=fail_after)
+        except PromotionFailed as e:
+            registry.clear_challenger()
+            registry.tag_version(registry_version, REJECTED_TAG, f"rolled back: {e}")
+            current = registry.champion()
+            return Deployment(ROLLED_BACK, repo.state().champion, current.version if current else None, str(e))
+        registry.promote(registry_version)
+        return Deployment(promotion.PROMOTE, challenger_version, registry_version, health.reason)
+    if decision == promotion.REJECT:
+        repo.reject(challenger_version, registry_champion_version=registry_champion, fail_after=fail_after)
+        registry.clear_challenger()
+        registry.tag_version(registry_version, REJECTED_TAG, "not better than the champion")
+        current = registry.champion()
+        return Deployment(promotion.REJECT, repo.state().champion, current.version if current else None,
+                          repo.health_check().reason)
+    raise ValueError(f"decision must be {promotion.PROMOTE!r} or {promotion.REJECT!r}, got {decision!r}")
