@@ -1,0 +1,416 @@
+"""Raw TabFormer transactions -> the graph directory (see ``fraudlib.graph_store``).
+
+Parity with the NVIDIA blueprint's ``preprocess_TabFormer_lp.py``, so results compare:
+
+* missing State/Errors? -> ``XX``, missing Zip -> 0; card id = User * max_cards + Card, and
+  the "user" node is the card;
+* non-fraud rows deduplicated on the nominal columns (Errors?, card, Use Chip, City, Zip, MCC,
+  Merchant Name; first row kept), all fraud kept;
+* undersampling with the blueprint's definition of ``fraud_ratio``: fraud / NON-fraud, i.e.
+  ``min(unique non-fraud, int(fraud / fraud_ratio))`` non-fraud rows are drawn (0.1 keeps 10
+  non-fraud per fraud, 9.1% fraud among kept rows), with pandas' ``sample(n, random_state=seed)``
+  draw, then the rows are shuffled as ``sample(frac=1, random_state=seed)`` does; on the same
+  file the same edges come out;
+* split by Year: train < 2018, validation == 2018, test > 2018;
+* node features: binary codes (category_encoders' BinaryEncoder: ordinal 1..n over the sorted
+  values, ``n.bit_length()`` bits, most significant first, all zeros = unknown) of the card
+  id (user) and of the merchant + its MCC (merchant), fitted on all ids in the file;
+* edge features: Errors?, City, Zip binary-coded, Use Chip one-hot (a column with <= 8
+  categories is one-hot, more is binary), Amount median-imputed and robust-scaled
+  ((x - median) / IQR); fitted on TRAIN rows only.
+
+Beyond the blueprint: deterministic column order (Errors, City, Zip, Chip, Amount); one-hot vs
+binary decided on train rows (the blueprint counts all kept rows); unknown categories encode
+as all zeros (the blueprint's one-hot raises); every card and merchant of the file is a node
+(ids sorted by value, shared by the train and test parts; the blueprint renumbers each part);
+a merchant's MCC is the one on its first row; max_cards is max(Card) + 1 (the blueprint's
+count of distinct Card values collides when a card index is unused); Errors? keeps the
+reader's canonical form (``Bad CVV,Technical Glitch``) where the blueprint deletes commas, the
+same grouping on TabFormer's values. Feature masks give one group per original column,
+numbered across user, merchant, edge (Captum treats equal ids as one feature).
+
+Speed: only the used columns are read (strings as dictionaries); deduplication works on
+integer codes and undersampling happens before any per-row work on strings, which then
+touches only the kept rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fraudlib import graph_store
+from fraudlib.graph_store import Graph
+from fraudlib.tabformer import read_transactions
+
+USED_COLUMNS = ("User", "Card", "Year", "Time", "Amount", "Use Chip", "Merchant Name",
+                "Merchant City", "Zip", "MCC", "Errors?", "Is Fraud?")
+TRAIN_BEFORE_YEAR = 2018  # train < 2018, validation == 2018, test > 2018
+MISSING_STRING = "XX"
+MISSING_ZIP = 0.0
+ONE_HOT_MAX = 8
+# Edge feature columns in output order: (raw column, feature name).
+EDGE_NOMINAL = (("Errors?", "Errors"), ("Merchant City", "City"), ("Zip", "Zip"), ("Use Chip", "Chip"))
+ENCODERS_FORMAT = 1
+_HASH_CHUNK = 16 << 20
+
+
+@dataclass
+class PreprocessSummary:
+    """What one preprocess run produced (all plain values; counts as in manifest.json)."""
+
+    graph_dir: str
+    manifest_hash: str  # sha256 of manifest.json
+    rows: int  # transactions read
+    fraud_rows: int
+    non_fraud_unique: int  # non-fraud rows left after deduplication
+    non_fraud_kept: int  # after undersampling
+    edges: dict  # split -> edges
+    fraud_edges: dict  # split -> fraud edges
+    users: int
+    merchants: int
+    dims: dict  # user / merchant / edge feature dimensions
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0.1,
+               under_sample: bool = True, seed: int = 42) -> PreprocessSummary:
+    """Build the graph directory ``out_dir`` from the TabFormer file ``raw_path``.
+
+    ``out_dir`` appears only when complete (written next to it, then renamed); on any error
+    nothing appears there and an existing ``out_dir`` is left as it was.
+    """
+    started = time.perf_counter()
+    if not fraud_ratio > 0:
+        raise ValueError(f"fraud_ratio must be > 0 (fraud / non-fraud after undersampling), got {fraud_ratio!r}")
+    raw_path, out_dir = Path(raw_path).resolve(), Path(out_dir).resolve()
+    frame = read_transactions(raw_path, USED_COLUMNS)
+    nodes = _fit_node_encoders(frame)
+    rows, counts = _select_rows(frame, nodes, fraud_ratio, under_sample, seed)
+    kept = frame.take(rows).reset_index(drop=True)
+    del frame
+    split = _split(kept["Year"].to_numpy())
+    if not (split == "train").any():
+        raise ValueError(f"{raw_path}: no transactions before {TRAIN_BEFORE_YEAR} are left to train on "
+                         "(train = Year < 2018); use a file that spans the years before 2018")
+    encoders = {"format": ENCODERS_FORMAT, **nodes,
+                "edge": _fit_edge_encoders(kept[split == "train"])}
+    user_ids, merchant_ids, edge_attr = encode_transactions(kept, encoders)
+    x_user, x_merchant = _node_features(encoders)
+    names = feature_names(encoders)
+    masks = feature_masks(encoders)
+    label = kept["Is Fraud?"].to_numpy().astype(np.int64)
+
+    def part(mask: np.ndarray) -> Graph:
+        return Graph(x_user=x_user, x_merchant=x_merchant,
+                     edge_index=np.vstack([user_ids[mask], merchant_ids[mask]]).astype(np.int64),
+                     edge_attr=edge_attr[mask], label=label[mask], split=split[mask],
+                     user_features=names["user"], merchant_features=names["merchant"],
+                     edge_features=names["edge"], feature_mask_user=masks["user"],
+                     feature_mask_merchant=masks["merchant"], feature_mask_edge=masks["edge"])
+
+    train_order = np.concatenate([np.flatnonzero(split == "train"), np.flatnonzero(split == "validation")])
+    edges = {s: int((split == s).sum()) for s in graph_store.SPLITS}
+    fraud_edges = {s: int(label[split == s].sum()) for s in graph_store.SPLITS}
+    manifest = {
+        "format": ENCODERS_FORMAT,
+        "source": {"path": str(raw_path), "bytes": raw_path.stat().st_size, "sha256": _sha256(raw_path)},
+        "parameters": {"fraud_ratio": fraud_ratio, "under_sample": under_sample, "seed": seed,
+                       "fraud_ratio_means": "fraud / non-fraud after undersampling (blueprint)"},
+        "rows": counts,
+        "splits": {s: {"edges": edges[s], "fraud": fraud_edges[s]} for s in graph_store.SPLITS},
+        "split_rule": {"train": f"Year < {TRAIN_BEFORE_YEAR}", "validation": f"Year == {TRAIN_BEFORE_YEAR}",
+                       "test": f"Year > {TRAIN_BEFORE_YEAR}"},
+        "years": _per_year(kept["Year"].to_numpy(), label, split),
+        "nodes": {"user": int(x_user.shape[0]), "merchant": int(x_merchant.shape[0])},
+        "dims": {k: len(v) for k, v in names.items()},
+        "features": names,
+        "feature_masks": {k: v.tolist() for k, v in masks.items()},
+    }
+    _write_atomically(out_dir, lambda tmp: (
+        graph_store.write_part(tmp, "train", part(train_order)),
+        graph_store.write_part(tmp, "test", part(np.flatnonzero(split == "test"))),
+        graph_store.write_json(tmp / graph_store.MANIFEST, manifest),
+        graph_store.write_json(tmp / graph_store.ENCODERS, encoders),
+    ))
+    return PreprocessSummary(
+        graph_dir=str(out_dir),
+        manifest_hash=hashlib.sha256((out_dir / graph_store.MANIFEST).read_bytes()).hexdigest(),
+        rows=counts["read"], fraud_rows=counts["fraud"], non_fraud_unique=counts["non_fraud_unique"],
+        non_fraud_kept=counts["non_fraud_kept"], edges=edges, fraud_edges=fraud_edges,
+        users=manifest["nodes"]["user"], merchants=manifest["nodes"]["merchant"], dims=manifest["dims"],
+        seconds=time.perf_counter() - started)
+
+
+def encode_transactions(frame: pd.DataFrame, encoders: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Encode raw rows (as ``tabformer.read_transactions`` returns them) exactly as the
+    training rows were: (user node ids, merchant node ids, edge features float32 [n, E]).
+
+    A card or merchant absent from the training file gets node id -1 (its features would be
+    the all-zero unknown code); unknown categories in edge columns encode as all zeros.
+    """
+    user_ids = _positions(_card_ids(frame, encoders["max_cards"]), encoders["user"]["categories"])
+    merchant_ids = _category_positions(frame["Merchant Name"], encoders["merchant"]["categories"])
+    blocks = []
+    for encoder in encoders["edge"]:
+        if encoder["kind"] == "robust":
+            amount = frame[encoder["column"]].to_numpy(dtype=np.float64)
+            amount = np.where(np.isnan(amount), encoder["impute_median"], amount)
+            blocks.append(((amount - encoder["center"]) / encoder["scale"])[:, None])
+            continue
+        ordinal = _category_positions(frame[encoder["column"]], encoder["categories"],
+                                      missing=encoder["missing"]) + 1  # 0 = unknown
+        if encoder["kind"] == "binary":
+            blocks.append(_bits(ordinal, encoder["width"]))
+        else:
+            blocks.append(np.eye(len(encoder["categories"]) + 1)[ordinal][:, 1:])
+    return user_ids, merchant_ids, np.hstack(blocks).astype(np.float32)
+
+
+def feature_names(encoders: dict) -> dict[str, list[str]]:
+    """Column names of the user, merchant and edge feature tables."""
+    edge = []
+    for e in encoders["edge"]:
+        if e["kind"] == "binary":
+            edge += [f"{e['name']}_{i}" for i in range(e["width"])]
+        elif e["kind"] == "onehot":
+            edge += [f"{e['name']}_{c}" for c in e["categories"]]
+        else:
+            edge.append(e["name"])
+    return {
+        "user": [f"Card_{i}" for i in range(encoders["user"]["width"])],
+        "merchant": [f"Merchant_{i}" for i in range(encoders["merchant"]["width"])]
+                    + [f"MCC_{i}" for i in range(encoders["mcc"]["width"])],
+        "edge": edge,
+    }
+
+
+def feature_masks(encoders: dict) -> dict[str, np.ndarray]:
+    """One group id per original column, numbered across user, merchant, edge features."""
+    widths = {"user": [encoders["user"]["width"]],
+              "merchant": [encoders["merchant"]["width"], encoders["mcc"]["width"]],
+              "edge": [_width(e) for e in encoders["edge"]]}
+    masks, group = {}, 0
+    for table, columns in widths.items():
+        masks[table] = np.repeat(np.arange(group, group + len(columns)), columns).astype(np.int32)
+        group += len(columns)
+    return masks
+
+
+def degrees(graph_dir: str | Path) -> dict[str, np.ndarray]:
+    """Edges per user and per merchant node over all splits (for the notebook's plots)."""
+    parts = [graph_store.read_part(graph_dir, p) for p in ("train", "test")]
+    index = np.hstack([g.edge_index for g in parts])
+    return {"user": np.bincount(index[0], minlength=parts[0].x_user.shape[0]),
+            "merchant": np.bincount(index[1], minlength=parts[0].x_merchant.shape[0])}
+
+
+# --- fitting ---------------------------------------------------------------------------------
+
+def _fit_node_encoders(frame: pd.DataFrame) -> dict:
+    """Node encoders over every card and merchant of the file (ids = positions in sorted order)."""
+    max_cards = int(frame["Card"].max()) + 1
+    cards = _sorted_unique(_card_ids(frame, max_cards))
+    merchant = frame["Merchant Name"].array
+    # Categories are in order of first appearance, so where the running maximum of the codes
+    # first reaches k is the first row of merchant k: its MCC is the merchant's.
+    first_row = np.searchsorted(np.maximum.accumulate(merchant.codes), np.arange(len(merchant.categories)))
+    mcc = frame["MCC"].to_numpy()
+    mccs = _sorted_unique(mcc)
+    order = np.argsort(merchant.categories.to_numpy(), kind="stable")
+    return {
+        "max_cards": max_cards,
+        "user": _binary("Card", cards),
+        "merchant": _binary("Merchant Name", merchant.categories.to_numpy()[order])
+                    | {"mcc": mcc[first_row[order]].tolist()},
+        "mcc": _binary("MCC", mccs),
+    }
+
+
+def _fit_edge_encoders(train: pd.DataFrame) -> list[dict]:
+    encoders = []
+    for column, name in EDGE_NOMINAL:
+        missing = MISSING_ZIP if column == "Zip" else MISSING_STRING
+        values = _values(train[column].array, missing)
+        categories = sorted(set(values[np.unique(train[column].array.codes)]))
+        if len(categories) <= ONE_HOT_MAX:
+            encoders.append({"column": column, "name": name, "kind": "onehot",
+                             "categories": categories, "missing": missing})
+        else:
+            encoders.append(_binary(column, categories) | {"name": name, "missing": missing})
+    amount = train["Amount"].to_numpy(dtype=np.float64)
+    median = float(np.nanmedian(amount))
+    q25, q75 = np.percentile(np.where(np.isnan(amount), median, amount), [25, 75])
+    encoders.append({"column": "Amount", "name": "Amount", "kind": "robust", "impute_median": median,
+                     "center": median, "scale": float(q75 - q25) or 1.0})
+    return encoders
+
+
+def _binary(column: str, sorted_values) -> dict:
+    values = list(np.asarray(sorted_values).tolist())
+    return {"column": column, "kind": "binary", "categories": values, "width": len(values).bit_length()}
+
+
+def _width(encoder: dict) -> int:
+    if encoder["kind"] == "binary":
+        return encoder["width"]
+    return len(encoder["categories"]) if encoder["kind"] == "onehot" else 1
+
+
+# --- row selection (blueprint parity, on integer codes) ----------------------------------------
+
+def _select_rows(frame: pd.DataFrame, nodes: dict, fraud_ratio: float, under_sample: bool,
+                 seed: int) -> tuple[np.ndarray, dict]:
+    fraud = frame["Is Fraud?"].to_numpy().astype(bool)
+    codes = [frame["Merchant Name"].array.codes, _dense(frame["MCC"].to_numpy())]
+    for column, missing in (("Merchant City", MISSING_STRING), ("Zip", MISSING_ZIP),
+                            ("Errors?", MISSING_STRING), ("Use Chip", MISSING_STRING)):
+        canonical, _ = pd.factorize(_values(frame[column].array, missing))
+        codes.append(canonical[frame[column].array.codes])
+    codes.append(_dense(_card_ids(frame, nodes["max_cards"])))
+    key = _combine(codes)
+    key[fraud] = -1 - np.arange(int(fraud.sum()))  # never a duplicate: all fraud is kept
+    first = ~pd.Series(key).duplicated(keep="first").to_numpy()
+    del key, codes
+    fraud_rows = np.flatnonzero(fraud)
+    non_fraud = np.flatnonzero(first & ~fraud)
+    if under_sample:
+        n = min(len(non_fraud), int(len(fraud_rows) / fraud_ratio))
+        drawn = non_fraud[np.random.RandomState(seed).permutation(len(non_fraud))[:n]]
+        rows = np.concatenate([fraud_rows, drawn])
+    else:
+        rows = np.concatenate([non_fraud, fraud_rows])
+    rows = rows[np.random.RandomState(seed).permutation(len(rows))]
+    counts = {"read": len(frame), "fraud": len(fraud_rows), "non_fraud": len(frame) - len(fraud_rows),
+              "non_fraud_unique": len(non_fraud), "non_fraud_kept": len(rows) - len(fraud_rows)}
+    return rows, counts
+
+
+def _combine(codes: list[np.ndarray]) -> np.ndarray:
+    """One int64 key per row for a tuple of dense non-negative codes (mixed radix);
+    re-densified through a hash table whenever the next column would overflow int64."""
+    key = codes[0].astype(np.int64)
+    span = int(key.max()) + 1
+    for code in codes[1:]:
+        radix = int(code.max()) + 1
+        if span * radix >= 2**63:
+            key, uniques = pd.factorize(key)
+            span = len(uniques)
+        key = key * radix + code
+        span *= radix
+    return key
+
+
+def _split(year: np.ndarray) -> np.ndarray:
+    return np.where(year < TRAIN_BEFORE_YEAR, "train",
+                    np.where(year == TRAIN_BEFORE_YEAR, "validation", "test")).astype(object)
+
+
+def _per_year(year: np.ndarray, label: np.ndarray, split: np.ndarray) -> dict:
+    table = {}
+    for y in np.unique(year):
+        mask = year == y
+        table[str(int(y))] = {"split": str(split[mask][0]), "edges": int(mask.sum()),
+                              "fraud": int(label[mask].sum())}
+    return table
+
+
+# --- small helpers -----------------------------------------------------------------------------
+
+def _card_ids(frame: pd.DataFrame, max_cards: int) -> np.ndarray:
+    return frame["User"].to_numpy().astype(np.int64) * max_cards + frame["Card"].to_numpy()
+
+
+def _values(categorical: pd.Categorical, missing) -> pd.Index:
+    """The categories plus ``missing`` last, so that code -1 (NaN) indexes it. Object dtype:
+    int64 merchant names must not pass through float."""
+    return pd.Index(list(categorical.categories) + [missing], dtype=object)
+
+
+def _category_positions(column: pd.Series, categories: list, missing=None) -> np.ndarray:
+    """Per row: position of the row's value in ``categories`` (-1 if absent); NaN counts as
+    ``missing``. Each distinct value is looked up once."""
+    array = column.astype("category").array
+    return _positions(_values(array, missing), categories)[array.codes]
+
+
+def _positions(values, categories: list) -> np.ndarray:
+    return pd.Index(categories).get_indexer(values).astype(np.int64)
+
+
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    return np.unique(values) if _wide(values) else np.flatnonzero(_presence(values)) + values.min()
+
+
+def _dense(values: np.ndarray) -> np.ndarray:
+    """Dense codes 0..n-1 of integer values, in sorted order."""
+    if _wide(values):
+        return np.unique(values, return_inverse=True)[1]
+    rank = np.cumsum(_presence(values)) - 1
+    return rank[values - values.min()]
+
+
+def _wide(values: np.ndarray) -> bool:
+    # A presence table over the value range beats sorting millions of values, when it is small.
+    return int(values.max()) - int(values.min()) >= 1 << 26
+
+
+def _presence(values: np.ndarray) -> np.ndarray:
+    return np.bincount(values - values.min()) > 0
+
+
+def _bits(ordinal: np.ndarray, width: int) -> np.ndarray:
+    shifts = np.arange(width - 1, -1, -1)
+    return ((ordinal[:, None] >> shifts) & 1).astype(np.float32)
+
+
+def _node_features(encoders: dict) -> tuple[np.ndarray, np.ndarray]:
+    users = len(encoders["user"]["categories"])
+    merchants = len(encoders["merchant"]["categories"])
+    mcc_ordinal = _positions(encoders["merchant"]["mcc"], encoders["mcc"]["categories"]) + 1
+    x_user = _bits(np.arange(1, users + 1), encoders["user"]["width"])
+    x_merchant = np.hstack([_bits(np.arange(1, merchants + 1), encoders["merchant"]["width"]),
+                            _bits(mcc_ordinal, encoders["mcc"]["width"])])
+    return x_user, x_merchant
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomically(out_dir: Path, write) -> None:
+    """Run ``write(tmp)`` into a fresh folder next to ``out_dir``, then swap it into place."""
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out_dir, old)
+            try:
+                os.rename(tmp, out_dir)
+            except BaseException:
+                os.rename(old, out_dir)
+                raise
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
