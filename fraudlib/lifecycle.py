@@ -77,6 +77,21 @@ def find_training_run(model_dir: Path | str) -> str:
     return runs[0].info.run_id
 
 
+THRESHOLD_METRICS = ("precision", "recall", "f1", "accuracy")
+
+
+def metric_function(metric: str, threshold: float):
+    """``f(labels, scores) -> float`` for a promotion metric (for bootstrap intervals)."""
+    if metric in THRESHOLD_METRICS:
+        return lambda y, s: metrics.at_threshold(y, s, threshold)[metric]
+    if metric == "auprc":
+        return metrics.auprc
+    if metric == "roc_auc":
+        return metrics.roc_auc
+    raise KeyError(f"unknown promotion metric {metric!r}: use one of "
+                   f"{', '.join((*THRESHOLD_METRICS, 'auprc', 'roc_auc'))}")
+
+
 def _prediction(out: dict) -> np.ndarray:
     return np.asarray(out["PREDICTION"], dtype=np.float64).reshape(-1)
 

@@ -140,3 +140,7 @@ def pyfunc_model_uri(run_id: str) -> str:
     if models:
         return f"models:/{models[0].model_id}"
     return f"runs:/{run_id}/{PYFUNC_ARTIFACT_PATH}"
+
+
+def log_artifact(run_id: str, path: Path | str, artifact_path: str | None = None) -> None:
+    configure().log_artifact(run_id, str(path), artifact_path)

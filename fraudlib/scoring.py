@@ -1,0 +1,116 @@
+"""Scoring against the served champion, always inside graph context.
+
+A transaction's score depends on its card's and merchant's neighbourhood (the GNN's
+``n_hops`` hops), so a transaction is never scored as a lone one-edge graph: it is sent
+with its *receptive field*, every edge whose messages reach its endpoints' embeddings.
+With that context the score equals the score inside the whole graph, at a fraction of the
+request size.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fraudlib import registry, tracking
+from fraudlib.graph_store import Graph, read_part
+from fraudlib.lifecycle import repository
+from fraudlib.triton_repo import PUBLIC_MODEL, graph_inputs
+from fraudlib.triton_server import TritonClient
+
+
+def receptive_field(graph: Graph, targets: np.ndarray, n_hops: int = 2) -> np.ndarray:
+    """Indices of the edges an ``n_hops``-layer GNN reads to embed the targets' endpoints.
+
+    Layer k of a node's embedding aggregates over *all* its edges, using layer k-1 of its
+    neighbours; so the edges needed are those incident to any node within ``n_hops - 1``
+    hops of a target edge's endpoints.
+    """
+    users = np.zeros(graph.x_user.shape[0], dtype=bool)
+    merchants = np.zeros(graph.x_merchant.shape[0], dtype=bool)
+    src, dst = graph.edge_index
+    users[src[targets]] = True
+    merchants[dst[targets]] = True
+    for _ in range(n_hops - 1):
+        touching = users[src] | merchants[dst]
+        users[src[touching]] = True
+        merchants[dst[touching]] = True
+    return np.flatnonzero(users[src] | merchants[dst])
+
+
+def with_context(graph: Graph, targets: np.ndarray, n_hops: int = 2) -> tuple[Graph, np.ndarray]:
+    """The targets' receptive field as a graph, and the targets' positions in it."""
+    keep = receptive_field(graph, np.asarray(targets), n_hops)
+    mask = np.zeros(graph.num_edges, dtype=bool)
+    mask[keep] = True
+    position = np.cumsum(mask) - 1
+    return graph.edges(mask), position[np.asarray(targets)]
+
+
+def feature_groups(names: list[str], mask) -> list[str]:
+    """One readable name per feature group (the columns sharing a mask id, e.g. City bits)."""
+    groups: dict[int, list[str]] = {}
+    for name, group in zip(names, np.asarray(mask).tolist()):
+        groups.setdefault(int(group), []).append(name)
+    out = []
+    for _, members in sorted(groups.items()):
+        stem = members[0].rsplit("_", 1)[0] if len(members) > 1 else members[0]
+        out.append(stem)
+    return out
+
+
+@dataclass
+class Example:
+    edge: int
+    user: int
+    merchant: int
+    label: int
+    score: float  # scored inside its receptive field, with Shapley values
+    whole_graph_score: float  # the same edge scored inside the whole graph
+    context_edges: int
+    shapley: dict  # group -> values: user, merchant, edge
+    group_names: dict  # group -> names
+
+
+def champion_graph_dir() -> Path:
+    champion = registry.champion()
+    if champion is None:
+        raise LookupError("the registry has no champion yet: run the pipeline (make run) first")
+    tags = tracking.configure().get_run(champion.run_id).data.tags
+    return Path(tags["graph_dir"])
+
+
+def champion_meta(client: TritonClient) -> dict:
+    repo = repository(client)
+    version = repo.state().champion
+    if version is None:
+        raise LookupError(f"no champion is served from {repo.root}: run the pipeline (make run) first")
+    return json.loads((repo.version_dir(version) / "meta.json").read_text())
+
+
+def _predict(client: TritonClient, graph: Graph, shap: bool = False) -> dict:
+    # No version named: this is what any client of the public model gets, i.e. the champion.
+    return client.infer(PUBLIC_MODEL, graph_inputs(graph, compute_shap=shap))
+
+
+def explain_example(client: TritonClient, graph_dir: Path | str | None = None) -> Example:
+    """The champion's highest-scored test transaction, with its Shapley values."""
+    graph_dir = Path(graph_dir) if graph_dir else champion_graph_dir()
+    meta = champion_meta(client)
+    n_hops = int(meta["architecture"]["n_hops"])
+    test = read_part(graph_dir, "test")
+    whole = np.asarray(_predict(client, test)["PREDICTION"]).reshape(-1)
+    edge = int(np.argmax(whole))
+    sub, (position,) = with_context(test, np.array([edge]), n_hops)
+    out = _predict(client, sub, shap=True)
+    shapley = {group: np.asarray(out[f"shap_values_{name}"])[position]
+               for group, name in (("user", "user"), ("merchant", "merchant"), ("edge", "user_to_merchant"))}
+    names = {"user": feature_groups(test.user_features, test.feature_mask_user),
+             "merchant": feature_groups(test.merchant_features, test.feature_mask_merchant),
+             "edge": feature_groups(test.edge_features, test.feature_mask_edge)}
+    return Example(edge, int(test.edge_index[0, edge]), int(test.edge_index[1, edge]), int(test.label[edge]),
+                   float(np.asarray(out["PREDICTION"]).reshape(-1)[position]), float(whole[edge]),
+                   sub.num_edges, shapley, names)
