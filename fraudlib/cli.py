@@ -1,0 +1,203 @@
+"""``fraud``: operate the served model between pipeline runs.
+
+    fraud status                 champion, staged challenger, archive, Triton, registry
+    fraud serve                  keep the champion online with the embedded Triton until Ctrl-C
+    fraud score FILE.csv         score raw TabFormer-format rows against the served champion
+    fraud reconcile              repair repository and registry after a crash
+    fraud generate --rows N      write a synthetic TabFormer-format file
+
+Without ``--triton-url`` (or ``$TRITON_URL``) the commands that need a server start the
+embedded one on the repository under runs/ (``$TRITON_MODEL_REPO``) for their duration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from fraudlib import settings
+
+
+def _server_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--triton-url", default=os.environ.get("TRITON_URL", ""),
+                        help="external Triton server host:port (default: $TRITON_URL, else embedded)")
+
+
+@contextlib.contextmanager
+def _client(url: str, log_name: str, port: int | None = None):
+    from fraudlib.triton_server import EmbeddedTriton, connect
+
+    if url:
+        client = connect(url)
+        client.require_live()
+        yield client
+        return
+    log = settings.runs_root() / "serve" / f"{log_name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    settings.triton_model_repository().mkdir(parents=True, exist_ok=True)
+    with EmbeddedTriton(settings.triton_model_repository(), log, http_port=port) as server:
+        yield server.client()
+
+
+def consistency_problems() -> list[str]:
+    """What stops the repository from serving one champion agreed with the registry."""
+    from fraudlib import lifecycle
+    from fraudlib.triton_repo import RepositoryError
+
+    try:
+        state = lifecycle.repository(None).state()
+    except RepositoryError as e:
+        return [str(e)]
+    problems = []
+    if state.journal:
+        problems.append(f"an interrupted {state.journal.get('op')} (steps done: {state.journal.get('steps')})")
+    if state.challenger is not None:
+        problems.append(f"version {state.challenger} is still staged as a challenger")
+    registry_version = lifecycle.registry_champion_triton_version()
+    if state.champion is None:
+        problems.append("no champion is on disk: run the pipeline first (make run)")
+    elif registry_version != state.champion:
+        problems.append(f"the repository serves version {state.champion} but the registry's champion is "
+                        f"Triton version {registry_version}")
+    return problems
+
+
+def cmd_status(args) -> int:
+    from fraudlib import lifecycle, registry
+    from fraudlib.triton_server import TritonError
+
+    state = lifecycle.repository(None).state()
+    print(f"repository: {settings.triton_model_repository()}")
+    print(f"  champion: {state.champion}  staged challenger: {state.challenger}  "
+          f"on disk: {list(state.versions_on_disk)}  archived: {list(state.archived)}")
+    if state.journal:
+        print(f"  unfinished transition: {state.journal}")
+    if args.triton_url:
+        try:
+            with _client(args.triton_url, "status") as client:
+                for model in client.repository_index():
+                    print(f"  triton: {model.get('name')} v{model.get('version')} {model.get('state')}")
+        except TritonError as e:
+            print(f"  triton: {e}")
+    print(f"registry: {settings.REGISTERED_MODEL_NAME} at {settings.mlflow_tracking_uri()}")
+    for v in registry.versions():
+        print(f"  version {v.version}: triton v{v.triton_version} aliases [{', '.join(v.aliases)}] run {v.run_id}")
+    problems = consistency_problems()
+    for p in problems:
+        print(f"INCONSISTENT: {p}")
+    if problems:
+        print("fix: fraud reconcile")
+    return 1 if problems else 0
+
+
+def cmd_reconcile(args) -> int:
+    from fraudlib import lifecycle
+
+    with _client(args.triton_url, "reconcile") as client:
+        report = lifecycle.reconcile(client)
+    print(f"champion: {report.champion}  challenger: {report.challenger}")
+    for action in report.actions:
+        print(f"  {action}")
+    if not report.actions:
+        print("  nothing to repair")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from fraudlib import lifecycle
+
+    problems = consistency_problems()
+    if problems:
+        for p in problems:
+            print(f"refusing to serve: {p}", file=sys.stderr)
+        print("fix: `fraud reconcile` (or run the pipeline), then `fraud serve` again", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with _client("", "serve", port=args.port) as client:
+        repo = lifecycle.repository(client)
+        repo.load()
+        health = repo.health_check()
+        if not health.ok:
+            print(f"champion failed its health check: {health.reason}", file=sys.stderr)
+            return 3
+        print(f"serving {settings.TRITON_MODEL_NAME} version {health.version} at http://{client.url} "
+              f"(health: {health.reason}); Ctrl-C stops", flush=True)
+        stop.wait()
+    print("stopped")
+    return 0
+
+
+def cmd_score(args) -> int:
+    import pandas as pd
+
+    from fraudlib import scoring
+
+    with _client(args.triton_url, "score") as client:
+        scored = scoring.score_transactions(client, Path(args.csv))
+    with pd.option_context("display.max_rows", args.max_rows, "display.width", 160):
+        print(scored.to_string(index=False, max_rows=args.max_rows))
+    if args.out:
+        scored.to_csv(args.out, index=False)
+        print(f"written to {args.out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from fraudlib import synthetic
+
+    summary = synthetic.generate(Path(args.out), args.rows, seed=args.seed, progress=True)
+    print(summary)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fraud", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("status", help="print the serving state: repository, Triton, registry")
+    _server_args(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("serve", help="keep the champion online with the embedded Triton until stopped")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default 8000)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("score", help="score raw TabFormer-format rows against the served champion")
+    p.add_argument("csv", help="CSV with the 15 TabFormer columns (e.g. card_transaction.v1.csv rows)")
+    p.add_argument("--out", help="also write the scores to this CSV")
+    p.add_argument("--max-rows", type=int, default=50, help="rows printed (default 50)")
+    _server_args(p)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("reconcile", help="repair repository and registry after a crash")
+    _server_args(p)
+    p.set_defaults(func=cmd_reconcile)
+
+    p = sub.add_parser("generate", help="write a synthetic TabFormer-format CSV")
+    p.add_argument("--rows", type=int, required=True, help="number of transactions")
+    p.add_argument("--out", required=True, help="output CSV path")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    try:
+        return args.func(args)
+    except (LookupError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"fraud {args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
