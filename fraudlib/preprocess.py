@@ -37,6 +37,7 @@ touches only the kept rows.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -46,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import xxhash
 
 from fraudlib import graph_store
 from fraudlib.graph_store import Graph
@@ -125,7 +127,7 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
     fraud_edges = {s: int(label[split == s].sum()) for s in graph_store.SPLITS}
     manifest = {
         "format": ENCODERS_FORMAT,
-        "source": {"path": str(raw_path), "bytes": raw_path.stat().st_size, "sha256": _sha256(raw_path)},
+        "source": {"path": str(raw_path), "bytes": raw_path.stat().st_size, "xxh3_128": _fast_hash(raw_path)},
         "parameters": {"fraud_ratio": fraud_ratio, "under_sample": under_sample, "seed": seed,
                        "fraud_ratio_means": "fraud / non-fraud after undersampling (blueprint)"},
         "rows": counts,
@@ -142,7 +144,8 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
         graph_store.write_part(tmp, "train", part(train_order)),
         graph_store.write_part(tmp, "test", part(np.flatnonzero(split == "test"))),
         graph_store.write_json(tmp / graph_store.MANIFEST, manifest),
-        graph_store.write_json(tmp / graph_store.ENCODERS, encoders),
+        # Compact: json's C encoder only runs without indent (100k merchant ids).
+        (tmp / graph_store.ENCODERS).write_text(json.dumps(encoders, sort_keys=True)),
     ))
     return PreprocessSummary(
         graph_dir=str(out_dir),
@@ -385,8 +388,9 @@ def _node_features(encoders: dict) -> tuple[np.ndarray, np.ndarray]:
     return x_user, x_merchant
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def _fast_hash(path: Path) -> str:
+    """Content hash of the source; xxh3 reads the 2.2 GB file about 10x faster than sha256."""
+    digest = xxhash.xxh3_128()
     with open(path, "rb") as handle:
         while chunk := handle.read(_HASH_CHUNK):
             digest.update(chunk)

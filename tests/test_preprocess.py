@@ -1,0 +1,231 @@
+"""The preprocess stage: blueprint parity, determinism, no leakage, atomic output."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fraudlib import graph_store
+from fraudlib.preprocess import encode_transactions, preprocess
+from fraudlib.tabformer import TabFormerFormatError, read_transactions
+
+NOMINAL = ["Errors?", "Card", "Use Chip", "Merchant City", "Zip", "MCC", "Merchant Name"]
+
+
+def blueprint_rows(raw: Path, fraud_ratio=0.1, under_sample=True, seed=42) -> pd.DataFrame:
+    """The blueprint's row selection, ported literally to pandas (its index = file row)."""
+    data = pd.read_csv(raw, dtype={"Merchant Name": "int64"}, keep_default_na=False, na_values=[""])
+    data["Merchant State"] = data["Merchant State"].fillna("XX")
+    data["Errors?"] = data["Errors?"].fillna("XX").str.replace(",", "")
+    data["Zip"] = data["Zip"].fillna(0)
+    data["Amount"] = data["Amount"].str.replace("$", "").astype(float)
+    data["Is Fraud?"] = data["Is Fraud?"].map({"No": 0, "Yes": 1})
+    data["Card"] = data["User"] * (data["Card"].max() + 1) + data["Card"]
+    fraud = data[data["Is Fraud?"] == 1]
+    data = pd.concat([data[data["Is Fraud?"] == 0].drop_duplicates(subset=NOMINAL), fraud])
+    if under_sample:
+        fraud_df, non_fraud_df = data[data["Is Fraud?"] == 1], data[data["Is Fraud?"] == 0]
+        n = min(len(data) - len(fraud_df), int(len(fraud_df) / fraud_ratio))
+        data = pd.concat([fraud_df, non_fraud_df.sample(n, random_state=seed)])
+    return data.sample(frac=1, random_state=seed)
+
+
+@pytest.fixture(scope="module")
+def graph_dir(synthetic_csv, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("graph") / "graph"
+    preprocess(synthetic_csv, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(synthetic_csv) -> pd.DataFrame:
+    return blueprint_rows(synthetic_csv)
+
+
+def test_same_rows_and_edge_order_as_the_blueprint(graph_dir, reference, synthetic_csv):
+    raw = pd.read_csv(synthetic_csv, dtype={"Merchant Name": "int64"})
+    cards = np.unique(raw["User"] * (raw["Card"].max() + 1) + raw["Card"])
+    merchants = np.unique(raw["Merchant Name"])
+    year = reference["Year"].to_numpy()
+    expected = {"train": reference[year <= 2018].sort_values("Year", key=lambda y: y == 2018, kind="stable"),
+                "test": reference[year > 2018]}
+
+    for part, rows in expected.items():
+        graph = graph_store.read_part(graph_dir, part)
+        assert np.array_equal(graph.edge_index[0], np.searchsorted(cards, rows["Card"]))
+        assert np.array_equal(graph.edge_index[1], np.searchsorted(merchants, rows["Merchant Name"]))
+        assert np.array_equal(graph.label, rows["Is Fraud?"])
+        assert graph.split.tolist() == np.where(rows["Year"] < 2018, "train",
+                                                np.where(rows["Year"] == 2018, "validation", "test")).tolist()
+
+
+def test_all_fraud_kept_and_non_fraud_undersampled_to_the_ratio(graph_dir, synthetic_csv):
+    manifest = graph_store.read_manifest(graph_dir)
+    raw = read_transactions(synthetic_csv)
+    fraud = int(raw["Is Fraud?"].sum())
+    kept_fraud = sum(s["fraud"] for s in manifest["splits"].values())
+    kept = sum(s["edges"] for s in manifest["splits"].values())
+
+    assert kept_fraud == manifest["rows"]["fraud"] == fraud
+    assert kept - kept_fraud == manifest["rows"]["non_fraud_kept"] == int(fraud / 0.1)
+    assert manifest["parameters"]["fraud_ratio_means"].startswith("fraud / non-fraud")
+
+
+def test_without_undersampling_every_unique_non_fraud_row_is_kept(synthetic_csv, tmp_path):
+    summary = preprocess(synthetic_csv, tmp_path / "graph", under_sample=False)
+
+    assert summary.non_fraud_kept == summary.non_fraud_unique == \
+        (blueprint_rows(synthetic_csv, under_sample=False)["Is Fraud?"] == 0).sum()
+    assert sum(summary.fraud_edges.values()) == summary.fraud_rows
+
+
+def test_split_is_by_year(graph_dir):
+    years = graph_store.read_manifest(graph_dir)["years"]
+
+    for year, row in years.items():
+        want = "train" if int(year) < 2018 else "validation" if int(year) == 2018 else "test"
+        assert row["split"] == want
+    assert {"train", "validation", "test"} <= {row["split"] for row in years.values()}
+
+
+def test_feature_dimensions_follow_the_cardinalities(graph_dir, synthetic_csv, reference):
+    raw = pd.read_csv(synthetic_csv, dtype={"Merchant Name": "int64"})
+    train = reference[reference["Year"] < 2018]
+    bits = lambda n: int(n).bit_length()  # noqa: E731  (BinaryEncoder: ordinals 1..n)
+    binary_or_onehot = lambda n: n if n <= 8 else bits(n)  # noqa: E731
+    edge_dim = sum(binary_or_onehot(train[c].nunique())
+                   for c in ("Errors?", "Merchant City", "Zip", "Use Chip")) + 1
+
+    dims = graph_store.read_manifest(graph_dir)["dims"]
+    assert dims["user"] == bits((raw["User"] * (raw["Card"].max() + 1) + raw["Card"]).nunique())
+    assert dims["merchant"] == bits(raw["Merchant Name"].nunique()) + bits(raw["MCC"].nunique())
+    assert dims["edge"] == edge_dim
+    test = graph_store.read_part(graph_dir, "test")
+    assert (test.x_user.shape[1], test.x_merchant.shape[1], test.edge_attr.shape[1]) == \
+        (dims["user"], dims["merchant"], dims["edge"])
+
+
+def test_edge_encoders_are_fitted_on_train_rows_only(graph_dir, reference):
+    encoders = graph_store.read_encoders(graph_dir)
+    train = reference[reference["Year"] < 2018]
+    by_column = {e["column"]: e for e in encoders["edge"]}
+
+    assert by_column["Merchant City"]["categories"] == sorted(train["Merchant City"].unique())
+    assert by_column["Zip"]["categories"] == sorted(train["Zip"].unique())
+    assert by_column["Use Chip"]["categories"] == sorted(train["Use Chip"].unique())
+    q25, median, q75 = np.percentile(train["Amount"], [25, 50, 75])
+    assert by_column["Amount"]["center"] == pytest.approx(median)
+    assert by_column["Amount"]["scale"] == pytest.approx(q75 - q25)
+    test_only = set(reference.loc[reference["Year"] > 2018, "Merchant City"]) - set(train["Merchant City"])
+    assert test_only, "the fixture should have cities seen only in test rows"
+    assert not test_only & set(by_column["Merchant City"]["categories"])
+
+
+def test_encode_transactions_reproduces_the_test_edges_from_raw_rows(graph_dir, reference, synthetic_csv):
+    rows = reference.index[reference["Year"] > 2018]
+    frame = read_transactions(synthetic_csv).iloc[rows]
+
+    users, merchants, attr = encode_transactions(frame, graph_store.read_encoders(graph_dir))
+
+    test = graph_store.read_part(graph_dir, "test")
+    assert np.array_equal(users, test.edge_index[0]) and np.array_equal(merchants, test.edge_index[1])
+    np.testing.assert_allclose(attr, test.edge_attr, rtol=1e-6)
+
+
+def test_unknown_values_encode_to_the_defined_unknown_code(graph_dir, synthetic_csv):
+    encoders = graph_store.read_encoders(graph_dir)
+    frame = read_transactions(synthetic_csv).head(1).astype({"Merchant City": object, "Use Chip": object,
+                                                             "Merchant Name": "int64"})
+    frame[["User", "Merchant Name", "Merchant City", "Use Chip"]] = [99_999, 123, "Atlantis", "Telepathy"]
+
+    users, merchants, attr = encode_transactions(frame, encoders)
+
+    names = graph_store.read_part(graph_dir, "test").edge_features
+    city_or_chip = [i for i, n in enumerate(names) if n.startswith(("City_", "Chip_"))]
+    assert users.tolist() == [-1] and merchants.tolist() == [-1]
+    assert not attr[0, city_or_chip].any()
+
+
+def test_same_seed_gives_byte_identical_output(synthetic_csv, tmp_path):
+    first = preprocess(synthetic_csv, tmp_path / "a", seed=7)
+    second = preprocess(synthetic_csv, tmp_path / "b", seed=7)
+    other = preprocess(synthetic_csv, tmp_path / "c", seed=8)
+
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 2 + 2 * 9
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert first.manifest_hash == second.manifest_hash != other.manifest_hash
+
+
+def test_manifest_records_source_counts_features_and_parameters(graph_dir, synthetic_csv):
+    manifest = graph_store.read_manifest(graph_dir)
+    summary_hash = hashlib.sha256((graph_dir / "manifest.json").read_bytes()).hexdigest()
+
+    assert manifest["source"]["bytes"] == synthetic_csv.stat().st_size and manifest["source"]["xxh3_128"]
+    assert manifest["parameters"] == {"fraud_ratio": 0.1, "under_sample": True, "seed": 42,
+                                      "fraud_ratio_means": manifest["parameters"]["fraud_ratio_means"]}
+    assert manifest["rows"]["read"] == 30_000
+    assert {k: len(v) for k, v in manifest["features"].items()} == manifest["dims"]
+    assert len(summary_hash) == 64
+
+
+def test_feature_masks_give_one_group_per_original_column(graph_dir):
+    graph = graph_store.read_part(graph_dir, "train")
+    groups = {}
+    for names, mask in ((graph.user_features, graph.feature_mask_user),
+                        (graph.merchant_features, graph.feature_mask_merchant),
+                        (graph.edge_features, graph.feature_mask_edge)):
+        for name, group in zip(names, mask):
+            groups.setdefault(name.split("_")[0], set()).add(int(group))
+
+    assert all(len(g) == 1 for g in groups.values())
+    assert sorted(g.pop() for g in groups.values()) == list(range(8))  # Card, Merchant, MCC + 5 edge columns
+    assert list(groups) == ["Card", "Merchant", "MCC", "Errors", "City", "Zip", "Chip", "Amount"]
+
+
+def test_bad_input_leaves_an_existing_output_untouched(write_tabformer, synthetic_csv, tmp_path):
+    out = tmp_path / "graph"
+    preprocess(synthetic_csv, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    lines = synthetic_csv.read_text().splitlines()[1:50]
+    lines[30] = lines[30].replace("$", "$x", 1)
+
+    with pytest.raises(TabFormerFormatError, match="line 32, column 'Amount'"):
+        preprocess(write_tabformer(lines), out)
+
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["card_transaction.v1.csv", "graph"]
+
+
+def test_failed_run_leaves_no_output_folder(write_tabformer, tmp_path):
+    lines = ["0,0,2019,1,1,10:00,$1.00,Chip Transaction,1,A,B,1.0,5411,,No"]
+
+    with pytest.raises(ValueError, match="no transactions before 2018"):
+        preprocess(write_tabformer(lines), tmp_path / "graph")
+
+    assert not (tmp_path / "graph").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["card_transaction.v1.csv"]
+
+
+def test_rerun_replaces_an_existing_output(synthetic_csv, tmp_path):
+    out = tmp_path / "graph"
+    preprocess(synthetic_csv, out, seed=1)
+    (out / "stale.txt").write_text("from an older run")
+
+    summary = preprocess(synthetic_csv, out, seed=2)
+
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "manifest.json").read_text())["parameters"]["seed"] == 2
+    assert summary.graph_dir == str(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["graph"]
+
+
+def test_rejects_a_non_positive_fraud_ratio(synthetic_csv, tmp_path):
+    with pytest.raises(ValueError, match="fraud_ratio must be > 0"):
+        preprocess(synthetic_csv, tmp_path / "graph", fraud_ratio=0)
