@@ -31,7 +31,9 @@ parameters (-p, -f) win over all of these.
 
 On a failure (an exception in a cell, the kernel dying, a cell running past --timeout) the
 failed notebook is still written with the error at its top, run.json says failed, later
-stages do not run and the exit status is 1; --resume continues from the failed stage.
+stages do not run and the exit status is 1; --resume continues from the failed stage
+(succeeded stages are kept and feed the later ones; the failed notebook is kept as
+NN_name.failed-<n>.ipynb, so a run folder is only ever added to).
 After the run the notebooks, HTML copies and run.json are logged to the MLflow run a stage
 glued as `mlflow_run_id` (artifact path notebooks/); a logging failure is only a warning.
 """

@@ -19,6 +19,7 @@ order, so adding a stage is adding a notebook. For every run the runner
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import datetime
 import difflib
@@ -119,6 +120,7 @@ def read_stage(notebook: Path) -> Stage:
         inferred = pm.inspect_notebook(notebook)
     except Exception as exc:
         raise RunSetupError(f"{notebook}: cannot read its parameters cell: {exc}") from exc
+    _check_papermill_sees_every_parameter(notebook, set(inferred))
     parameters = {
         name: Parameter(
             name=name,
@@ -131,12 +133,56 @@ def read_stage(notebook: Path) -> Stage:
     return Stage(int(match.group(1)), match.group(2), notebook.resolve(), parameters)
 
 
+def _check_papermill_sees_every_parameter(notebook: Path, inferred: set[str]) -> None:
+    """Raises when the parameters cell assigns a name papermill's inspector did not read.
+
+    Papermill skips, with only a log line, any line holding a second '=' (in the default or
+    the help comment) or an annotation it cannot match (``str | None``); such a parameter
+    would be invisible to ``papermill --help-notebook``, to validation and to chaining.
+    """
+    nb = nbformat.read(notebook, as_version=4)
+    cell = next((c for c in nb.cells if "parameters" in c.metadata.get("tags", [])), None)
+    if cell is None:
+        return
+    try:
+        tree = ast.parse(cell.source)
+    except SyntaxError as exc:
+        raise RunSetupError(f"{notebook}: the parameters cell is not valid Python (line {exc.lineno}): "
+                            f"{exc.msg}") from exc
+    lines = cell.source.splitlines()
+    unread = []
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, ast.AnnAssign):
+            targets = [node.target]
+        else:
+            continue
+        for target in targets:
+            if isinstance(target, ast.Name) and target.id not in inferred:
+                unread.append(f"line {node.lineno}: {lines[node.lineno - 1].strip()}")
+    if unread:
+        raise RunSetupError(
+            f"{notebook}: papermill cannot read these lines of the parameters cell, so neither "
+            f"`papermill --help-notebook` nor the runner sees those parameters:\n    " + "\n    ".join(unread)
+            + "\n  Write each as `name: type = default  # help` with no other '=' on the line "
+            "(e.g. '# empty: synthetic data', not '# empty = synthetic data') and a plain type (str, int, ...)."
+        )
+
+
 def discover_stages(notebooks_dir: Path) -> list[Stage]:
     """All stages in ``notebooks_dir`` (``NN_name.ipynb``), in ``NN`` order."""
     notebooks_dir = Path(notebooks_dir)
     if not notebooks_dir.is_dir():
         raise RunSetupError(f"notebooks directory {notebooks_dir} does not exist (see --notebooks-dir)")
-    stages = [read_stage(path) for path in sorted(notebooks_dir.glob(STAGE_PATTERN))]
+    stages, problems = [], []
+    for path in sorted(notebooks_dir.glob(STAGE_PATTERN)):
+        try:
+            stages.append(read_stage(path))
+        except RunSetupError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise RunSetupError("\n".join(problems))
     if not stages:
         raise RunSetupError(f"no stage notebooks ({STAGE_PATTERN}) in {notebooks_dir}")
     for attribute in ("number", "name"):
@@ -235,21 +281,24 @@ def _coerce(value: Any, parameter: Parameter, raw: str | None) -> Any:
     """``value`` as the parameter's declared type; ValueError when it is not one.
 
     ``raw`` is the text typed after ``-p name=``: a ``str`` parameter gets it verbatim (so
-    ``-p seed_text=007`` stays "007"), every other type gets the YAML scalar ``value``.
+    ``-p seed_text=007`` stays "007" and ``-p suffix=`` is ""), every other type gets the YAML
+    scalar ``value``. None passes where the annotation or the default allows it.
     """
     base, nullable = _declared_type(parameter)
-    if value is None:
-        if nullable or base is None:
-            return None
-        raise ValueError
+    if value is None and (nullable or base is None):
+        return None
     if base is None:
         return value
     if base == "str":
         if isinstance(value, str):
             return value
-        if isinstance(value, (list, dict)) or (raw is None and isinstance(value, bool)):
-            raise ValueError
-        return raw if raw is not None else str(value)
+        if raw is not None and not isinstance(value, (list, dict)):
+            return raw
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError
+    if value is None:
+        raise ValueError
     if base == "bool":
         if isinstance(value, bool):
             return value
@@ -648,7 +697,7 @@ def _execute_run(
         logged_to = log_notebooks_to_mlflow(run_dir, record)
     except Exception as exc:
         run_warnings.append(f"the notebooks were not logged to MLflow ({settings.mlflow_tracking_uri()}): "
-                        f"{_describe_exception(exc)}")
+                            f"{_describe_exception(exc)}")
     else:
         if logged_to:
             _say(progress, f"notebooks, HTML copies and run.json logged to MLflow run {logged_to} "

@@ -111,6 +111,7 @@ def test_command_line_values_are_read_as_yaml_and_converted_to_the_declared_type
     assert resolved["produce"] == {"greeting": "007", "count": 3}
     assert resolved["consume"] == {"ratio": 1.0, "shout": True, "tags": ["a", 2], "options": {"k": 1}}
     assert isinstance(resolved["consume"]["ratio"], float)
+    assert runner.resolve_parameters(stages, stages, {"greeting": ""}, {})["produce"] == {"greeting": ""}
 
 
 def test_parameter_file_sections_target_one_stage_flat_entries_every_declaring_stage_and_p_wins(tmp_path):
@@ -132,6 +133,15 @@ def test_parameter_file_section_naming_a_parameter_its_stage_lacks_is_rejected(t
         runner.resolve_parameters(stages, stages, {}, {"consume": {"greeting": "hi"}}, "-f params.yaml")
 
 
+def test_parameter_line_papermill_cannot_read_is_reported_instead_of_silently_dropped(tmp_path):
+    notebooks = make_pipeline(tmp_path / "notebooks", "produce")
+    nb = nbformat.read(notebooks / "01_produce.ipynb", as_version=4)
+    nb.cells[1].source += "\nsuffix: str = \"\"  # text after the message; empty = none"
+    nbformat.write(nb, notebooks / "01_produce.ipynb")
+    with pytest.raises(runner.RunSetupError, match=r"01_produce.ipynb: papermill cannot read(.|\n)*line 4: suffix"):
+        runner.discover_stages(notebooks)
+
+
 def test_stages_are_selected_by_number_or_name_in_pipeline_order(tmp_path):
     stages = runner.discover_stages(make_pipeline(tmp_path / "notebooks", "produce", "fail", "consume"))
     assert [s.label for s in runner.select_stages(stages, "3,1")] == ["01_produce", "03_consume"]
@@ -147,6 +157,17 @@ def test_list_shows_every_stage_with_parameter_types_defaults_and_help(tmp_path,
     assert "01 produce" in listing and "02 consume" in listing
     assert "count: int = 2" in listing and "how many times to repeat it" in listing
     assert "tags: list = []" in listing
+
+
+@pytest.mark.parametrize("command, chosen", [(sys.executable, "fraudlib"), ("/elsewhere/bin/python", "python3")])
+def test_fraudlib_kernel_is_chosen_only_when_it_runs_this_interpreter(tmp_path, monkeypatch, command, chosen):
+    spec_dir = tmp_path / "jupyter" / "kernels" / "fraudlib"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({
+        "argv": [command, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python (fraudlib)", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    assert runner.choose_kernel() == chosen
 
 
 # --- executing: chaining, records, failures ---------------------------------------------------
