@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 import xxhash
 
-from fraudlib import graph_store
+from fraudlib import graph_store, settings, synthetic
 from fraudlib.graph_store import Graph
 from fraudlib.tabformer import read_transactions
 
@@ -209,6 +209,48 @@ def feature_masks(encoders: dict) -> dict[str, np.ndarray]:
         masks[table] = np.repeat(np.arange(group, group + len(columns)), columns).astype(np.int32)
         group += len(columns)
     return masks
+
+
+def resolve_raw_path(raw_path: str, synthetic_rows: int, synthetic_seed: int = 0) -> Path:
+    """``raw_path`` when given; else the synthetic file for (rows, seed) under
+    ``runs_root()/data``, generated on first use (it depends only on rows and seed)."""
+    if raw_path:
+        return Path(raw_path).expanduser().resolve()
+    path = settings.runs_root() / "data" / f"synthetic-{synthetic_rows}-seed{synthetic_seed}.csv"
+    if not path.is_file():
+        synthetic.generate(path, synthetic_rows, seed=synthetic_seed)
+    return path
+
+
+def resolve_output_dir(output_dir: str, run_dir: str) -> Path:
+    """``output_dir`` when given, else ``<run_dir>/graph`` (``runs_root()/scratch`` without a run)."""
+    if output_dir:
+        return Path(output_dir).expanduser().resolve()
+    return (Path(run_dir) if run_dir else settings.runs_root() / "scratch").resolve() / "graph"
+
+
+def report_tables(graph_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """The notebook's tables, from manifest.json: fraud rate through the row selection,
+    edges per split and per year, feature dimensions."""
+    m = graph_store.read_manifest(graph_dir)
+    rows, splits = m["rows"], m["splits"]
+    kept = sum(s["edges"] for s in splits.values())
+    stages = pd.DataFrame(
+        [("read", rows["read"], rows["fraud"]),
+         ("non-fraud deduplicated", rows["fraud"] + rows["non_fraud_unique"], rows["fraud"]),
+         ("undersampled (kept)", kept, sum(s["fraud"] for s in splits.values()))],
+        columns=["stage", "rows", "fraud"]).set_index("stage")
+    stages["fraud rate"] = stages["fraud"] / stages["rows"]
+    by_split = pd.DataFrame(splits).T.reindex(list(graph_store.SPLITS)).rename_axis("split")
+    by_split["years"] = pd.Series(m["split_rule"])
+    by_split["fraud rate"] = by_split["fraud"] / by_split["edges"].where(by_split["edges"] > 0)
+    by_year = pd.DataFrame(m["years"]).T[["split", "edges", "fraud"]].rename_axis("year")
+    features = pd.DataFrame({
+        "dims": pd.Series(m["dims"]),
+        "feature groups": pd.Series({table: ", ".join(dict.fromkeys(n.split("_")[0] for n in names))
+                                     for table, names in m["features"].items()}),
+    }).reindex(["user", "merchant", "edge"]).rename_axis("table")
+    return {"fraud_rate": stages, "splits": by_split, "years": by_year, "features": features}
 
 
 def degrees(graph_dir: str | Path) -> dict[str, np.ndarray]:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fraudlib import graph_store
+from fraudlib import backend, graph_store
 from fraudlib.preprocess import encode_transactions, preprocess
 from fraudlib.tabformer import TabFormerFormatError, read_transactions
 
@@ -229,3 +229,28 @@ def test_rerun_replaces_an_existing_output(synthetic_csv, tmp_path):
 def test_rejects_a_non_positive_fraud_ratio(synthetic_csv, tmp_path):
     with pytest.raises(ValueError, match="fraud_ratio must be > 0"):
         preprocess(synthetic_csv, tmp_path / "graph", fraud_ratio=0)
+
+
+# --- dataframe backend (fraudlib.backend) ----------------------------------------------------
+
+def test_backend_is_pandas_without_a_gpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi
+
+    assert not backend.gpu_available()
+    assert backend.activate() == backend.Backend("pandas", "no GPU detected (nvidia-smi lists none)")
+    assert backend.activate(prefer_gpu=False).name == "pandas"
+
+
+def test_backend_with_a_fake_nvidia_smi_detects_the_gpu_and_falls_back_without_cudf(monkeypatch, tmp_path):
+    # Test double: a script standing in for the driver's nvidia-smi (no GPU on this machine).
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    assert backend.gpu_available()
+    choice = backend.activate()
+    assert choice.name == "pandas" and "cuDF is not installed" in choice.reason
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not backend.gpu_available()
