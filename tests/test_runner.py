@@ -287,10 +287,11 @@ def test_executed_notebooks_html_and_run_json_are_logged_to_the_glued_mlflow_run
 
 
 def test_failing_to_log_to_mlflow_is_a_warning_and_the_run_still_succeeds(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'a_file' / 'mlflow.db'}")  # unusable store
     notebooks = make_pipeline(tmp_path / "notebooks", "record_mlflow_run")
 
-    result = runner.run_pipeline(notebooks, tmp_path / "runs", assignments={"mlflow_run_id": "no-such-run"},
+    result = runner.run_pipeline(notebooks, tmp_path / "runs", assignments={"mlflow_run_id": "0123abcd"},
                                  progress=False)
 
     assert result.status == runner.SUCCEEDED
