@@ -81,7 +81,129 @@ def planted_graph(tmp_path_factory) -> Path:
     return write_planted_graph(tmp_path_factory.mktemp("graph") / "graph")
 
 
+
+
+# The GNN needs more than the default 8 full-batch steps to learn the planted pattern.
+LEARNING_GNN = {"num_epochs": 60}
+
+
 @pytest.fixture(scope="module")
 def trained(planted_graph, tmp_path_factory) -> training.TrainResult:
-    return training.train(planted_graph, tmp_path_factory.mktemp("model"), {"num_epochs": 8},
-                          FAST_XGB, device="cpu", progress=False)
+    return training.train(planted_graph, tmp_path_factory.mktemp("model"), LEARNING_GNN, FAST_XGB,
+                          device="cpu", progress=False)
+
+
+# --- hyperparameters --------------------------------------------------------------------------
+
+def test_defaults_are_the_training_containers():
+    assert vars(training.GNNSettings()) == {"hidden_channels": 32, "n_hops": 2, "layer": "SAGEConv",
+                                            "dropout_prob": 0.1, "batch_size": 4096, "fan_out": 10,
+                                            "num_epochs": 8}
+    assert vars(training.XGBSettings()) == {"max_depth": 6, "learning_rate": 0.2, "num_parallel_tree": 3,
+                                            "num_boost_round": 512, "gamma": 0.0}
+
+
+@pytest.mark.parametrize("group, params, named", [
+    ("gnn_params", {"hiden_channels": 16}, "hiden_channels"),
+    ("gnn_params", {"hidden_channels": "32"}, "hidden_channels"),
+    ("gnn_params", {"n_hops": 2.0}, "n_hops"),
+    ("gnn_params", {"num_epochs": True}, "num_epochs"),
+    ("gnn_params", {"dropout_prob": 1.0}, "dropout_prob"),
+    ("gnn_params", {"layer": "TransformerConv"}, "layer"),
+    ("gnn_params", {"hidden_channels": 0}, "hidden_channels"),
+    ("xgb_params", {"learning_rate": 0}, "learning_rate"),
+    ("xgb_params", {"gamma": float("nan")}, "gamma"),
+    ("xgb_params", {"max_depth": [3, 6]}, "max_depth"),
+])
+def test_invalid_hyperparameters_fail_before_training_naming_the_key(tmp_path, group, params, named):
+    missing_graph = tmp_path / "no_graph_here"
+    with pytest.raises(training.HyperparameterError, match=named) as error:
+        training.train(missing_graph, tmp_path / "out", **{group: params}, progress=False)
+    assert group in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_integers_are_accepted_where_floats_are_expected():
+    assert training.parse_settings(training.GNNSettings, {"dropout_prob": 0}, "gnn_params").dropout_prob == 0.0
+
+
+def test_unknown_device_is_rejected():
+    with pytest.raises(ValueError, match="device"):
+        training.resolve_device("tpu")
+
+
+def test_auto_device_is_cuda_exactly_when_torch_sees_a_gpu():
+    import torch
+
+    assert training.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --- graph checks -----------------------------------------------------------------------------
+
+def test_a_graph_without_validation_edges_is_rejected_with_the_split_file_named(tmp_path):
+    graph_dir = write_planted_graph(tmp_path / "graph", n_users=60, n_merchants=40)
+    train_part = graph_store.read_part(graph_dir, "train")
+    train_part.split[:] = "train"
+    graph_store.write_part(graph_dir, "train", train_part)
+    with pytest.raises(ValueError, match="user_to_merchant_split.csv"):
+        training.train(graph_dir, tmp_path / "out", progress=False)
+
+
+# --- a training run ---------------------------------------------------------------------------
+
+def test_result_reports_every_phase_and_the_package_it_wrote(trained):
+    assert set(trained.seconds) == {"load", "gnn", "embed", "xgboost", "baseline", "export"}
+    assert all(s >= 0 for s in trained.seconds.values())
+    assert (trained.model_dir / "1" / "meta.json").is_file()
+    assert trained.model_dir.name == "prediction_and_shapley"
+
+
+def test_metrics_cover_both_models_on_validation_and_test(trained, planted_graph):
+    expected = {"auprc", "roc_auc", "precision", "recall", "f1", "accuracy", "precision_at_threshold",
+                "recall_at_threshold", "f1_at_threshold", "accuracy_at_threshold", "threshold"}
+    for model in ("gnn_xgboost", "baseline"):
+        for split in ("validation", "test"):
+            assert set(trained.metrics[model][split]) == expected
+        # The threshold is chosen on validation and applied unchanged to test.
+        assert trained.metrics[model]["validation"]["threshold"] == trained.metrics[model]["test"]["threshold"]
+    n_test = graph_store.read_part(planted_graph, "test").num_edges
+    assert trained.test_labels.shape == (n_test,)
+    assert {k: v.shape for k, v in trained.test_scores.items()} == {"gnn_xgboost": (n_test,), "baseline": (n_test,)}
+
+
+def test_training_curve_has_one_point_per_epoch(trained):
+    epochs = LEARNING_GNN["num_epochs"]
+    assert trained.curve["epoch"] == list(range(1, epochs + 1))
+    assert len(trained.curve["loss"]) == len(trained.curve["val_auprc"]) == epochs
+    assert trained.curve["loss"][-1] < trained.curve["loss"][0]
+
+
+def test_feature_importances_use_feature_names(trained):
+    names = set(trained.feature_importance["gnn_xgboost"])
+    assert names <= set(json.loads((trained.model_dir / "1" / "meta.json").read_text())["features"]["xgboost"])
+    assert any(n.startswith("user:h") for n in names)  # the embeddings are used
+    assert all(not n.startswith(("user:h", "merchant:h")) for n in trained.feature_importance["baseline"])
+    gains = list(trained.feature_importance["gnn_xgboost"].values())
+    assert gains == sorted(gains, reverse=True)
+
+
+def test_gnn_embeddings_beat_the_tabular_baseline_where_fraud_is_in_the_graph(trained):
+    gnn_auprc = trained.metrics["gnn_xgboost"]["test"]["auprc"]
+    assert gnn_auprc > trained.metrics["baseline"]["test"]["auprc"] + 0.05
+    assert trained.curve["val_auprc"][-1] > trained.curve["val_auprc"][0]
+
+
+def test_test_scores_are_what_the_exported_model_predicts_on_the_test_graph(trained, planted_graph):
+    from fraudlib.model_export import load_model
+
+    model = load_model(trained.model_dir)
+    np.testing.assert_allclose(model.predict(graph_store.read_part(planted_graph, "test")),
+                               trained.test_scores["gnn_xgboost"], atol=1e-6)
+
+
+def test_same_seed_gives_the_same_model_on_cpu(planted_graph, tmp_path):
+    runs = [training.train(planted_graph, tmp_path / name, {"num_epochs": 3}, FAST_XGB, device="cpu",
+                           seed=7, progress=False) for name in ("a", "b")]
+    assert runs[0].metrics == runs[1].metrics
+    np.testing.assert_array_equal(runs[0].test_scores["gnn_xgboost"], runs[1].test_scores["gnn_xgboost"])
+    assert runs[0].curve == runs[1].curve

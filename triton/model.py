@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,18 @@ except ImportError:  # imported in-process by fraudlib.model_export.load_model
 
 SHAP_OUTPUTS = ("shap_values_user", "shap_values_merchant", "shap_values_user_to_merchant")
 MASK_INPUTS = ("feature_mask_user", "feature_mask_merchant", "edge_feature_mask_user_to_merchant")
+
+
+@contextmanager
+def _serial_torch():
+    """torch and xgboost bring separate OpenMP runtimes whose idle threads spin: alternating
+    between them many times (Shapley sampling) runs ~10x slower unless torch stays serial."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _import_by_path(path: Path, prefix: str):
@@ -152,7 +165,7 @@ class FraudPredictor:
         offsets = np.cumsum([0] + [int(r.max(initial=-1)) + 1 for r in ranks[:-1]])
         feature_mask = tuple(t(r + o)[None, :] for r, o in zip(ranks, offsets))
         shap = self.meta.get("shap", {})
-        with torch.random.fork_rng(devices=[]):  # the same permutations in-process and in Triton
+        with torch.random.fork_rng(devices=[]), _serial_torch():  # same permutations in Triton and in-process
             torch.manual_seed(int(shap.get("seed", 0)))
             attributions = ShapleyValueSampling(forward).attribute(
                 (xu[src], xm[dst], ea), feature_mask=feature_mask, n_samples=int(shap.get("n_samples", 8)))

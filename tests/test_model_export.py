@@ -1,0 +1,244 @@
+"""Specification of the model package: fraudlib.model_export and triton/model.py, in-process and
+served by the real Triton server."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from fraudlib import graph_store, model_export, training
+from fraudlib.settings import TRITON_MODEL_NAME, project_root
+from fraudlib.triton_server import EmbeddedTriton, TritonError
+from test_training import FAST_XGB, write_planted_graph  # the planted-signal graph builder
+
+GNN = {"num_epochs": 10, "hidden_channels": 16}
+
+
+@pytest.fixture(scope="module")
+def graph_dir(tmp_path_factory) -> Path:
+    return write_planted_graph(tmp_path_factory.mktemp("graph") / "graph", n_users=150, n_merchants=80)
+
+
+@pytest.fixture(scope="module")
+def test_graph(graph_dir) -> graph_store.Graph:
+    return graph_store.read_part(graph_dir, "test")
+
+
+@pytest.fixture(scope="module")
+def result(graph_dir, tmp_path_factory) -> training.TrainResult:
+    return training.train(graph_dir, tmp_path_factory.mktemp("out"), GNN, FAST_XGB, device="cpu",
+                          progress=False)
+
+
+@pytest.fixture(scope="module")
+def model(result) -> model_export.LoadedModel:
+    return model_export.load_model(result.model_dir)
+
+
+def _contract_inputs(graph: graph_store.Graph, compute_shap: bool = False) -> dict[str, np.ndarray]:
+    return {
+        "x_user": graph.x_user, "x_merchant": graph.x_merchant,
+        "edge_index_user_to_merchant": graph.edge_index, "edge_attr_user_to_merchant": graph.edge_attr,
+        "feature_mask_user": graph.feature_mask_user.astype(np.int32),
+        "feature_mask_merchant": graph.feature_mask_merchant.astype(np.int32),
+        "edge_feature_mask_user_to_merchant": graph.feature_mask_edge.astype(np.int32),
+        "COMPUTE_SHAP": np.array([compute_shap]),
+    }
+
+
+# --- the package on disk ----------------------------------------------------------------------
+
+def test_package_has_the_blueprint_layout_and_nothing_else(result):
+    assert result.model_dir == result.model_dir.parent / TRITON_MODEL_NAME
+    assert sorted(p.name for p in result.model_dir.iterdir()) == ["1", "config.pbtxt"]
+    assert sorted(p.name for p in (result.model_dir / "1").iterdir()) == sorted(model_export.FILES)
+    assert [p.name for p in result.model_dir.parent.iterdir()] == [TRITON_MODEL_NAME]  # no temp folders
+
+
+def test_version_code_is_copied_verbatim(result):
+    version = result.model_dir / "1"
+    assert (version / "gnn_model.py").read_bytes() == (project_root() / "fraudlib" / "gnn.py").read_bytes()
+    assert (version / "model.py").read_bytes() == (project_root() / "triton" / "model.py").read_bytes()
+
+
+def test_config_is_complete_and_follows_the_serving_contract(result, test_graph):
+    config = text_format.Parse((result.model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    dtype = model_config_pb2.DataType.Name
+    assert (config.name, config.backend, config.max_batch_size) == (TRITON_MODEL_NAME, "python", 0)
+    u, m, e = test_graph.x_user.shape[1], test_graph.x_merchant.shape[1], test_graph.edge_attr.shape[1]
+    assert {i.name: (dtype(i.data_type), list(i.dims)) for i in config.input} == {
+        "x_user": ("TYPE_FP32", [-1, u]),
+        "x_merchant": ("TYPE_FP32", [-1, m]),
+        "edge_index_user_to_merchant": ("TYPE_INT64", [2, -1]),
+        "edge_attr_user_to_merchant": ("TYPE_FP32", [-1, e]),
+        "feature_mask_user": ("TYPE_INT32", [-1]),
+        "feature_mask_merchant": ("TYPE_INT32", [-1]),
+        "edge_feature_mask_user_to_merchant": ("TYPE_INT32", [-1]),
+        "COMPUTE_SHAP": ("TYPE_BOOL", [1]),
+    }
+    assert {o.name: (dtype(o.data_type), list(o.dims)) for o in config.output} == {
+        "PREDICTION": ("TYPE_FP32", [-1, 1]),
+        "shap_values_user": ("TYPE_FP32", [-1, -1]),
+        "shap_values_merchant": ("TYPE_FP32", [-1, -1]),
+        "shap_values_user_to_merchant": ("TYPE_FP32", [-1, -1]),
+    }
+    assert [(g.kind, g.count) for g in config.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 1)]
+    assert not config.HasField("version_policy")  # owned by the repository module
+
+
+def test_meta_records_what_the_model_needs_and_where_it_came_from(result, graph_dir, test_graph):
+    meta = json.loads((result.model_dir / "1" / "meta.json").read_text())
+    assert meta["architecture"]["user_channels"] == test_graph.x_user.shape[1]
+    assert meta["features"]["edge"] == test_graph.edge_features
+    assert meta["feature_masks"]["merchant"] == test_graph.feature_mask_merchant.tolist()
+    assert meta["hyperparameters"]["gnn"]["hidden_channels"] == GNN["hidden_channels"]
+    assert meta["hyperparameters"]["xgb"]["num_boost_round"] == FAST_XGB["num_boost_round"]
+    assert meta["manifest_hash"] == training.manifest_hash(graph_dir)
+    assert meta["threshold"] == result.metrics["gnn_xgboost"]["validation"]["threshold"]
+    assert len(meta["features"]["xgboost"]) == sum(test_graph.x_user.shape[1:]) + sum(
+        test_graph.x_merchant.shape[1:]) + test_graph.edge_attr.shape[1] + 2 * GNN["hidden_channels"]
+
+
+def test_exporting_again_replaces_the_package_and_leaves_no_temporary_folders(result, model, tmp_path):
+    target = shutil.copytree(result.model_dir, tmp_path / TRITON_MODEL_NAME)
+    (target / "1" / "stale.txt").write_text("from an earlier export")
+    model_export.export_model(tmp_path, model.predictor.gnn, model.predictor.booster,
+                              {k: v for k, v in model.meta.items() if k not in ("shap", "versions")})
+    assert not (target / "1" / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == [TRITON_MODEL_NAME]
+
+
+# --- in-process model -------------------------------------------------------------------------
+
+def test_load_model_takes_the_model_folder_or_its_version_folder(result, model, test_graph):
+    again = model_export.load_model(result.model_dir / "1")
+    np.testing.assert_array_equal(again.predict(test_graph), model.predict(test_graph))
+
+
+def test_load_model_names_missing_files(result, tmp_path):
+    broken = shutil.copytree(result.model_dir, tmp_path / TRITON_MODEL_NAME)
+    (broken / "1" / "embedding_based_xgboost.json").unlink()
+    with pytest.raises(FileNotFoundError, match="embedding_based_xgboost.json"):
+        model_export.load_model(broken)
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        model_export.load_model(tmp_path)
+
+
+def test_two_versions_load_side_by_side_each_with_its_own_code(graph_dir, result, model, test_graph, tmp_path):
+    other = training.train(graph_dir, tmp_path, {**GNN, "hidden_channels": 8}, FAST_XGB, device="cpu",
+                           progress=False)
+    other_model = model_export.load_model(other.model_dir)
+    assert type(other_model.predictor.gnn).__module__ != type(model.predictor.gnn).__module__
+    np.testing.assert_allclose(other_model.predict(test_graph), other.test_scores["gnn_xgboost"], atol=1e-6)
+    np.testing.assert_allclose(model.predict(test_graph), result.test_scores["gnn_xgboost"], atol=1e-6)
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda g: g.x_user.__setitem__((0, 0), np.nan), "x_user"),
+    (lambda g: g.edge_attr.__setitem__((0, 0), np.inf), "edge_attr_user_to_merchant"),
+    (lambda g: g.edge_index.__setitem__((1, 0), 10_000), "edge_index_user_to_merchant row 1"),
+    (lambda g: g.edge_index.__setitem__((0, 0), -1), "edge_index_user_to_merchant row 0"),
+    (lambda g: setattr(g, "x_merchant", g.x_merchant[:, :-1]), "x_merchant"),
+    (lambda g: setattr(g, "edge_attr", g.edge_attr[:-1]), "edge_attr_user_to_merchant"),
+    (lambda g: setattr(g, "x_user", g.x_user.astype(np.int64)), "x_user"),
+])
+def test_invalid_inputs_are_rejected_naming_the_input(model, graph_dir, change, named):
+    graph = graph_store.read_part(graph_dir, "test")
+    change(graph)
+    with pytest.raises(ValueError, match=named):
+        model.predict(graph)
+
+
+def test_a_graph_without_edges_scores_to_nothing(model, test_graph):
+    assert model.predict(test_graph.edges(np.zeros(test_graph.num_edges, dtype=bool))).shape == (0,)
+
+
+def test_shapley_values_give_each_edge_one_value_per_feature_group(model, test_graph):
+    shap = model.shapley(test_graph)
+    groups = [len(np.unique(m)) for m in (test_graph.feature_mask_user, test_graph.feature_mask_merchant,
+                                          test_graph.feature_mask_edge)]
+    assert [v.shape for v in shap.values()] == [(test_graph.num_edges, n) for n in groups]
+    assert all(np.abs(v).sum() > 0 for v in shap.values())
+
+
+def test_shapley_values_add_up_to_the_change_from_the_all_zero_baseline(model, test_graph):
+    shap = model.shapley(test_graph)
+    zero = model.predictor.predict(np.zeros_like(test_graph.x_user), np.zeros_like(test_graph.x_merchant),
+                                   test_graph.edge_index, np.zeros_like(test_graph.edge_attr))
+    total = sum(v.sum(axis=1) for v in shap.values())
+    np.testing.assert_allclose(total, model.predict(test_graph) - zero, atol=1e-5)
+
+
+def test_shapley_groups_follow_the_masks_given(model, test_graph):
+    one_group_each = {"feature_mask_user": np.zeros(test_graph.x_user.shape[1], np.int32),
+                      "feature_mask_merchant": np.full(test_graph.x_merchant.shape[1], 7, np.int32),
+                      "edge_feature_mask_user_to_merchant": np.arange(test_graph.edge_attr.shape[1], dtype=np.int32)}
+    shap = model.shapley(test_graph, masks=one_group_each)
+    assert [v.shape[1] for v in shap.values()] == [1, 1, test_graph.edge_attr.shape[1]]
+    with pytest.raises(ValueError, match="feature_mask_user"):
+        model.shapley(test_graph, masks={"feature_mask_user": np.zeros(2, np.int32)})
+
+
+# --- served by the real Triton ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def triton(result, tmp_path_factory):
+    repository = tmp_path_factory.mktemp("triton") / "models"
+    shutil.copytree(result.model_dir, repository / TRITON_MODEL_NAME)
+    server = EmbeddedTriton(repository, repository.parent / "triton.log")
+    # The Python stub puts the server's working directory on sys.path; from the project root,
+    # its triton/ folder would pass for OpenAI Triton when torch probes for that on import.
+    with contextlib.chdir(repository.parent):
+        server.start()
+    try:
+        with server.client() as client:
+            client.load_model(TRITON_MODEL_NAME)
+            yield client
+    finally:
+        server.stop()
+
+
+def test_triton_predicts_what_the_in_process_model_predicts(triton, model, test_graph):
+    out = triton.infer(TRITON_MODEL_NAME, _contract_inputs(test_graph))
+    assert out["PREDICTION"].shape == (test_graph.num_edges, 1)
+    np.testing.assert_allclose(out["PREDICTION"][:, 0], model.predict(test_graph), atol=1e-5)
+    assert all(out[name].shape[0] == 0 for name in out if name.startswith("shap_values_"))
+
+
+def test_triton_shapley_values_match_the_in_process_ones(triton, model, test_graph):
+    out = triton.infer(TRITON_MODEL_NAME, _contract_inputs(test_graph, compute_shap=True))
+    for name, values in model.shapley(test_graph).items():
+        assert out[name].shape == values.shape
+        assert np.abs(out[name]).sum() > 0
+        np.testing.assert_allclose(out[name], values, atol=1e-5)
+
+
+def test_triton_needs_only_the_graph_the_masks_and_flag_are_optional(triton, model, test_graph):
+    graph_only = {k: v for k, v in _contract_inputs(test_graph).items()
+                  if not k.startswith(("feature_mask", "edge_feature_mask", "COMPUTE_SHAP"))}
+    out = triton.infer(TRITON_MODEL_NAME, graph_only, outputs=["PREDICTION"])
+    np.testing.assert_allclose(out["PREDICTION"][:, 0], model.predict(test_graph), atol=1e-5)
+
+
+def test_triton_answers_invalid_requests_with_an_error_and_keeps_serving(triton, test_graph):
+    inputs = _contract_inputs(test_graph)
+    bad_index = dict(inputs, edge_index_user_to_merchant=inputs["edge_index_user_to_merchant"] + 10_000)
+    with pytest.raises(TritonError, match="edge_index_user_to_merchant row 0"):
+        triton.infer(TRITON_MODEL_NAME, bad_index)
+    nan_user = dict(inputs, x_user=np.where(np.arange(inputs["x_user"].size).reshape(inputs["x_user"].shape) == 0,
+                                            np.nan, inputs["x_user"]).astype(np.float32))
+    with pytest.raises(TritonError, match="x_user contains NaN"):
+        triton.infer(TRITON_MODEL_NAME, nan_user)
+    with pytest.raises(TritonError, match="x_merchant"):
+        triton.infer(TRITON_MODEL_NAME, dict(inputs, x_merchant=inputs["x_merchant"][:, :-1]))
+    with pytest.raises(TritonError, match="feature_mask_user"):
+        triton.infer(TRITON_MODEL_NAME, dict(inputs, COMPUTE_SHAP=np.array([True]),
+                                             feature_mask_user=np.zeros(1, np.int32)))
+    assert triton.infer(TRITON_MODEL_NAME, inputs)["PREDICTION"].shape == (test_graph.num_edges, 1)
