@@ -98,8 +98,9 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
         raise ValueError(f"fraud_ratio must be > 0 (fraud / non-fraud after undersampling), got {fraud_ratio!r}")
     raw_path, out_dir = Path(raw_path).resolve(), Path(out_dir).resolve()
     frame = read_transactions(raw_path, USED_COLUMNS)
-    nodes = _fit_node_encoders(frame)
-    rows, counts = _select_rows(frame, nodes, fraud_ratio, under_sample, seed)
+    nodes, card_codes, mcc_codes = _fit_node_encoders(frame)
+    rows, counts = _select_rows(frame, card_codes, mcc_codes, fraud_ratio, under_sample, seed)
+    del card_codes, mcc_codes
     kept = frame.take(rows).reset_index(drop=True)
     del frame
     split = _split(kept["Year"].to_numpy())
@@ -263,24 +264,26 @@ def degrees(graph_dir: str | Path) -> dict[str, np.ndarray]:
 
 # --- fitting ---------------------------------------------------------------------------------
 
-def _fit_node_encoders(frame: pd.DataFrame) -> dict:
-    """Node encoders over every card and merchant of the file (ids = positions in sorted order)."""
+def _fit_node_encoders(frame: pd.DataFrame) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Node encoders over every card and merchant of the file (ids = positions in sorted
+    order), plus each row's card and MCC position (dense codes for deduplication)."""
     max_cards = int(frame["Card"].max()) + 1
-    cards = _sorted_unique(_card_ids(frame, max_cards))
+    cards, card_codes = _rank(_card_ids(frame, max_cards))
+    mcc = frame["MCC"].to_numpy()
+    mccs, mcc_codes = _rank(mcc)
     merchant = frame["Merchant Name"].array
     # Categories are in order of first appearance, so where the running maximum of the codes
     # first reaches k is the first row of merchant k: its MCC is the merchant's.
     first_row = np.searchsorted(np.maximum.accumulate(merchant.codes), np.arange(len(merchant.categories)))
-    mcc = frame["MCC"].to_numpy()
-    mccs = _sorted_unique(mcc)
     order = np.argsort(merchant.categories.to_numpy(), kind="stable")
-    return {
+    nodes = {
         "max_cards": max_cards,
         "user": _binary("Card", cards),
         "merchant": _binary("Merchant Name", merchant.categories.to_numpy()[order])
                     | {"mcc": mcc[first_row[order]].tolist()},
         "mcc": _binary("MCC", mccs),
     }
+    return nodes, card_codes, mcc_codes
 
 
 def _fit_edge_encoders(train: pd.DataFrame) -> list[dict]:
@@ -315,15 +318,15 @@ def _width(encoder: dict) -> int:
 
 # --- row selection (blueprint parity, on integer codes) ----------------------------------------
 
-def _select_rows(frame: pd.DataFrame, nodes: dict, fraud_ratio: float, under_sample: bool,
-                 seed: int) -> tuple[np.ndarray, dict]:
+def _select_rows(frame: pd.DataFrame, card_codes: np.ndarray, mcc_codes: np.ndarray, fraud_ratio: float,
+                 under_sample: bool, seed: int) -> tuple[np.ndarray, dict]:
     fraud = frame["Is Fraud?"].to_numpy().astype(bool)
-    codes = [frame["Merchant Name"].array.codes, _dense(frame["MCC"].to_numpy())]
+    codes = [frame["Merchant Name"].array.codes, mcc_codes]
     for column, missing in (("Merchant City", MISSING_STRING), ("Zip", MISSING_ZIP),
                             ("Errors?", MISSING_STRING), ("Use Chip", MISSING_STRING)):
         canonical, _ = pd.factorize(_values(frame[column].array, missing))
         codes.append(canonical[frame[column].array.codes])
-    codes.append(_dense(_card_ids(frame, nodes["max_cards"])))
+    codes.append(card_codes)
     key = _combine(codes)
     key[fraud] = -1 - np.arange(int(fraud.sum()))  # never a duplicate: all fraud is kept
     first = ~pd.Series(key).duplicated(keep="first").to_numpy()
@@ -394,25 +397,15 @@ def _positions(values, categories: list) -> np.ndarray:
     return pd.Index(categories).get_indexer(values).astype(np.int64)
 
 
-def _sorted_unique(values: np.ndarray) -> np.ndarray:
-    return np.unique(values) if _wide(values) else np.flatnonzero(_presence(values)) + values.min()
-
-
-def _dense(values: np.ndarray) -> np.ndarray:
-    """Dense codes 0..n-1 of integer values, in sorted order."""
-    if _wide(values):
-        return np.unique(values, return_inverse=True)[1]
-    rank = np.cumsum(_presence(values)) - 1
-    return rank[values - values.min()]
-
-
-def _wide(values: np.ndarray) -> bool:
-    # A presence table over the value range beats sorting millions of values, when it is small.
-    return int(values.max()) - int(values.min()) >= 1 << 26
-
-
-def _presence(values: np.ndarray) -> np.ndarray:
-    return np.bincount(values - values.min()) > 0
+def _rank(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct values, each value's position among them) of integer values."""
+    low, high = int(values.min()), int(values.max())
+    if high - low >= 1 << 26:
+        return np.unique(values, return_inverse=True)
+    # A presence table over the value range beats sorting millions of values.
+    offset = values - low
+    present = np.bincount(offset, minlength=high - low + 1) > 0
+    return np.flatnonzero(present) + low, (np.cumsum(present) - 1)[offset]
 
 
 def _bits(ordinal: np.ndarray, width: int) -> np.ndarray:
