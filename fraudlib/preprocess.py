@@ -44,6 +44,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -321,16 +322,10 @@ def _width(encoder: dict) -> int:
 def _select_rows(frame: pd.DataFrame, card_codes: np.ndarray, mcc_codes: np.ndarray, fraud_ratio: float,
                  under_sample: bool, seed: int) -> tuple[np.ndarray, dict]:
     fraud = frame["Is Fraud?"].to_numpy().astype(bool)
-    codes = [frame["Merchant Name"].array.codes, mcc_codes]
-    for column, missing in (("Merchant City", MISSING_STRING), ("Zip", MISSING_ZIP),
-                            ("Errors?", MISSING_STRING), ("Use Chip", MISSING_STRING)):
-        canonical, _ = pd.factorize(_values(frame[column].array, missing))
-        codes.append(canonical[frame[column].array.codes])
-    codes.append(card_codes)
-    key = _combine(codes)
+    key = _combine(_dedup_codes(frame, card_codes, mcc_codes))
     key[fraud] = -1 - np.arange(int(fraud.sum()))  # never a duplicate: all fraud is kept
     first = ~pd.Series(key).duplicated(keep="first").to_numpy()
-    del key, codes
+    del key
     fraud_rows = np.flatnonzero(fraud)
     non_fraud = np.flatnonzero(first & ~fraud)
     if under_sample:
@@ -345,17 +340,30 @@ def _select_rows(frame: pd.DataFrame, card_codes: np.ndarray, mcc_codes: np.ndar
     return rows, counts
 
 
-def _combine(codes: list[np.ndarray]) -> np.ndarray:
-    """One int64 key per row for a tuple of dense non-negative codes (mixed radix);
+def _dedup_codes(frame: pd.DataFrame, card_codes: np.ndarray, mcc_codes: np.ndarray) -> Iterator[np.ndarray]:
+    """Dense codes of the blueprint's deduplication columns, made one at a time (memory)."""
+    yield frame["Merchant Name"].array.codes
+    yield mcc_codes
+    for column, missing in (("Merchant City", MISSING_STRING), ("Zip", MISSING_ZIP),
+                            ("Errors?", MISSING_STRING), ("Use Chip", MISSING_STRING)):
+        array = frame[column].array
+        canonical = pd.factorize(_values(array, missing))[0].astype(np.int32)  # merges e.g. NaN and "XX"
+        yield canonical[array.codes]
+    yield card_codes
+
+
+def _combine(codes: Iterator[np.ndarray]) -> np.ndarray:
+    """One int64 key per row for a tuple of dense non-negative codes (mixed radix, in place);
     re-densified through a hash table whenever the next column would overflow int64."""
-    key = codes[0].astype(np.int64)
+    key = next(codes).astype(np.int64)
     span = int(key.max()) + 1
-    for code in codes[1:]:
+    for code in codes:
         radix = int(code.max()) + 1
         if span * radix >= 2**63:
             key, uniques = pd.factorize(key)
             span = len(uniques)
-        key = key * radix + code
+        key *= radix
+        key += code
         span *= radix
     return key
 
@@ -377,7 +385,9 @@ def _per_year(year: np.ndarray, label: np.ndarray, split: np.ndarray) -> dict:
 # --- small helpers -----------------------------------------------------------------------------
 
 def _card_ids(frame: pd.DataFrame, max_cards: int) -> np.ndarray:
-    return frame["User"].to_numpy().astype(np.int64) * max_cards + frame["Card"].to_numpy()
+    user = frame["User"].to_numpy()
+    dtype = np.int32 if (int(user.max()) + 1) * max_cards < 2**31 else np.int64  # half the memory
+    return user.astype(dtype) * dtype(max_cards) + frame["Card"].to_numpy()
 
 
 def _values(categorical: pd.Categorical, missing) -> pd.Index:
@@ -405,7 +415,7 @@ def _rank(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # A presence table over the value range beats sorting millions of values.
     offset = values - low
     present = np.bincount(offset, minlength=high - low + 1) > 0
-    return np.flatnonzero(present) + low, (np.cumsum(present) - 1)[offset]
+    return np.flatnonzero(present) + low, (np.cumsum(present) - 1).astype(np.int32)[offset]
 
 
 def _bits(ordinal: np.ndarray, width: int) -> np.ndarray:

@@ -96,7 +96,11 @@ def read_transactions(path: str | Path, columns: Sequence[str] = COLUMNS) -> pd.
             row = pc.index(pc.is_null(table.column(name)), True).as_py()
             raise TabFormerFormatError(path, _line_of_row(path, row), name, "",
                                        "empty value in a required column")
-    return pd.DataFrame({name: _CONVERT[name](path, name, table.column(name)) for name in columns})
+    # One column at a time, dropping each arrow column once converted: peak memory stays
+    # near one copy of the data, and copy=False keeps pandas from consolidating (copying) it.
+    arrow = {name: table.column(name) for name in columns}
+    del table
+    return pd.DataFrame({name: _CONVERT[name](path, name, arrow.pop(name)) for name in columns}, copy=False)
 
 
 def _check_header(path: Path) -> None:
