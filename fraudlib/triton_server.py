@@ -41,7 +41,8 @@ STOP_TIMEOUT_S = 10.0
 # Triton waits this long for open client connections and in-flight requests on SIGTERM.
 EXIT_TIMEOUT_S = 3
 LOAD_TIMEOUT_S = 600.0
-_LOG_TAIL_LINES = 40
+_LOG_TAIL_LINES = 25
+_PORT_ATTEMPTS = 3
 
 if int(np.__version__.split(".")[0]) >= 2:  # pragma: no cover - guarded by requirements
     raise ImportError(
@@ -131,11 +132,13 @@ def _die_with_parent() -> None:
 
 
 def log_tail(log_path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    """The last log lines, without the tables Triton prints at start-up."""
     try:
         text = Path(log_path).read_text(errors="replace")
     except OSError:
         return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
+    kept = [line for line in text.splitlines() if line.strip() and line[:1] not in "|+"]
+    return "\n".join(kept[-lines:])
 
 
 class EmbeddedTriton:
@@ -182,8 +185,21 @@ class EmbeddedTriton:
                                    "create it (an empty directory is fine) before starting Triton.")
         backends = backend_directory(self.model_repository.parent)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        port = self.http_port or _free_port()
         t0 = time.monotonic()
+        for attempt in range(_PORT_ATTEMPTS):
+            port = self.http_port or _free_port()
+            try:
+                self._launch(port, backends)
+                break
+            except TritonStartError as e:
+                # A free port can be taken between our probe and the server's bind: retry.
+                port_race = not self.http_port and "already in use" in str(e)
+                if not port_race or attempt == _PORT_ATTEMPTS - 1:
+                    raise
+        self.start_to_ready_s = time.monotonic() - t0
+        return self
+
+    def _launch(self, port: int, backends: Path) -> None:
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 self._command(port, backends), stdin=subprocess.DEVNULL, stdout=log,
@@ -195,11 +211,10 @@ class EmbeddedTriton:
         except BaseException:
             self.stop()
             raise
-        self.start_to_ready_s = time.monotonic() - t0
-        return self
 
     def _wait_ready(self) -> None:
-        with TritonClient(self.url) as client:
+        # Short timeouts: whatever else may listen on the port must not stall the wait.
+        with TritonClient(self.url, network_timeout_s=2.0, connection_timeout_s=1.0) as client:
             self._poll_ready(client)
 
     def _poll_ready(self, client: TritonClient) -> None:
@@ -229,6 +244,10 @@ class EmbeddedTriton:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     @property
     def running(self) -> bool:
@@ -273,10 +292,11 @@ class TritonClient:
     Not thread safe (nor is the underlying tritonclient): use one per thread.
     """
 
-    def __init__(self, url: str, network_timeout_s: float = LOAD_TIMEOUT_S):
+    def __init__(self, url: str, network_timeout_s: float = LOAD_TIMEOUT_S,
+                 connection_timeout_s: float = 10.0):
         self.url = _strip_scheme(url)
         self._http = httpclient.InferenceServerClient(
-            self.url, connection_timeout=10.0, network_timeout=network_timeout_s)
+            self.url, connection_timeout=connection_timeout_s, network_timeout=network_timeout_s)
 
     def _unreachable(self, cause: BaseException) -> TritonUnreachable:
         return TritonUnreachable(

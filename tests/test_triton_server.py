@@ -1,0 +1,150 @@
+"""The embedded Triton server and the client, against the real bundled tritonserver."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fraudlib.triton_server import (EmbeddedTriton, TritonClient, TritonError, TritonStartError,
+                                    TritonUnreachable, connect)
+
+TINY_MODEL = Path(__file__).parent / "triton_models" / "prediction_and_shapley"
+MODEL = "prediction_and_shapley"
+
+
+def tiny_inputs(n_edges: int = 3) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return {
+        "x_user": rng.random((4, 3), dtype=np.float32),
+        "x_merchant": rng.random((5, 4), dtype=np.float32),
+        "edge_index_user_to_merchant": np.stack([np.arange(n_edges) % 4,
+                                                 np.arange(n_edges) % 5]).astype(np.int64),
+        "edge_attr_user_to_merchant": rng.random((n_edges, 5), dtype=np.float32),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("triton")
+    repo = root / "repository"
+    shutil.copytree(TINY_MODEL, repo / MODEL)
+    with EmbeddedTriton(repo, root / "triton.log") as triton:
+        yield triton
+
+
+@pytest.fixture
+def client(server):
+    with server.client() as c:
+        c.load_model(MODEL)
+        yield c
+
+
+def test_embedded_server_is_live_and_ready_on_loopback(server):
+    assert server.url.startswith("127.0.0.1:")
+    with TritonClient(server.url) as c:
+        assert c.is_live() and c.is_ready()
+
+
+def test_stopped_server_no_longer_answers(tmp_path):
+    (tmp_path / "repo").mkdir()
+    triton = EmbeddedTriton(tmp_path / "repo", tmp_path / "triton.log").start()
+    url, pid = triton.url, triton.pid
+    triton.stop()
+    assert not triton.running
+    assert not TritonClient(url).is_live()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_explicitly_loaded_model_scores_with_its_version(client):
+    index = client.repository_index()
+    assert {"name": MODEL, "version": "1", "state": "READY"} in index
+    out = client.infer(MODEL, tiny_inputs(3), version=1)
+    assert out["PREDICTION"].shape == (3, 1)
+    assert np.all((out["PREDICTION"] > 0) & (out["PREDICTION"] < 1))
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ({"x_user": np.ones((4, 2), np.float32)}, "wrong feature dims"),
+    ({"x_user": np.ones((4, 3), np.float64)}, "wrong dtype"),
+    ({"edge_attr_user_to_merchant": np.full((3, 5), np.nan, np.float32)}, "NaN"),
+    ({"edge_index_user_to_merchant": np.array([[0, 9, 1], [0, 1, 2]], np.int64)}, "unknown node"),
+])
+def test_malformed_inputs_get_an_error_and_the_server_keeps_serving(client, bad, reason):
+    with pytest.raises(TritonError, match=MODEL):
+        client.infer(MODEL, {**tiny_inputs(3), **bad}, version=1)
+    assert client.infer(MODEL, tiny_inputs(3), version=1)["PREDICTION"].shape == (3, 1)
+
+
+def test_unreachable_url_names_the_url_and_what_to_do():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"127.0.0.1:{s.getsockname()[1]}"  # bound, not listening: nothing answers
+        with pytest.raises(TritonUnreachable, match=f"Triton at {url} is not reachable.*TRITON_URL"):
+            connect(url)
+        with pytest.raises(TritonUnreachable, match="not reachable"):
+            TritonClient(url).repository_index()
+
+
+def test_connect_uses_TRITON_URL(server, monkeypatch):
+    monkeypatch.setenv("TRITON_URL", f"http://{server.url}")
+    with connect() as c:
+        assert c.url == server.url and c.is_ready()
+
+
+def test_connect_without_any_url_says_how_to_get_one(monkeypatch):
+    monkeypatch.delenv("TRITON_URL", raising=False)
+    with pytest.raises(TritonUnreachable, match="TRITON_URL"):
+        connect()
+
+
+def test_server_that_cannot_start_reports_its_log(tmp_path):
+    (tmp_path / "repo").mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        triton = EmbeddedTriton(tmp_path / "repo", tmp_path / "triton.log",
+                                http_port=taken.getsockname()[1])
+        with pytest.raises(TritonStartError, match="exited with code .*log"):
+            triton.start()
+    assert not triton.running
+
+
+def test_missing_model_repository_is_named(tmp_path):
+    with pytest.raises(TritonStartError, match="does not exist"):
+        EmbeddedTriton(tmp_path / "nowhere", tmp_path / "triton.log").start()
+
+
+def test_server_stops_when_the_process_that_started_it_dies(tmp_path):
+    (tmp_path / "repo").mkdir()
+    script = (
+        "import sys, time; from pathlib import Path\n"
+        "from fraudlib.triton_server import EmbeddedTriton\n"
+        f"t = EmbeddedTriton(Path({str(tmp_path / 'repo')!r}), Path({str(tmp_path / 'log')!r})).start()\n"
+        "print(t.pid, flush=True)\n"
+        "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    server_pid = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)  # no atexit, no cleanup: only the death signal is left
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _alive(server_pid):
+        time.sleep(0.1)
+    assert not _alive(server_pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
