@@ -189,7 +189,9 @@ def _categorical(codes: np.ndarray, clean: list) -> pd.Categorical:
     for i, value in enumerate(clean):
         if value is not None:
             remap[i] = seen.setdefault(value, len(seen))
-    return pd.Categorical.from_codes(remap[codes], categories=list(seen))
+    if len(seen) < len(clean):  # values merged or dropped: recode (else the codes stand)
+        codes = remap[codes]
+    return pd.Categorical.from_codes(codes, categories=list(seen))
 
 
 def _strings(path, name, column) -> pd.Categorical:
