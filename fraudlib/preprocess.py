@@ -42,7 +42,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -62,7 +62,7 @@ MISSING_ZIP = 0.0
 ONE_HOT_MAX = 8
 # Edge feature columns in output order: (raw column, feature name).
 EDGE_NOMINAL = (("Errors?", "Errors"), ("Merchant City", "City"), ("Zip", "Zip"), ("Use Chip", "Chip"))
-ENCODERS_FORMAT = 1
+FORMAT = 1  # of manifest.json and encoders.json
 _HASH_CHUNK = 16 << 20
 
 
@@ -82,9 +82,6 @@ class PreprocessSummary:
     merchants: int
     dims: dict  # user / merchant / edge feature dimensions
     seconds: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0.1,
@@ -108,7 +105,7 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
     if not (split == "train").any():
         raise ValueError(f"{raw_path}: no transactions before {TRAIN_BEFORE_YEAR} are left to train on "
                          "(train = Year < 2018); use a file that spans the years before 2018")
-    encoders = {"format": ENCODERS_FORMAT, **nodes,
+    encoders = {"format": FORMAT, **nodes,
                 "edge": _fit_edge_encoders(kept[split == "train"])}
     user_ids, merchant_ids, edge_attr = encode_transactions(kept, encoders)
     x_user, x_merchant = _node_features(encoders)
@@ -128,7 +125,7 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
     edges = {s: int((split == s).sum()) for s in graph_store.SPLITS}
     fraud_edges = {s: int(label[split == s].sum()) for s in graph_store.SPLITS}
     manifest = {
-        "format": ENCODERS_FORMAT,
+        "format": FORMAT,
         "source": {"path": str(raw_path), "bytes": raw_path.stat().st_size, "xxh3_128": _fast_hash(raw_path)},
         "parameters": {"fraud_ratio": fraud_ratio, "under_sample": under_sample, "seed": seed,
                        "fraud_ratio_means": "fraud / non-fraud after undersampling (blueprint)"},
@@ -142,13 +139,14 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
         "features": names,
         "feature_masks": {k: v.tolist() for k, v in masks.items()},
     }
-    _write_atomically(out_dir, lambda tmp: (
-        graph_store.write_part(tmp, "train", part(train_order)),
-        graph_store.write_part(tmp, "test", part(np.flatnonzero(split == "test"))),
-        graph_store.write_json(tmp / graph_store.MANIFEST, manifest),
+    def write(tmp: Path) -> None:
+        graph_store.write_part(tmp, "train", part(train_order))
+        graph_store.write_part(tmp, "test", part(np.flatnonzero(split == "test")))
+        graph_store.write_json(tmp / graph_store.MANIFEST, manifest)
         # Compact: json's C encoder only runs without indent (100k merchant ids).
-        (tmp / graph_store.ENCODERS).write_text(json.dumps(encoders, sort_keys=True)),
-    ))
+        (tmp / graph_store.ENCODERS).write_text(json.dumps(encoders, sort_keys=True))
+
+    _write_atomically(out_dir, write)
     return PreprocessSummary(
         graph_dir=str(out_dir),
         manifest_hash=hashlib.sha256((out_dir / graph_store.MANIFEST).read_bytes()).hexdigest(),
