@@ -147,10 +147,8 @@ def _locate_arrow_error(path: Path, columns: list[str], error: pa.ArrowInvalid) 
                     f"row has {len(record)} fields, the header has {len(header)}")
             for name, arrow_type in _INTS.items():
                 if name in positions and not _fits(record[positions[name]], arrow_type):
-                    value = record[positions[name]]
-                    if value:
-                        return TabFormerFormatError(path, reader.line_num, name, value,
-                                                    f"not an integer ({arrow_type})")
+                    return TabFormerFormatError(path, reader.line_num, name, record[positions[name]],
+                                                f"not an integer ({arrow_type})")
     return TabFormerFormatError(path, 1, None, str(error), "unreadable CSV")
 
 
@@ -292,10 +290,10 @@ def _open_text(path: Path) -> Iterator[io.TextIOBase]:
     with _open_binary(path) as source:
         if isinstance(source, str):
             opener = gzip.open if path.suffix == ".gz" else open
-            with opener(path, "rt", newline="", encoding="utf-8") as text:
+            with opener(path, "rt", newline="", encoding="utf-8-sig") as text:
                 yield text
         else:
-            yield io.TextIOWrapper(source, encoding="utf-8", newline="")
+            yield io.TextIOWrapper(source, encoding="utf-8-sig", newline="")
 
 
 def _line_of_row(path: Path, row: int) -> int:

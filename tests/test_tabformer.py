@@ -61,6 +61,13 @@ def test_gzip_and_tgz_copies_read_the_same_as_the_csv(write_tabformer, tmp_path)
     pd.testing.assert_frame_equal(read_transactions(tgz_path), expected)
 
 
+def test_a_byte_order_mark_before_the_header_is_ignored(write_tabformer, tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + write_tabformer(QUIRKS).read_bytes())
+
+    pd.testing.assert_frame_equal(read_transactions(path), read_transactions(tmp_path / "card_transaction.v1.csv"))
+
+
 def test_kaggle_copy_with_index_column_and_integer_zips_reads_the_same(write_tabformer):
     kaggle_lines = [f"{i},{line}".replace("91750.0", "91750") for i, line in enumerate(QUIRKS)]
     kaggle = write_tabformer(kaggle_lines, name="credit_card_transactions-ibm_v2.csv",
