@@ -326,6 +326,9 @@ def _select_rows(frame: pd.DataFrame, card_codes: np.ndarray, mcc_codes: np.ndar
     del key
     fraud_rows = np.flatnonzero(fraud)
     non_fraud = np.flatnonzero(first & ~fraud)
+    if under_sample and len(fraud_rows) == 0:
+        raise ValueError("the file has no fraud rows, so undersampling to fraud_ratio would keep no rows; "
+                         "use a file with fraud (Is Fraud? = Yes) or under_sample=False")
     if under_sample:
         n = min(len(non_fraud), int(len(fraud_rows) / fraud_ratio))
         drawn = non_fraud[np.random.RandomState(seed).permutation(len(non_fraud))[:n]]

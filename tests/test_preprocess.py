@@ -216,13 +216,21 @@ def test_bad_input_leaves_an_existing_output_untouched(write_tabformer, syntheti
 
 
 def test_failed_run_leaves_no_output_folder(write_tabformer, tmp_path):
-    lines = ["0,0,2019,1,1,10:00,$1.00,Chip Transaction,1,A,B,1.0,5411,,No"]
+    lines = ["0,0,2019,1,1,10:00,$1.00,Chip Transaction,1,A,B,1.0,5411,,Yes"]
 
     with pytest.raises(ValueError, match="no transactions before 2018"):
         preprocess(write_tabformer(lines), tmp_path / "graph")
 
     assert not (tmp_path / "graph").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["card_transaction.v1.csv"]
+
+
+def test_undersampling_a_file_without_fraud_is_refused(write_tabformer, tmp_path):
+    lines = ["0,0,2010,1,1,10:00,$1.00,Chip Transaction,1,A,B,1.0,5411,,No"]
+
+    with pytest.raises(ValueError, match="no fraud rows.*under_sample=False"):
+        preprocess(write_tabformer(lines), tmp_path / "graph")
+    assert preprocess(write_tabformer(lines), tmp_path / "graph", under_sample=False).edges["train"] == 1
 
 
 def test_rerun_replaces_an_existing_output(synthetic_csv, tmp_path):
