@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from fraudlib import registry, tracking
-from fraudlib.graph_store import Graph, read_part
+from fraudlib.graph_store import Graph, read_encoders, read_part
 from fraudlib.lifecycle import repository
 from fraudlib.triton_repo import PUBLIC_MODEL, graph_inputs
 from fraudlib.triton_server import TritonClient
+
+NEW_SPLIT = "new"
 
 
 def receptive_field(graph: Graph, targets: np.ndarray, n_hops: int = 2) -> np.ndarray:
@@ -114,3 +116,61 @@ def explain_example(client: TritonClient, graph_dir: Path | str | None = None) -
     return Example(edge, int(test.edge_index[0, edge]), int(test.edge_index[1, edge]), int(test.label[edge]),
                    float(np.asarray(out["PREDICTION"]).reshape(-1)[position]), float(whole[edge]),
                    sub.num_edges, shapley, names)
+
+
+def append_edges(graph: Graph, user_ids: np.ndarray, merchant_ids: np.ndarray, edge_attr: np.ndarray) -> Graph:
+    """The graph with new (unlabelled) edges appended after its own."""
+    n = len(user_ids)
+    return Graph(
+        x_user=graph.x_user, x_merchant=graph.x_merchant,
+        edge_index=np.hstack([graph.edge_index, np.vstack([user_ids, merchant_ids]).astype(np.int64)]),
+        edge_attr=np.vstack([graph.edge_attr, edge_attr.astype(np.float32)]),
+        label=np.concatenate([graph.label, np.full(n, -1, dtype=np.int64)]),
+        split=np.concatenate([graph.split, np.full(n, NEW_SPLIT, dtype=object)]),
+        user_features=graph.user_features, merchant_features=graph.merchant_features,
+        edge_features=graph.edge_features, feature_mask_user=graph.feature_mask_user,
+        feature_mask_merchant=graph.feature_mask_merchant, feature_mask_edge=graph.feature_mask_edge,
+    )
+
+
+def score_transactions(client: TritonClient, csv_path: Path | str, graph_dir: Path | str | None = None):
+    """Fraud probabilities of raw TabFormer-format rows from the served champion.
+
+    Rows are encoded with the champion's saved encoders and scored inside their context: the
+    champion's test graph (the latest labelled transactions) plus the new rows, cut to the
+    new rows' receptive field. A row whose card or merchant the champion never saw has no
+    node to attach to and is reported unscored.
+    """
+    import pandas as pd
+
+    from fraudlib.preprocess import encode_transactions
+    from fraudlib.tabformer import read_transactions
+
+    graph_dir = Path(graph_dir) if graph_dir else champion_graph_dir()
+    meta = champion_meta(client)
+    frame = read_transactions(csv_path)
+    users, merchants, edge_attr = encode_transactions(frame, read_encoders(graph_dir))
+    context = read_part(graph_dir, "test")
+    if edge_attr.shape[1] != context.edge_attr.shape[1]:
+        raise ValueError(f"{csv_path} encodes to {edge_attr.shape[1]} edge features but the champion's graph "
+                         f"{graph_dir} has {context.edge_attr.shape[1]}")
+    known = (users >= 0) & (merchants >= 0)
+    scores = np.full(len(frame), np.nan)
+    context_edges = np.zeros(len(frame), dtype=np.int64)
+    if known.any():
+        graph = append_edges(context, users[known], merchants[known], edge_attr[known])
+        targets = np.arange(context.num_edges, graph.num_edges)
+        sub, positions = with_context(graph, targets, int(meta["architecture"]["n_hops"]))
+        predicted = np.asarray(_predict(client, sub)["PREDICTION"]).reshape(-1)
+        scores[known] = predicted[positions]
+        context_edges[known] = sub.num_edges
+    out = pd.DataFrame({
+        "line": np.arange(2, len(frame) + 2),
+        "User": frame["User"].to_numpy(), "Card": frame["Card"].to_numpy(),
+        "Merchant Name": frame["Merchant Name"].astype("int64").to_numpy(),
+        "Amount": frame["Amount"].to_numpy(),
+        "fraud_probability": scores,
+        "note": np.where(known, "", "card or merchant unknown to the champion: not scored"),
+    })
+    out.attrs["context_edges"] = int(context_edges.max()) if known.any() else 0
+    return out
