@@ -20,10 +20,10 @@ run: $(STAMP)  ## the whole pipeline on the embedded defaults (synthetic data, e
 	$(BIN)/python run_pipeline.py $(ARGS)
 
 test: $(STAMP)  ## all tests, the slow end-to-end pipeline test included
-	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q $(ARGS)
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/pytest -q $(ARGS)
 
 test-fast: $(STAMP)  ## tests without the slow end-to-end ones
-	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/pytest -q -m "not slow" $(ARGS)
 
 bench: $(STAMP)  ## benchmarks (print figures; see docs/benchmarks.md)
 	$(BIN)/python benchmarks/bench_preprocess.py

@@ -1,0 +1,67 @@
+"""Scoring in graph context: the receptive field gives the same answer as the whole graph."""
+
+import numpy as np
+import pytest
+import torch
+
+from fraudlib.gnn import FraudGNN
+from fraudlib.graph_store import Graph
+from fraudlib.scoring import append_edges, feature_groups, receptive_field, with_context
+
+
+def random_graph(seed=0, users=60, merchants=40, edges=300, fu=5, fm=6, fe=4):
+    rng = np.random.default_rng(seed)
+    return Graph(
+        x_user=rng.integers(0, 2, (users, fu)).astype(np.float32),
+        x_merchant=rng.integers(0, 2, (merchants, fm)).astype(np.float32),
+        edge_index=np.vstack([rng.integers(0, users, edges), rng.integers(0, merchants, edges)]),
+        edge_attr=rng.normal(size=(edges, fe)).astype(np.float32),
+        label=rng.integers(0, 2, edges), split=np.full(edges, "test", dtype=object),
+        user_features=[f"Card_{i}" for i in range(fu)], merchant_features=[f"M_{i}" for i in range(fm)],
+        edge_features=[f"E_{i}" for i in range(fe)], feature_mask_user=np.zeros(fu, dtype=np.int32),
+        feature_mask_merchant=np.ones(fm, dtype=np.int32), feature_mask_edge=np.full(fe, 2, dtype=np.int32))
+
+
+def logits(model, g: Graph) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(g.x_user), torch.from_numpy(g.x_merchant),
+                     torch.from_numpy(g.edge_index), torch.from_numpy(g.edge_attr)).numpy()
+
+
+@pytest.mark.parametrize("n_hops", [1, 2, 3])
+def test_targets_score_the_same_inside_their_receptive_field_as_inside_the_whole_graph(n_hops):
+    torch.manual_seed(0)
+    g = random_graph()
+    model = FraudGNN(5, 6, 4, hidden_channels=8, n_hops=n_hops).eval()
+    targets = np.array([3, 150, 299])
+    sub, positions = with_context(g, targets, n_hops)
+    assert sub.num_edges < g.num_edges
+    np.testing.assert_allclose(logits(model, sub)[positions], logits(model, g)[targets], rtol=1e-5, atol=1e-5)
+
+
+def test_a_lone_edge_scores_differently_than_inside_its_context():
+    torch.manual_seed(0)
+    g = random_graph()
+    model = FraudGNN(5, 6, 4, hidden_channels=8, n_hops=2).eval()
+    alone, _ = with_context(g.edges(np.isin(np.arange(g.num_edges), [3])), np.array([0]), 2)
+    assert not np.allclose(logits(model, alone)[0], logits(model, g)[3], atol=1e-4)
+
+
+def test_receptive_field_of_one_hop_is_the_edges_of_the_two_endpoints():
+    g = random_graph()
+    u, m = g.edge_index[:, 7]
+    expected = np.flatnonzero((g.edge_index[0] == u) | (g.edge_index[1] == m))
+    np.testing.assert_array_equal(receptive_field(g, np.array([7]), 1), expected)
+
+
+def test_appended_edges_are_unlabelled_and_come_after_the_graph_edges():
+    g = random_graph()
+    out = append_edges(g, np.array([1, 2]), np.array([3, 4]), np.zeros((2, 4), np.float32))
+    assert out.num_edges == g.num_edges + 2
+    assert list(out.label[-2:]) == [-1, -1] and list(out.split[-2:]) == ["new", "new"]
+    assert out.edge_index[:, -1].tolist() == [2, 4]
+
+
+def test_feature_groups_name_each_group_once_by_its_column_stem():
+    assert feature_groups(["City_0", "City_1", "Amount", "Chip_a", "Chip_b"], [3, 3, 4, 5, 5]) == \
+        ["City", "Amount", "Chip"]
