@@ -7,6 +7,7 @@ Layout (``root`` is the directory Triton serves; the archive lies beside it, uns
     <root>/prediction_and_shapley/<N>/package_config.pbtxt   the version's own config
     <root>/prediction_and_shapley_eval/config.pbtxt  private: version_policy specific [N+1]
     <root>/prediction_and_shapley_eval/<N+1> -> ../prediction_and_shapley/<N+1>
+    <root>/prediction_and_shapley_eval/staged.json  who staged the challenger, when
     <root>/.lock, .lock.holder.json, .fraud_journal.json
     <root>.archive/<N>/ and <N>.json                versions that left, and why
 
@@ -57,6 +58,7 @@ JOURNAL = ".fraud_journal.json"
 LOCK = ".lock"
 LOCK_HOLDER = ".lock.holder.json"
 STAGING_PREFIX = ".staging-"
+STAGED_BY = "staged.json"
 
 STAGE_STEPS = ("version_dir_written", "eval_model_written", "eval_model_loaded")
 PROMOTE_STEPS = ("challenger_checked", "public_config_written", "public_model_loaded",
@@ -321,6 +323,9 @@ class TritonRepository:
         text = _served_config(self.public / str(version) / PACKAGE_CONFIG, EVAL_MODEL, version)
         tmp = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.root))
         (tmp / CONFIG).write_text(text)
+        (tmp / STAGED_BY).write_text(json.dumps({
+            "version": version, "pid": os.getpid(), "host": socket.gethostname(),
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S")}))
         os.symlink(Path("..") / PUBLIC_MODEL / str(version), tmp / str(version))
         shutil.rmtree(self.eval, ignore_errors=True)
         os.rename(tmp, self.eval)
@@ -429,9 +434,12 @@ class TritonRepository:
             self._reconcile(registry_champion_version)
             staged = self._challenger_on_disk()
             if staged is not None:
+                by = self.eval / STAGED_BY
                 raise RepositoryError(
-                    f"version {staged} is already staged as the challenger in {self.root}: "
-                    "promote or reject it before staging another.")
+                    f"version {staged} is already staged as the challenger in {self.root} "
+                    f"({by.read_text() if by.exists() else 'origin not recorded'}): promote or "
+                    "reject it first; if the run that staged it is gone, reconcile with "
+                    "reject_challenger=True.")
             champion = self._champion_on_disk()
             version = self._next_version()
             journal = {"op": "stage", "version": version, "champion": champion,
@@ -599,7 +607,8 @@ class TritonRepository:
 
     # -- reconcile --
 
-    def reconcile(self, registry_champion_version: int | None = None) -> ReconcileReport:
+    def reconcile(self, registry_champion_version: int | None = None,
+                  reject_challenger: bool = False) -> ReconcileReport:
         """Bring the repository (and Triton, when a client is given) to one consistent
         champion after a crash at any step.
 
@@ -608,13 +617,21 @@ class TritonRepository:
         registry already names its new champion, and undone otherwise (an interrupted
         promotion goes back to "champion serves, challenger staged", so it can be retried).
         Without a journal the registry's champion wins over the disk.
+
+        A staged challenger may belong to a run still evaluating it, so it stays unless
+        ``reject_challenger`` (use that when the run that staged it is gone).
         """
         if self.client is not None:
             self.client.require_live()
         with self._locked("reconcile"):
-            return self._reconcile(registry_champion_version)
+            return self._reconcile(registry_champion_version, reject_challenger)
 
-    def _target(self, registry: int | None) -> tuple[int | None, int | None, dict | None]:
+    def _target(self, registry: int | None, reject_challenger: bool = False
+                ) -> tuple[int | None, int | None, dict | None]:
+        champion, challenger, journal = self._journal_target(registry)
+        return champion, (None if reject_challenger else challenger), journal
+
+    def _journal_target(self, registry: int | None) -> tuple[int | None, int | None, dict | None]:
         journal = self._journal()
         if journal is None:
             champion = registry if registry is not None else self._champion_on_disk()
@@ -631,8 +648,8 @@ class TritonRepository:
             return (version if registry == version else start), None, journal
         return start, None, journal  # reject: finish it
 
-    def _reconcile(self, registry: int | None) -> ReconcileReport:
-        champion, challenger, unfinished = self._target(registry)
+    def _reconcile(self, registry: int | None, reject_challenger: bool = False) -> ReconcileReport:
+        champion, challenger, unfinished = self._target(registry, reject_challenger)
         actions: list[str] = []
         # Versions that must serve come back first, so nothing is removed before it is replaced.
         for v in (champion, challenger):

@@ -12,6 +12,8 @@ wheel, run on a free loopback port with explicit model control. Facts it depends
 - The stub imports packages from the first Python on ``PATH``, so this venv goes first.
 - numpy must stay below 2 in the serving environment (numpy 2 silently delivers
   zero-filled inputs to the bundled backend).
+- The stub puts its working directory on ``sys.path``, so the server runs in a directory
+  of ours (the project root's ``triton/`` folder would shadow the ``triton`` package).
 
 An external server is reached through ``TRITON_URL`` (see :func:`connect`).
 """
@@ -180,9 +182,7 @@ class EmbeddedTriton:
     def start(self) -> EmbeddedTriton:
         if self._proc is not None:
             return self
-        if not self.model_repository.is_dir():
-            raise TritonStartError(f"model repository {self.model_repository} does not exist: "
-                                   "create it (an empty directory is fine) before starting Triton.")
+        self.model_repository.mkdir(parents=True, exist_ok=True)  # empty is a valid start
         backends = backend_directory(self.model_repository.parent)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
@@ -201,9 +201,13 @@ class EmbeddedTriton:
 
     def _launch(self, port: int, backends: Path) -> None:
         with open(self.log_path, "ab") as log:
+            # The stub puts its working directory on sys.path: run it in our backend directory,
+            # not e.g. the project root, whose triton/ folder would shadow the `triton`
+            # package torch probes for (AttributeError: module 'triton' has no attribute ...).
             self._proc = subprocess.Popen(
                 self._command(port, backends), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, env=_server_env(), preexec_fn=_die_with_parent)
+                stderr=subprocess.STDOUT, env=_server_env(), cwd=backends,
+                preexec_fn=_die_with_parent)
         atexit.register(self.stop)
         self.url = f"127.0.0.1:{port}"
         try:

@@ -292,6 +292,17 @@ def test_next_operation_reconciles_an_interrupted_one_first(repo, packages):
     assert repo.state().archived == (2,)
 
 
+def test_reconcile_keeps_a_staged_challenger_unless_told_to_reject_it(repo, client, packages):
+    champion_repo(repo, packages[0])
+    repo.stage(packages[1])
+
+    assert repo.reconcile(1).challenger == 2
+    report = repo.reconcile(1, reject_challenger=True)
+
+    assert (report.champion, report.challenger) == (1, None)
+    assert served(repo) == {(PUBLIC_MODEL, 1)} and repo.state().archived == (2,)
+
+
 def test_reconcile_without_journal_follows_the_registry_champion(repo, client, packages):
     champion_repo(repo, packages[0])
     first_answer = repo.score(1, GRAPH)["PREDICTION"]
@@ -333,6 +344,7 @@ def test_two_processes_staging_at_once_are_serialized(repo, server, packages, tm
     outputs = sorted(p.communicate()[0].strip() for p in procs)
 
     assert outputs[0].startswith("refused version 2 is already staged")
+    assert "reject_challenger=True" in outputs[0]
     assert outputs[1] == "staged 2"
     state = repo.state()
     assert (state.champion, state.challenger, state.versions_on_disk) == (1, 2, (1, 2))

@@ -119,9 +119,10 @@ def test_server_that_cannot_start_reports_its_log(tmp_path):
     assert not triton.running
 
 
-def test_missing_model_repository_is_named(tmp_path):
-    with pytest.raises(TritonStartError, match="does not exist"):
-        EmbeddedTriton(tmp_path / "nowhere", tmp_path / "triton.log").start()
+def test_missing_model_repository_is_created_empty(tmp_path):
+    with EmbeddedTriton(tmp_path / "new" / "repo", tmp_path / "triton.log") as triton:
+        with triton.client() as c:
+            assert c.is_ready() and c.repository_index() == []
 
 
 def test_server_stops_when_the_process_that_started_it_dies(tmp_path):
