@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -142,6 +143,37 @@ def test_promote_switches_unversioned_requests_to_the_new_champion(repo, client,
     assert state.archived == (1,)
     assert served(repo) == {(PUBLIC_MODEL, 2)}
     np.testing.assert_array_equal(unversioned(client), challenger_answer)
+
+
+def test_unversioned_requests_never_fail_while_the_champion_switches(repo, server, packages,
+                                                                     tmp_path):
+    champion_repo(repo, packages[0])
+    old = repo.score(1, GRAPH)["PREDICTION"]
+    repo.stage(make_package(tmp_path, 2.0, initialize_delay_s=1.0))  # a slow load to watch
+    new = repo.score(2, GRAPH)["PREDICTION"]
+    answers, errors, done = [], [], threading.Event()
+
+    def ask_without_version():
+        with TritonClient(server.url) as c:
+            while not done.is_set():
+                try:
+                    answers.append(unversioned(c))
+                except TritonError as e:
+                    errors.append(e)
+
+    asker = threading.Thread(target=ask_without_version)
+    asker.start()
+    try:
+        repo.promote(2)
+    finally:
+        done.set()
+        asker.join()
+
+    assert errors == []
+    seen = ["old" if np.array_equal(a, old) else "new" if np.array_equal(a, new) else "other"
+            for a in answers]
+    assert seen[0] == "old" and seen[-1] == "new" and "other" not in seen
+    assert seen == sorted(seen, key=["old", "new"].index)  # never back to the old one
 
 
 def test_rollback_serves_the_previous_champion_again(repo, client, packages):
