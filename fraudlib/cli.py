@@ -99,7 +99,7 @@ def cmd_reconcile(args) -> int:
     from fraudlib import lifecycle
 
     with _client(args.triton_url, "reconcile") as client:
-        report = lifecycle.reconcile(client)
+        report = lifecycle.reconcile(client, reject_challenger=not args.keep_challenger)
     print(f"champion: {report.champion}  challenger: {report.challenger}")
     for action in report.actions:
         print(f"  {action}")
@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("reconcile", help="repair repository and registry after a crash")
+    p.add_argument("--keep-challenger", action="store_true",
+                   help="keep a staged challenger (default: reject it; its run is assumed gone)")
     _server_args(p)
     p.set_defaults(func=cmd_reconcile)
 

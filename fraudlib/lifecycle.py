@@ -54,10 +54,14 @@ def registry_champion_triton_version() -> int | None:
     return champion.triton_version if champion else None
 
 
-def reconcile(client: TritonClient | None, root: Path | str | None = None) -> ReconcileReport:
-    """Bring repository, Triton and registry back to one consistent champion."""
+def reconcile(client: TritonClient | None, root: Path | str | None = None,
+              reject_challenger: bool = False) -> ReconcileReport:
+    """Bring repository, Triton and registry back to one consistent champion.
+
+    ``reject_challenger`` also drops a staged challenger (when the run that staged it is gone).
+    """
     repo = repository(client, root)
-    report = repo.reconcile(registry_champion_triton_version())
+    report = repo.reconcile(registry_champion_triton_version(), reject_challenger=reject_challenger)
     if report.challenger is None:
         registry.clear_challenger()
     return report

@@ -349,6 +349,14 @@ class TritonRepository:
 
     # -- read-only operations --
 
+    def version_dir(self, version: int) -> Path:
+        """The folder of a version on disk (served or staged)."""
+        path = self.public / str(version)
+        if not path.is_dir():
+            raise RepositoryError(f"version {version} is not in {self.public}")
+        return path
+
+
     def state(self) -> RepoState:
         triton = None
         if self.client is not None:
