@@ -207,3 +207,15 @@ def test_same_seed_gives_the_same_model_on_cpu(planted_graph, tmp_path):
     assert runs[0].metrics == runs[1].metrics
     np.testing.assert_array_equal(runs[0].test_scores["gnn_xgboost"], runs[1].test_scores["gnn_xgboost"])
     assert runs[0].curve == runs[1].curve
+
+
+def test_parallel_trees_without_sampling_are_one_tree_repeated():
+    # Why the trainer grows one tree per round whatever num_parallel_tree says.
+    import xgboost as xgb
+
+    rng = np.random.default_rng(0)
+    x = rng.random((500, 4))
+    data = xgb.DMatrix(x, label=(x[:, 0] + rng.random(500) > 1).astype(int))
+    params = {"objective": "binary:logistic", "tree_method": "hist", "max_depth": 4, "nthread": 1}
+    one, three = (xgb.train({**params, "num_parallel_tree": k}, data, 5) for k in (1, 3))
+    np.testing.assert_allclose(one.predict(data), three.predict(data), rtol=1e-6)
