@@ -12,7 +12,9 @@ Phases (each timed in ``TrainResult.seconds``):
    edges. That is exactly what Triton computes for a graph it is sent, so validation (early
    stopping, threshold) and test see what serving sees.
 4. xgboost: XGBoost (hist) on [user x | user h | merchant x | merchant h | edge x], early stopping
-   on the validation edges; the model keeps the best iteration only.
+   on the validation edges; the model keeps the best iteration only. One tree is grown per
+   round: without row or column sampling the ``num_parallel_tree`` trees of a round would be
+   identical, and XGBoost averages them.
 5. baseline: the same XGBoost on [user x | merchant x | edge x] (no GNN).
 6. export: the self-contained Triton model package (``fraudlib.model_export``).
 
@@ -171,9 +173,10 @@ def _check_graph(graph_dir: Path, train_part: Graph, test_part: Graph) -> None:
         raise ValueError(f"{where}: the train part needs both 'train' and 'validation' edges "
                          f"(gnn/edges/user_to_merchant_split.csv has {sorted(splits)}); "
                          "validation edges drive early stopping and the decision threshold")
-    train_labels = train_part.label[train_part.split == "train"]
-    if np.unique(train_labels).size < 2:
-        raise ValueError(f"{where}: the train edges hold one class only; fraud and non-fraud are both needed")
+    for split in ("train", "validation"):
+        if np.unique(train_part.label[train_part.split == split]).size < 2:
+            raise ValueError(f"{where}: the {split} edges hold one class only; fraud and non-fraud are "
+                             "both needed (early stopping and the threshold are chosen on validation)")
 
 
 def _tensors(graph: Graph, device: str) -> tuple[torch.Tensor, ...]:
@@ -194,7 +197,7 @@ def _train_gnn(model: gnn.FraudGNN, train: Graph, val: Graph, s: GNNSettings, de
     weight = _class_weights(y)
     optimizer = torch.optim.Adam(model.parameters(), lr=GNN_LEARNING_RATE)
     sampled = neighbor_sampling_available()
-    loader = _link_loader(xu, xm, ei, s) if sampled else None
+    loader = _link_loader(train, s) if sampled else None
     curve = {"epoch": [], "loss": [], "val_auprc": []}
     for epoch in range(1, s.num_epochs + 1):
         model.train()
@@ -218,25 +221,26 @@ def _train_gnn(model: gnn.FraudGNN, train: Graph, val: Graph, s: GNNSettings, de
     return curve
 
 
-def _link_loader(xu, xm, ei, s: GNNSettings):
-    """Neighbour-sampled mini-batches of train edges (needs pyg-lib or torch-sparse)."""
+def _link_loader(graph: Graph, s: GNNSettings):
+    """Neighbour-sampled mini-batches of the train edges (needs pyg-lib or torch-sparse)."""
     from torch_geometric.data import HeteroData
     from torch_geometric.loader import LinkNeighborLoader
 
+    xu, xm, ei, _ = _tensors(graph, "cpu")  # the samplers work on CPU tensors
     data = HeteroData()
     data["user"].x, data["merchant"].x = xu, xm
     data[gnn.USER_TO_MERCHANT].edge_index = ei
     data[gnn.MERCHANT_TO_USER].edge_index = ei.flip(0)
-    # The label of a seed edge is its position, to look up its class and edge features.
+    # A seed edge's label is its position, to look up its class and edge features.
     return LinkNeighborLoader(data, num_neighbors=[s.fan_out] * s.n_hops,
                               edge_label_index=(gnn.USER_TO_MERCHANT, ei),
-                              edge_label=torch.arange(ei.shape[1], device=ei.device),
-                              batch_size=s.batch_size, shuffle=True)
+                              edge_label=torch.arange(ei.shape[1]), batch_size=s.batch_size, shuffle=True)
 
 
 def _sampled_epoch(model, loader, ea, y, weight, optimizer) -> float:
     total, count = 0.0, 0
     for batch in loader:
+        batch = batch.to(ea.device)
         edges = batch[gnn.USER_TO_MERCHANT]
         ids = edges.edge_label
         optimizer.zero_grad()
@@ -246,7 +250,7 @@ def _sampled_epoch(model, loader, ea, y, weight, optimizer) -> float:
         loss = F.cross_entropy(logits, y[ids], weight=weight)
         loss.backward()
         optimizer.step()
-        total += float(loss) * len(ids)
+        total += loss.item() * len(ids)
         count += len(ids)
     return total / max(count, 1)
 
@@ -348,6 +352,7 @@ def train(graph_dir: Path | str, out_dir: Path | str, gnn_params: dict | None = 
                             "gnn_learning_rate": GNN_LEARNING_RATE,
                             "early_stopping_rounds": EARLY_STOPPING_ROUNDS, "seed": seed},
         "best_iteration": booster.num_boosted_rounds(),
+        "xgboost_trees_per_round": 1,  # the num_parallel_tree trees would be identical (_xgb_params)
         "threshold": threshold,
         "manifest_hash": manifest_hash(graph_dir),
         "metrics": result_metrics["gnn_xgboost"],
