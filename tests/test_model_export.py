@@ -3,7 +3,6 @@ served by the real Triton server."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -192,17 +191,10 @@ def test_shapley_groups_follow_the_masks_given(model, test_graph):
 def triton(result, tmp_path_factory):
     repository = tmp_path_factory.mktemp("triton") / "models"
     shutil.copytree(result.model_dir, repository / TRITON_MODEL_NAME)
-    server = EmbeddedTriton(repository, repository.parent / "triton.log")
-    # The Python stub puts the server's working directory on sys.path; from the project root,
-    # its triton/ folder would pass for OpenAI Triton when torch probes for that on import.
-    with contextlib.chdir(repository.parent):
-        server.start()
-    try:
+    with EmbeddedTriton(repository, repository.parent / "triton.log") as server:
         with server.client() as client:
             client.load_model(TRITON_MODEL_NAME)
             yield client
-    finally:
-        server.stop()
 
 
 def test_triton_predicts_what_the_in_process_model_predicts(triton, model, test_graph):
