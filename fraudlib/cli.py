@@ -29,7 +29,9 @@ def _server_args(parser: argparse.ArgumentParser) -> None:
 
 
 @contextlib.contextmanager
-def _client(url: str, log_name: str, port: int | None = None):
+def _client(url: str, log_name: str, port: int | None = None, load_champion: bool = False):
+    """A client of the external server at ``url``, or of an embedded one started for the
+    duration (with the champion loaded when ``load_champion``: explicit model control)."""
     from fraudlib.triton_server import EmbeddedTriton, connect
 
     if url:
@@ -41,7 +43,12 @@ def _client(url: str, log_name: str, port: int | None = None):
     log.parent.mkdir(parents=True, exist_ok=True)
     settings.triton_model_repository().mkdir(parents=True, exist_ok=True)
     with EmbeddedTriton(settings.triton_model_repository(), log, http_port=port) as server:
-        yield server.client()
+        client = server.client()
+        if load_champion:
+            from fraudlib import lifecycle
+
+            lifecycle.repository(client).load()
+        yield client
 
 
 def consistency_problems() -> list[str]:
@@ -120,9 +127,8 @@ def cmd_serve(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with _client("", "serve", port=args.port) as client:
+    with _client("", "serve", port=args.port, load_champion=True) as client:
         repo = lifecycle.repository(client)
-        repo.load()
         health = repo.health_check()
         if not health.ok:
             print(f"champion failed its health check: {health.reason}", file=sys.stderr)
@@ -139,7 +145,7 @@ def cmd_score(args) -> int:
 
     from fraudlib import scoring
 
-    with _client(args.triton_url, "score") as client:
+    with _client(args.triton_url, "score", load_champion=True) as client:
         scored = scoring.score_transactions(client, Path(args.csv))
     with pd.option_context("display.max_rows", args.max_rows, "display.width", 160):
         print(scored.to_string(index=False, max_rows=args.max_rows))

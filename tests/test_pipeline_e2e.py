@@ -1,0 +1,100 @@
+"""The whole pipeline, end to end, on real components: papermill kernels, the embedded
+Triton server, a real MLflow store; then the `fraud` commands a user runs between runs."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SMALL = ["-p", "synthetic_rows=200000", "-p", "num_epochs=2", "-p", "num_boost_round=32",
+         "-p", "bootstrap_samples=50"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+def run(args, runs_dir, **kw):
+    env = {**os.environ, "FRAUD_RUNS_DIR": str(runs_dir), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("TRITON_URL", None)
+    env.pop("TRITON_MODEL_REPO", None)
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, **kw)
+
+
+def pipeline(runs_dir, *extra):
+    done = run([sys.executable, "run_pipeline.py", *SMALL, *extra], runs_dir)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_dirs = sorted((p for p in runs_dir.iterdir() if (p / "run.json").exists()),
+                      key=lambda p: p.stat().st_mtime)
+    return json.loads((run_dirs[-1] / "run.json").read_text()), run_dirs[-1]
+
+
+def registry_state(runs_dir):
+    code = ("import json; from fraudlib import registry; c = registry.champion(); "
+            "print(json.dumps({'champion': c and c.version, 'triton': c and c.triton_version, "
+            "'versions': [[v.version, list(v.aliases)] for v in registry.versions()]}))")
+    done = run([sys.executable, "-c", code], runs_dir)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_first_run_promotes_and_leaves_an_audit_trail(runs_dir):
+    record, run_dir = pipeline(runs_dir)
+    assert record["status"] == "succeeded"
+    assert [s["status"] for s in record["stages"]] == ["succeeded"] * 4
+    for stage in ("01_preprocess", "02_train", "03_evaluate", "04_deploy"):
+        assert (run_dir / f"{stage}.ipynb").is_file() and (run_dir / f"{stage}.html").is_file()
+    outputs = {s["name"]: s["outputs"] for s in record["stages"]}
+    assert outputs["evaluate"]["decision"] == "promote"
+    assert outputs["deploy"]["champion_version"] == 1
+    state = registry_state(runs_dir)
+    assert state["triton"] == 1 and ["champion"] == state["versions"][0][1]
+
+
+def test_status_reports_a_consistent_serving_state(runs_dir):
+    done = run([str(BIN / "fraud"), "status"], runs_dir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "champion: 1" in done.stdout and "INCONSISTENT" not in done.stdout
+
+
+def test_score_prints_probabilities_for_raw_rows_in_graph_context(runs_dir, tmp_path):
+    raw = next((runs_dir / "data").glob("synthetic-*.csv"))
+    with open(raw, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        rows = [r for r in reader if r[2] in ("2019", "2020")][:5]
+    new = tmp_path / "new.csv"
+    with open(new, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    done = run([str(BIN / "fraud"), "score", str(new), "--out", str(tmp_path / "scores.csv")], runs_dir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with open(tmp_path / "scores.csv") as f:
+        scored = list(csv.DictReader(f))
+    assert len(scored) == 5
+    probabilities = [float(r["fraud_probability"]) for r in scored if r["fraud_probability"]]
+    assert probabilities and all(0.0 <= p <= 1.0 for p in probabilities)
+
+
+def test_second_run_compares_with_the_champion_and_one_version_serves(runs_dir):
+    record, _ = pipeline(runs_dir, "-p", "seed=7")
+    outputs = {s["name"]: s["outputs"] for s in record["stages"]}
+    assert outputs["evaluate"]["champion_version"] == 1
+    assert outputs["evaluate"]["challenger_version"] == 2
+    expected = 2 if outputs["evaluate"]["decision"] == "promote" else 1
+    assert outputs["deploy"]["champion_version"] == expected
+    served = sorted(p.name for p in (runs_dir / "triton_repository" / "prediction_and_shapley").iterdir()
+                    if p.name.isdigit())
+    assert served == [str(expected)]
+    assert registry_state(runs_dir)["triton"] == expected
