@@ -42,7 +42,7 @@ def _child(step: str, graph_dir: str, work: str, rows: int, device: str) -> None
         from fraudlib.training import train
 
         r = train(graph_dir, Path(work) / "model", device=device, progress=False)
-        result = {"seconds": r.seconds, "device": r.device, "best_iteration": r.best_iteration,
+        result = {"seconds": r.seconds, "device": r.device, "xgboost_rounds": r.xgboost_rounds,
                   "test_auprc": {m: r.metrics[m]["test"]["auprc"] for m in r.metrics}}
     print(json.dumps(result))
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {phase:<9} {r['seconds'][phase]:7.1f} s")
     print(f"  {'(imports and process start)':<9} {r['wall_s'] - sum(r['seconds'].values()):5.1f} s")
     print(f"total wall {r['wall_s']:.1f} s, peak RSS {r['peak_rss_gb']:.2f} GB")
-    print(f"XGBoost rounds kept (early stopping): {r['best_iteration']}")
+    print(f"XGBoost rounds kept (early stopping): {r['xgboost_rounds']}")
     print("test AUPRC: " + ", ".join(f"{m} {v:.4f}" for m, v in r["test_auprc"].items()))
     return 0
 

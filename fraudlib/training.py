@@ -126,7 +126,7 @@ class TrainResult:
     feature_importance: dict  # {"gnn_xgboost" | "baseline": {feature name: total gain}}, largest first
     gnn_settings: GNNSettings
     xgb_settings: XGBSettings
-    best_iteration: dict  # {"gnn_xgboost": n, "baseline": n}
+    xgboost_rounds: dict  # {"gnn_xgboost": n, "baseline": n} boosting rounds kept by early stopping
     device: str
 
 
@@ -330,7 +330,8 @@ def train(graph_dir: Path | str, out_dir: Path | str, gnn_params: dict | None = 
     t = time.perf_counter()
     booster, scores = _fit_xgboost(x_emb, y, xgb_s, device, seed)
     seconds["xgboost"] = time.perf_counter() - t
-    say(f"XGBoost on GNN embeddings: best iteration {booster.num_boosted_rounds()}", flush=True)
+    del x_emb  # the baseline's features take its place in memory
+    say(f"XGBoost on GNN embeddings: {booster.num_boosted_rounds()} rounds kept (early stopping)", flush=True)
 
     t = time.perf_counter()
     x_tab = {split: np.hstack([g.x_user[g.edge_index[0]], g.x_merchant[g.edge_index[1]], g.edge_attr])
@@ -351,7 +352,7 @@ def train(graph_dir: Path | str, out_dir: Path | str, gnn_params: dict | None = 
         "hyperparameters": {"gnn": dataclasses.asdict(gnn_s), "xgb": dataclasses.asdict(xgb_s),
                             "gnn_learning_rate": GNN_LEARNING_RATE,
                             "early_stopping_rounds": EARLY_STOPPING_ROUNDS, "seed": seed},
-        "best_iteration": booster.num_boosted_rounds(),
+        "xgboost_rounds": booster.num_boosted_rounds(),
         "xgboost_trees_per_round": 1,  # the num_parallel_tree trees would be identical (_xgb_params)
         "threshold": threshold,
         "manifest_hash": manifest_hash(graph_dir),
@@ -367,7 +368,7 @@ def train(graph_dir: Path | str, out_dir: Path | str, gnn_params: dict | None = 
         feature_importance={"gnn_xgboost": _importance(booster, names["gnn_xgboost"]),
                             "baseline": _importance(base_booster, names["baseline"])},
         gnn_settings=gnn_s, xgb_settings=xgb_s,
-        best_iteration={"gnn_xgboost": booster.num_boosted_rounds(),
+        xgboost_rounds={"gnn_xgboost": booster.num_boosted_rounds(),
                         "baseline": base_booster.num_boosted_rounds()},
         device=device,
     )
