@@ -6,8 +6,8 @@
 
 Without --graph-dir a synthetic TabFormer file of --rows rows is generated and preprocessed
 first (in a child process, not timed). Training runs in its own child process, so its wall
-time includes the imports and its peak RSS (from ``os.wait4``) is its own. Prints the phase
-split (load, GNN, embedding, XGBoost, baseline, export), total wall, peak RSS and test AUPRC of
+time includes the imports, and its peak RSS and CPU time (``os.wait4``) are its own. Prints the phase
+split (load, GNN, embedding, XGBoost, baseline, export), total wall, peak RSS, CPU time and test AUPRC of
 both models. Target on the full-size synthetic graph (~330k edges) on a 2-core machine:
 <= 60 s and <= 2 GB.
 """
@@ -58,7 +58,8 @@ def _run_child(step: str, graph_dir: Path, work: Path, rows: int, device: str) -
     if code != 0:
         raise SystemExit(f"step {step} failed (exit {code}); its output:\n{stdout}")
     result = json.loads(stdout.strip().splitlines()[-1])
-    return {**result, "wall_s": time.perf_counter() - started, "peak_rss_gb": usage.ru_maxrss / 1e6}
+    return {**result, "wall_s": time.perf_counter() - started, "peak_rss_gb": usage.ru_maxrss / 1e6,
+            "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {phase:<9} {r['seconds'][phase]:7.1f} s")
     print(f"  {'(imports and process start)':<9} {r['wall_s'] - sum(r['seconds'].values()):5.1f} s")
     print(f"total wall {r['wall_s']:.1f} s, peak RSS {r['peak_rss_gb']:.2f} GB")
+    # On a shared machine wall time swings with the load; CPU time much less.
+    print(f"CPU time {r['cpu_s']:.1f} s (user + system), load average {os.getloadavg()[0]:.1f}")
     print(f"XGBoost rounds kept (early stopping): {r['xgboost_rounds']}")
     print("test AUPRC: " + ", ".join(f"{m} {v:.4f}" for m, v in r["test_auprc"].items()))
     return 0
