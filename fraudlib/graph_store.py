@@ -15,7 +15,7 @@ identifiable::
       gnn/edges/user_to_merchant_label.csv       Fraud (0/1)
       gnn/edges/user_to_merchant_attr.csv        edge features
       gnn/edges/user_to_merchant_attr_feature_mask.csv
-      gnn/edges/user_to_merchant_split.csv       split (train / validation)   [ours]
+      gnn/edges/user_to_merchant_split.csv       split (train / validation), year   [ours]
       gnn/test_gnn/nodes/...                     same files, test edges (split = test)
       gnn/test_gnn/edges/...
 
@@ -55,6 +55,7 @@ class Graph:
     feature_mask_user: np.ndarray | None = None  # int32 [Fu]
     feature_mask_merchant: np.ndarray | None = None  # int32 [Fm]
     feature_mask_edge: np.ndarray | None = None  # int32 [Fe]
+    year: np.ndarray | None = None  # int64 [E]: the transaction's year (graphs per period)
 
     @property
     def num_edges(self) -> int:
@@ -75,6 +76,7 @@ class Graph:
             feature_mask_user=self.feature_mask_user,
             feature_mask_merchant=self.feature_mask_merchant,
             feature_mask_edge=self.feature_mask_edge,
+            year=None if self.year is None else self.year[mask],
         )
 
 
@@ -117,8 +119,10 @@ def write_part(graph_dir: Path, part: str, graph: Graph) -> None:
     _write_table(base / "edges" / "user_to_merchant_attr.csv", graph.edge_features, graph.edge_attr)
     _write_table(base / "edges" / "user_to_merchant_attr_feature_mask.csv", graph.edge_features,
                  np.asarray(graph.feature_mask_edge, dtype=np.int32)[None, :])
-    pacsv.write_csv(pa.table({"split": pa.array(graph.split.astype(str))}),
-                    base / "edges" / "user_to_merchant_split.csv")
+    columns = {"split": pa.array(graph.split.astype(str))}
+    if graph.year is not None:
+        columns["year"] = pa.array(np.asarray(graph.year, dtype=np.int64))
+    pacsv.write_csv(pa.table(columns), base / "edges" / "user_to_merchant_split.csv")
 
 
 def read_part(graph_dir: Path | str, part: str) -> Graph:
@@ -151,6 +155,7 @@ def read_part(graph_dir: Path | str, part: str) -> Graph:
         feature_mask_user=masks["user_feature_mask"],
         feature_mask_merchant=masks["merchant_feature_mask"],
         feature_mask_edge=masks["user_to_merchant_attr_feature_mask"],
+        year=split.column("year").to_numpy().astype(np.int64) if "year" in split.column_names else None,
     )
 
 

@@ -112,11 +112,12 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
     names = feature_names(encoders)
     masks = feature_masks(encoders)
     label = kept["Is Fraud?"].to_numpy().astype(np.int64)
+    year = kept["Year"].to_numpy().astype(np.int64)
 
     def part(mask: np.ndarray) -> Graph:
         return Graph(x_user=x_user, x_merchant=x_merchant,
                      edge_index=np.vstack([user_ids[mask], merchant_ids[mask]]).astype(np.int64),
-                     edge_attr=edge_attr[mask], label=label[mask], split=split[mask],
+                     edge_attr=edge_attr[mask], label=label[mask], split=split[mask], year=year[mask],
                      user_features=names["user"], merchant_features=names["merchant"],
                      edge_features=names["edge"], feature_mask_user=masks["user"],
                      feature_mask_merchant=masks["merchant"], feature_mask_edge=masks["edge"])
