@@ -1,0 +1,289 @@
+"""The synthetic generator: exactly the TabFormer format, deterministic, scaled marginals,
+fraud that lives in the card/merchant graph, and atomic output."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
+
+from fraudlib import synthetic
+from fraudlib.tabformer import read_transactions
+
+HEADER = ("User,Card,Year,Month,Day,Time,Amount,Use Chip,Merchant Name,Merchant City,"
+          "Merchant State,Zip,MCC,Errors?,Is Fraud?")
+ROW = re.compile(
+    r"\d+,[0-8],(199\d|20[01]\d|2020),([1-9]|1[0-2]),([1-9]|[12]\d|3[01]),([01]\d|2[0-3]):[0-5]\d,"
+    r"\$-?\d+\.\d\d,(Swipe Transaction|Chip Transaction|Online Transaction),-?\d{1,19},"
+    r"[^,\"]+,[^,\"]*,(\d{3,5}\.0)?,\d{4},(|[A-Za-z ]+|\"[A-Za-z ,]+\"),(Yes|No)"
+)
+ROWS = 20_000
+
+
+def _strings(path: Path) -> pd.DataFrame:
+    """The file as text, column by column (empty fields stay empty strings)."""
+    options = pacsv.ConvertOptions(column_types={name: pa.string() for name in HEADER.split(",")})
+    return pacsv.read_csv(path, convert_options=options).to_pandas()
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> tuple[Path, synthetic.SyntheticSummary]:
+    path = tmp_path_factory.mktemp("synthetic") / "card_transaction.v1.csv"
+    return path, synthetic.generate(path, ROWS, seed=7)
+
+
+@pytest.fixture(scope="module")
+def text(generated) -> pd.DataFrame:
+    return _strings(generated[0])
+
+
+# ---------------------------------------------------------------- format
+
+
+def test_header_and_every_row_have_the_tabformer_layout(generated):
+    lines = generated[0].read_text().splitlines()
+
+    assert lines[0] == HEADER
+    assert len(lines) == ROWS + 1
+    bad = [line for line in lines[1:] if not ROW.fullmatch(line)]
+    assert bad == []
+
+
+def test_each_quirk_of_the_real_file_appears(text):
+    amount, errors = text["Amount"], text["Errors?"]
+    assert amount.str.fullmatch(r"\$\d+\.\d\d").any()
+    assert amount.str.fullmatch(r"\$-\d+\.00").any()  # refunds: negative whole dollars
+    assert text["Zip"].str.fullmatch(r"\d{5}\.0").any()  # zip as float text
+    assert text["Time"].str.fullmatch(r"\d\d:\d\d").all()
+    assert (errors == "").mean() > 0.95
+    assert errors.isin(synthetic.ERROR_VALUES).any()  # one value, no trailing comma
+    with_comma = errors[errors.str.endswith(",")]
+    assert not with_comma.empty  # "Bad PIN," in the file: a quoted list with a trailing comma
+    listed = errors.str.strip(",").str.contains(",")
+    assert (listed & ~errors.str.endswith(",")).any() and (listed & errors.str.endswith(",")).any()
+    assert set(text["Use Chip"]) == set(synthetic.CHIP_NAMES)
+    assert set(text["Is Fraud?"]) == {"Yes", "No"}
+
+
+def test_errors_hold_only_tabformer_error_values(text):
+    values = {v for cell in text["Errors?"] if cell for v in cell.split(",") if v}
+    assert values <= set(synthetic.ERROR_VALUES)
+
+
+def test_online_rows_have_city_online_and_no_state_or_zip(text):
+    online = text[text["Use Chip"] == "Online Transaction"]
+
+    assert len(online) > 0
+    assert (online["Merchant City"] == "ONLINE").all()
+    assert (online["Merchant State"] == "").all() and (online["Zip"] == "").all()
+    assert (text.loc[text["Merchant City"] == "ONLINE", "Use Chip"] == "Online Transaction").all()
+
+
+def test_merchant_names_round_trip_as_int64_over_the_full_range(generated, text):
+    options = pacsv.ConvertOptions(column_types={"Merchant Name": pa.int64()})
+    names = pacsv.read_csv(generated[0], convert_options=options).column("Merchant Name").to_numpy()
+
+    assert [str(v) for v in names] == text["Merchant Name"].tolist()
+    assert names.min() < -(2**62) and names.max() > 2**62
+    per_merchant = pd.DataFrame({"name": names, "mcc": text["MCC"]}).groupby("name")["mcc"].nunique()
+    assert (per_merchant == 1).all()  # a merchant keeps its category
+
+
+def test_the_project_reader_accepts_the_file(generated):
+    frame = read_transactions(generated[0])
+
+    assert len(frame) == ROWS
+    assert frame["Is Fraud?"].sum() == generated[1].frauds
+
+
+def test_rows_are_ordered_by_user_card_then_time(generated):
+    frame = read_transactions(generated[0])
+    day = pd.to_datetime(frame[["Year", "Month", "Day"]]).to_numpy().astype("datetime64[D]").astype(np.int64)
+    key = np.lexsort((day * 1440 + frame["Time"].to_numpy(), frame["Card"], frame["User"]))
+
+    assert (key == np.arange(len(frame))).all()
+
+
+def test_summary_counts_what_the_file_holds(generated, text):
+    path, summary = generated
+
+    assert summary.path == path and summary.rows == ROWS and summary.seconds > 0
+    assert summary.users == text["User"].nunique()
+    assert summary.cards == text.groupby(["User", "Card"]).ngroups
+    assert summary.merchants == text["Merchant Name"].nunique()
+    assert summary.frauds == (text["Is Fraud?"] == "Yes").sum()
+
+
+# ---------------------------------------------------------------- determinism and chunking
+
+
+def test_same_seed_gives_identical_bytes_whatever_the_chunk_size(generated, tmp_path):
+    again = tmp_path / "again.csv"
+    small_chunks = tmp_path / "small_chunks.csv"
+    synthetic.generate(again, ROWS, seed=7)
+    synthetic.generate(small_chunks, ROWS, seed=7, chunk_rows=500)
+
+    assert again.read_bytes() == generated[0].read_bytes()
+    assert small_chunks.read_bytes() == generated[0].read_bytes()
+
+
+def test_another_seed_gives_another_file(generated, tmp_path):
+    other = tmp_path / "other.csv"
+    synthetic.generate(other, ROWS, seed=8)
+
+    assert other.read_bytes() != generated[0].read_bytes()
+
+
+# ---------------------------------------------------------------- marginals
+
+
+def test_marginals_scale_down_to_a_small_file(tmp_path):
+    path = tmp_path / "tx.csv"
+    summary = synthetic.generate(path, 100_000, seed=3)
+    frame = read_transactions(path)
+    fraud = frame["Is Fraud?"].astype(bool)
+    year = frame["Year"]
+
+    assert 0.0008 < summary.frauds / summary.rows < 0.002  # the real file: 0.122%
+    assert not fraud[year == 2020].any()
+    assert year.min() <= 1992 and year.max() == 2020
+    assert (year > 2005).mean() > 0.6  # activity grows over the years
+    assert (year == 2018).mean() > 0.03 and (year >= 2019).mean() > 0.03  # validation and test
+    assert summary.users >= 8
+    cards_per_user = frame.groupby("User", observed=True)["Card"].nunique()
+    assert cards_per_user.min() >= 1 and cards_per_user.max() <= 9
+    assert frame["MCC"].nunique() > 50 and set(frame["MCC"]) <= set(synthetic.MCCS)
+    assert 0.05 < (frame["Use Chip"] == "Online Transaction").mean() < 0.25
+
+
+def test_a_few_thousand_rows_still_have_fraud_in_every_split(tmp_path):
+    path = tmp_path / "tx.csv"
+    summary = synthetic.generate(path, 3_000, seed=0)
+    frame = read_transactions(path)
+    fraud_years = frame.loc[frame["Is Fraud?"].astype(bool), "Year"]
+
+    assert summary.users >= 5
+    assert (fraud_years < 2018).any() and (fraud_years == 2018).any() and (fraud_years == 2019).any()
+    assert not (fraud_years == 2020).any()
+
+
+def test_full_scale_plan_matches_the_real_file_marginals():
+    # The plan only (users, cards, merchants, fraud rows): no 24M-row file is written.
+    world = synthetic._build_world(synthetic.ROWS_FULL, seed=0)
+    fraud = world.planted["fraud"]
+
+    assert world.user_card_start.size - 1 == 2_000
+    assert 5_500 < world.card_user.size < 6_800
+    assert world.merchant_name.size == synthetic.MERCHANTS_FULL
+    assert abs(fraud.sum() - 29_757) < 300
+    assert world.card_rows.sum() == synthetic.ROWS_FULL
+
+
+def test_fraud_clusters_in_the_card_merchant_graph(text):
+    fraud = text[text["Is Fraud?"] == "Yes"]
+    card = fraud["User"] + "/" + fraud["Card"]
+    cards_per_merchant = card.groupby(fraud["Merchant Name"]).nunique()
+    shared = fraud["Merchant Name"].map(cards_per_merchant) >= 2
+    rows_per_card = card.value_counts()
+
+    # Most fraud happens at merchants where other cards see fraud too (rings, cash-out,
+    # testing merchants), and fraud comes in bursts per card.
+    assert shared.mean() > 0.5
+    assert (rows_per_card >= 2).mean() > 0.5
+
+
+# ---------------------------------------------------------------- errors and atomic output
+
+
+@pytest.mark.parametrize("n_rows", [0, -5, 2.5, "100", True, None])
+def test_invalid_row_count_is_a_clear_error_and_writes_nothing(tmp_path, n_rows):
+    with pytest.raises(ValueError, match="n_rows must be an integer >= 1"):
+        synthetic.generate(tmp_path / "tx.csv", n_rows)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, value", [("seed", -1), ("chunk_rows", 0)])
+def test_invalid_seed_or_chunk_size_is_a_clear_error(tmp_path, name, value):
+    with pytest.raises(ValueError, match=f"{name} must be an integer"):
+        synthetic.generate(tmp_path / "tx.csv", 100, **{name: value})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_folder_is_a_clear_error_and_leaves_nothing(tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the folder should be")
+
+    with pytest.raises(OSError, match="choose an output path in a writable folder"):
+        synthetic.generate(blocker / "tx.csv", 100)
+    assert [p.name for p in tmp_path.iterdir()] == ["not_a_folder"]
+
+
+def test_folder_as_output_path_is_a_clear_error(tmp_path):
+    with pytest.raises(IsADirectoryError, match="give a file path"):
+        synthetic.generate(tmp_path, 100)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_failing_midway_leaves_no_partial_file_and_keeps_the_old_one(tmp_path):
+    # A real failure in the middle of writing: the process may not grow a file past 64 KiB.
+    out = tmp_path / "tx.csv"
+    out.write_text("previous complete file\n")
+    script = textwrap.dedent(f"""
+        import resource, signal
+        from fraudlib import synthetic
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+        try:
+            synthetic.generate({str(out)!r}, 5000, chunk_rows=100)
+        except OSError as exc:
+            print("failed:", exc.errno)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+    assert "failed: 27" in result.stdout, result.stderr  # EFBIG
+    assert [p.name for p in tmp_path.iterdir()] == ["tx.csv"]
+    assert out.read_text() == "previous complete file\n"
+
+
+def test_no_temporary_file_is_left_after_success(generated):
+    assert [p.name for p in generated[0].parent.iterdir()] == [generated[0].name]
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_command_line_help_describes_the_options():
+    result = subprocess.run([sys.executable, "-m", "fraudlib.synthetic", "--help"],
+                            capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 0
+    for option in ("--rows", "--out", "--seed", "--chunk-rows", "TabFormer"):
+        assert option in result.stdout
+
+
+def test_command_line_writes_the_same_file_as_the_function(tmp_path):
+    out = tmp_path / "cli.csv"
+    result = subprocess.run([sys.executable, "-m", "fraudlib.synthetic", "--rows", "2000", "--out", str(out),
+                             "--seed", "4", "--quiet"], capture_output=True, text=True, timeout=120)
+    synthetic.generate(tmp_path / "api.csv", 2000, seed=4)
+
+    assert result.returncode == 0, result.stderr
+    assert "2,000 rows" in result.stdout
+    assert out.read_bytes() == (tmp_path / "api.csv").read_bytes()
+
+
+def test_command_line_rejects_a_bad_row_count_with_a_message(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fraudlib.synthetic", "--rows", "0",
+                             "--out", str(tmp_path / "x.csv")], capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 2
+    assert "n_rows must be an integer >= 1" in result.stderr
+    assert list(tmp_path.iterdir()) == []
