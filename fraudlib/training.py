@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import xgboost as xgb
 
 from fraudlib import gnn, metrics, model_export
-from fraudlib.graph_store import MANIFEST, Graph, read_part
+from fraudlib.graph_store import MANIFEST, Graph, compact, read_part
 
 # Not container hyperparameters: fixed here so that a run is described by the container's names.
 GNN_LEARNING_RATE = 0.01
@@ -203,7 +203,7 @@ def embed_edges(model: gnn.FraudGNN, graph: Graph, device: str) -> np.ndarray:
     """XGBoost input of every edge, each period's edges embedded over that period's graph."""
     out = np.empty((graph.num_edges, 0), dtype=np.float32)
     for mask in period_masks(graph):
-        features = model.edge_features(*_tensors(graph.edges(mask), device)).cpu().numpy()
+        features = model.edge_features(*_tensors(compact(graph.edges(mask)), device)).cpu().numpy()
         if out.shape[1] == 0:
             out = np.empty((graph.num_edges, features.shape[1]), dtype=np.float32)
         out[mask] = features
@@ -219,12 +219,13 @@ def _train_gnn(model: gnn.FraudGNN, train: Graph, val: Graph, s: GNNSettings, de
                progress: bool) -> dict:
     xu, xm, ei, ea = _tensors(train, device)
     y = torch.as_tensor(train.label, device=device)
-    val_tensors = _tensors(val, device)
+    val_tensors = _tensors(compact(val), device)
     weight = _class_weights(y)
     optimizer = torch.optim.Adam(model.parameters(), lr=GNN_LEARNING_RATE)
     sampled = neighbor_sampling_available()
     loader = _link_loader(train, s) if sampled else None
-    periods = [torch.as_tensor(m, device=device) for m in period_masks(train)]
+    periods = [_tensors(compact(train.edges(m)), device) + (y[torch.as_tensor(m, device=device)],)
+               for m in period_masks(train)]
     order = np.random.default_rng(0)
     curve = {"epoch": [], "loss": [], "val_auprc": []}
     for epoch in range(1, s.num_epochs + 1):
@@ -234,12 +235,12 @@ def _train_gnn(model: gnn.FraudGNN, train: Graph, val: Graph, s: GNNSettings, de
         else:
             losses = []
             for period in order.permutation(len(periods)):
-                mask = periods[period]
+                pxu, pxm, pei, pea, py = periods[period]
                 optimizer.zero_grad()
-                loss_t = F.cross_entropy(model(xu, xm, ei[:, mask], ea[mask]), y[mask], weight=weight)
+                loss_t = F.cross_entropy(model(pxu, pxm, pei, pea), py, weight=weight)
                 loss_t.backward()
                 optimizer.step()
-                losses.append(loss_t.item() * int(mask.sum()))
+                losses.append(loss_t.item() * len(py))
             loss = sum(losses) / len(y)
         model.eval()
         with torch.no_grad():
@@ -357,7 +358,7 @@ def train(graph_dir: Path | str, out_dir: Path | str, gnn_params: dict | None = 
     model.eval()
     # Validation (2018) and test (2019-2020) are one graph each, as Triton is sent them.
     x_emb = {"train": embed_edges(model, graphs["train"], device),
-             **{split: model.edge_features(*_tensors(graphs[split], device)).cpu().numpy()
+             **{split: model.edge_features(*_tensors(compact(graphs[split]), device)).cpu().numpy()
                 for split in ("validation", "test")}}
     seconds["embed"] = time.perf_counter() - t
 

@@ -253,3 +253,36 @@ def test_sampled_epoch_trains_on_minibatches_shaped_like_link_neighbor_loader_ou
     loss = training._sampled_epoch(model, batches, ea, y, training._class_weights(y), optimizer)
     assert np.isfinite(loss) and loss > 0
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_compacting_a_graph_to_its_touched_nodes_leaves_every_edge_score_unchanged():
+    import torch
+
+    from fraudlib.gnn import FraudGNN
+    from fraudlib.graph_store import compact
+    from fraudlib.training import _tensors
+
+    rng = np.random.default_rng(3)
+    g = Graph(x_user=rng.random((50, 4), dtype=np.float32), x_merchant=rng.random((70, 5), dtype=np.float32),
+              edge_index=np.vstack([rng.integers(0, 20, 80), rng.integers(30, 60, 80)]),
+              edge_attr=rng.random((80, 3), dtype=np.float32), label=rng.integers(0, 2, 80),
+              split=np.full(80, "test", dtype=object))
+    small = compact(g)
+    assert small.x_user.shape[0] <= 20 and small.x_merchant.shape[0] <= 30
+    torch.manual_seed(0)
+    model = FraudGNN(4, 5, 3, hidden_channels=8).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(model(*_tensors(small, "cpu")).numpy(), model(*_tensors(g, "cpu")).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_period_masks_split_a_graph_by_year_and_cover_every_edge_once():
+    from fraudlib.training import period_masks
+
+    g = Graph(x_user=np.zeros((2, 1), np.float32), x_merchant=np.zeros((2, 1), np.float32),
+              edge_index=np.zeros((2, 5), np.int64), edge_attr=np.zeros((5, 1), np.float32),
+              label=np.zeros(5, np.int64), split=np.full(5, "train", dtype=object),
+              year=np.array([2001, 2000, 2001, 2003, 2000]))
+    masks = period_masks(g)
+    assert len(masks) == 3
+    assert np.array_equal(np.sum(masks, axis=0), np.ones(5))

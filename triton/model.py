@@ -117,9 +117,15 @@ class FraudPredictor:
 
     def predict(self, x_user, x_merchant, edge_index, edge_attr) -> np.ndarray:
         """Fraud probability of every edge, float32 [E]."""
-        inputs = [torch.as_tensor(a, device=self.device) for a in self.check(x_user, x_merchant, edge_index, edge_attr)]
-        if inputs[2].shape[1] == 0:
+        x_user, x_merchant, edge_index, edge_attr = self.check(x_user, x_merchant, edge_index, edge_attr)
+        if edge_index.shape[1] == 0:
             return np.zeros(0, dtype=np.float32)
+        # Only the nodes the edges touch take part in message passing: drop the others, so a
+        # one-transaction request costs one transaction's work whatever node tables it carries.
+        users, src = np.unique(edge_index[0], return_inverse=True)
+        merchants, dst = np.unique(edge_index[1], return_inverse=True)
+        inputs = [torch.as_tensor(a, device=self.device)
+                  for a in (x_user[users], x_merchant[merchants], np.vstack([src, dst]), edge_attr)]
         return self._scores(*inputs).astype(np.float32)
 
     def _groups(self, widths: tuple[int, int, int], masks: dict | None) -> list[np.ndarray]:
@@ -184,6 +190,10 @@ class TritonPythonModel:
         device = "cpu"
         if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
             device = f"cuda:{args['model_instance_device_id']}"
+        if device == "cpu":
+            # Triton scales with model instances; intra-op threads in each one fight over the
+            # cores (and torch's and xgboost's OpenMP pools spin against each other).
+            torch.set_num_threads(1)
         self.predictor = FraudPredictor(Path(__file__).resolve().parent, device)
 
     def execute(self, requests):
