@@ -64,9 +64,9 @@ MCCS = (
     5193, 5533, 5816, 6051,
 )
 
-# Fraud infrastructure (mule, cash-out and testing merchants) mostly trades under these
-# categories, rare in ordinary shopping: the mark that spreads through the graph to the cards
-# that touched such merchants and to their other transactions.
+# Some fraud-infrastructure merchants (mules, cash-out, card testing) trade under these
+# categories, rare in ordinary shopping: a mark a model can only carry to the rest of a
+# campaign (other merchants, the cards' other rows) through the graph.
 MULE_MCC, TESTER_MCC = 6051, 5816  # quasi-cash, digital goods
 INFRA_MCC_SHARE = 0.3
 
@@ -471,8 +471,8 @@ class _Planter:
         return self.rng.choice(ok, size=min(k, ok.size), replace=False)
 
     def fresh(self, pool: np.ndarray, k: int, mcc: int) -> np.ndarray:
-        """k merchants never used by another campaign (so their ids carry no history); most
-        of them trade under the infrastructure category ``mcc``."""
+        """k merchants never used by another campaign (so their ids carry no history); a share
+        INFRA_MCC_SHARE of them trade under the infrastructure category ``mcc``."""
         free = pool[~self.used[pool]]
         if free.size < k:
             free = pool
@@ -824,6 +824,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Write synthetic credit-card transactions in exactly the IBM TabFormer "
                     "card_transaction.v1.csv format (see docs/synthetic_data.md). The real file has "
                     f"{ROWS_FULL:,} rows; smaller files scale its marginals down.",
+        epilog="example: python -m fraudlib.synthetic --rows 2000000 --out runs/data/card_transaction.v1.csv",
     )
     parser.add_argument("--rows", type=int, required=True, help="number of transaction rows to write")
     parser.add_argument("--out", type=Path, required=True, help="output CSV path (written atomically)")
