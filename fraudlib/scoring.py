@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fraudlib import registry, tracking
-from fraudlib.graph_store import Graph, compact, read_encoders, read_part
+from fraudlib.graph_store import Graph, read_encoders, read_part
 from fraudlib.lifecycle import repository
 from fraudlib.triton_repo import PUBLIC_MODEL, graph_inputs
 from fraudlib.triton_server import TritonClient
@@ -95,8 +95,7 @@ def champion_meta(client: TritonClient) -> dict:
 
 def _predict(client: TritonClient, graph: Graph, shap: bool = False) -> dict:
     # No version named: this is what any client of the public model gets, i.e. the champion.
-    # Only the nodes the edges touch are sent: same scores, a far smaller request.
-    return client.infer(PUBLIC_MODEL, graph_inputs(compact(graph), compute_shap=shap))
+    return client.infer(PUBLIC_MODEL, graph_inputs(graph, compute_shap=shap))
 
 
 def explain_example(client: TritonClient, graph_dir: Path | str | None = None) -> Example:

@@ -47,7 +47,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from fraudlib import settings
-from fraudlib.graph_store import Graph
+from fraudlib.graph_store import Graph, compact
 from fraudlib.triton_server import TritonClient, TritonError
 
 PUBLIC_MODEL = settings.TRITON_MODEL_NAME
@@ -154,7 +154,12 @@ def _atomic_write(path: Path, text: str) -> None:
 # --- the serving contract's inputs -------------------------------------------------------
 
 def graph_inputs(graph: Graph, compute_shap: bool = False) -> dict[str, np.ndarray]:
-    """A graph as the serving contract's input tensors (masks when the graph has them)."""
+    """A graph as the serving contract's input tensors (masks when the graph has them).
+
+    Only the nodes its edges touch are sent (``compact``): every score is the same, and the
+    request no longer carries the whole node tables (10 MB for the full TabFormer graph).
+    """
+    graph = compact(graph)
     inputs = {
         "x_user": np.asarray(graph.x_user, dtype=np.float32),
         "x_merchant": np.asarray(graph.x_merchant, dtype=np.float32),
