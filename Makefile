@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast bench kernel lab clean
+.PHONY: setup run test test-e2e test-all bench lab clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,13 +19,16 @@ setup: $(STAMP)  ## create/update .venv from the pinned requirements
 run: $(STAMP)  ## the whole pipeline on the embedded defaults (synthetic data, embedded MLflow + Triton)
 	$(BIN)/python run_pipeline.py $(ARGS)
 
-test: $(STAMP)  ## all tests, the slow end-to-end pipeline test included
-	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/pytest -q $(ARGS)
-
-test-fast: $(STAMP)  ## tests without the slow end-to-end ones
+test: $(STAMP)  ## the test suite (real Triton, MLflow, papermill), without the slow end-to-end tests
 	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/pytest -q -m "not slow" $(ARGS)
 
-bench: $(STAMP)  ## benchmarks (print figures; see docs/benchmarks.md)
+test-e2e: $(STAMP)  ## the slow end-to-end tests: the whole pipeline twice, then the fraud commands
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/pytest -q -m slow $(ARGS)
+
+test-all: $(STAMP)  ## both
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/pytest -q $(ARGS)
+
+bench: $(STAMP)  ## benchmarks at full size (print figures; see docs/benchmarks.md)
 	$(BIN)/python benchmarks/bench_preprocess.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_triton.py
