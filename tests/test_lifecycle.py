@@ -1,0 +1,127 @@
+"""Champion/challenger jobs (fraudlib.lifecycle) on the real embedded Triton and a real MLflow
+store, with the tiny real Python-backend test model (score = sigmoid(w . features + bias))."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fraudlib import graph_store, lifecycle, promotion, registry, settings, tracking
+from fraudlib.graph_store import Graph
+from fraudlib.triton_repo import PUBLIC_MODEL, graph_inputs
+from fraudlib.triton_server import EmbeddedTriton
+from test_triton_repo import TINY_MODEL, make_package
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FRAUD_RUNS_DIR", str(root))
+    for name in ("MLFLOW_TRACKING_URI", "TRITON_URL", "TRITON_MODEL_REPO"):
+        mp.delenv(name, raising=False)
+    with EmbeddedTriton(settings.triton_model_repository(), root / "triton.log") as server:
+        with server.client() as client:
+            yield root, client
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def graph_dir(env, tmp_path_factory):
+    """A test graph labelled so that the bias-0 model is exactly right at threshold 0.5."""
+    rng = np.random.default_rng(0)
+    meta = json.loads((TINY_MODEL / "1" / "meta.json").read_text())
+    dims = meta["dims"]
+    g = Graph(x_user=rng.normal(size=(30, dims["user"])).astype(np.float32),
+              x_merchant=rng.normal(size=(20, dims["merchant"])).astype(np.float32),
+              edge_index=np.vstack([rng.integers(0, 30, 300), rng.integers(0, 20, 300)]),
+              edge_attr=rng.normal(size=(300, dims["edge"])).astype(np.float32),
+              label=np.zeros(300, np.int64), split=np.full(300, "test", dtype=object),
+              user_features=[f"u{i}" for i in range(dims["user"])],
+              merchant_features=[f"m{i}" for i in range(dims["merchant"])],
+              edge_features=[f"e{i}" for i in range(dims["edge"])],
+              feature_mask_user=np.zeros(dims["user"], np.int32),
+              feature_mask_merchant=np.ones(dims["merchant"], np.int32),
+              feature_mask_edge=np.full(dims["edge"], 2, np.int32))
+    x = np.hstack([g.x_user[g.edge_index[0]], g.x_merchant[g.edge_index[1]], g.edge_attr])
+    g.label = (x @ np.asarray(meta["weights"]) > 0).astype(np.int64)
+    out = tmp_path_factory.mktemp("graph")
+    graph_store.write_part(out, "test", g)
+    return out
+
+
+def training_run() -> str:
+    import mlflow
+
+    with mlflow.start_run(experiment_id=tracking.ensure_experiment()) as run:
+        return run.info.run_id
+
+
+def evaluate_and_deploy(env, graph_dir, package):
+    _, client = env
+    evaluation = lifecycle.evaluate(package, graph_dir, client, training_run())
+    deployment = lifecycle.deploy(evaluation.decision.decision, evaluation.challenger_version,
+                                  evaluation.registry_version, client)
+    return evaluation, deployment
+
+
+def consistent(client) -> int:
+    """Exactly one version serves, and it is the registry champion's Triton version."""
+    state = lifecycle.repository(client).state()
+    ready = {(m, v) for m, v, s in state.triton if s == "READY"}
+    assert ready == {(PUBLIC_MODEL, state.champion)}
+    assert lifecycle.registry_champion_triton_version() == state.champion
+    return state.champion
+
+
+def test_the_first_model_is_promoted_in_triton_and_in_the_registry(env, graph_dir, tmp_path):
+    evaluation, deployment = evaluate_and_deploy(env, graph_dir, make_package(tmp_path, -1.0))
+    assert evaluation.champion_version is None and evaluation.decision.decision == promotion.PROMOTE
+    assert deployment.action == promotion.PROMOTE and deployment.champion_version == 1
+    assert consistent(env[1]) == 1
+    assert registry.champion().version == evaluation.registry_version
+
+
+def test_a_better_challenger_is_promoted_and_the_old_champion_becomes_previous(env, graph_dir, tmp_path):
+    old = registry.champion()
+    evaluation, deployment = evaluate_and_deploy(env, graph_dir, make_package(tmp_path, 0.0))
+    assert evaluation.challenger_metrics["f1"] == 1.0 > evaluation.champion_metrics["f1"]
+    assert deployment.action == promotion.PROMOTE
+    assert consistent(env[1]) == evaluation.challenger_version
+    assert registry.by_alias(settings.PREVIOUS_CHAMPION_ALIAS).version == old.version
+
+
+def test_a_worse_challenger_is_rejected_and_the_champion_keeps_serving(env, graph_dir, tmp_path):
+    _, client = env
+    champion = consistent(client)
+    before = client.infer(PUBLIC_MODEL, graph_inputs(graph_store.read_part(graph_dir, "test")))["PREDICTION"]
+    evaluation, deployment = evaluate_and_deploy(env, graph_dir, make_package(tmp_path, 1.0))
+    assert evaluation.decision.decision == promotion.REJECT and "does not beat" in evaluation.decision.reason
+    assert deployment.action == promotion.REJECT
+    assert consistent(client) == champion
+    after = client.infer(PUBLIC_MODEL, graph_inputs(graph_store.read_part(graph_dir, "test")))["PREDICTION"]
+    np.testing.assert_array_equal(before, after)
+    assert registry.by_alias(settings.CHALLENGER_ALIAS) is None
+
+
+def test_a_failed_health_check_after_promotion_rolls_back_in_triton_and_registry(env, graph_dir, tmp_path):
+    _, client = env
+    champion = consistent(client)
+    broken = make_package(tmp_path, 0.0, output_nan=PUBLIC_MODEL)  # fine in evaluation, NaN once public
+    evaluation = lifecycle.evaluate(broken, graph_dir, client, training_run())
+    deployment = lifecycle.deploy(promotion.PROMOTE, evaluation.challenger_version, evaluation.registry_version,
+                                  client)
+    assert deployment.action == lifecycle.ROLLED_BACK
+    assert consistent(client) == champion
+
+
+def test_a_crash_after_triton_promoted_but_before_the_registry_did_is_reconciled(env, graph_dir, tmp_path):
+    _, client = env
+    champion = consistent(client)
+    evaluation = lifecycle.evaluate(make_package(tmp_path, 0.0), graph_dir, client, training_run())
+    lifecycle.repository(client).promote(evaluation.challenger_version,
+                                         registry_champion_version=champion)  # the process dies here
+    lifecycle.reconcile(client)
+    assert consistent(client) == champion
