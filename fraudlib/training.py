@@ -26,6 +26,7 @@ Hyperparameters use the NVIDIA training container's names and defaults (``GNNSet
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 import hashlib
 import math
 import os
@@ -183,6 +184,21 @@ def _check_graph(graph_dir: Path, train_part: Graph, test_part: Graph) -> None:
 def _tensors(graph: Graph, device: str) -> tuple[torch.Tensor, ...]:
     return (torch.as_tensor(graph.x_user, device=device), torch.as_tensor(graph.x_merchant, device=device),
             torch.as_tensor(graph.edge_index, device=device), torch.as_tensor(graph.edge_attr, device=device))
+
+
+@contextmanager
+def repeatable(device: str):
+    """On CPU, torch single-threaded: its multi-threaded scatter sums (message passing) add in
+    a varying order, so two runs with one seed gave GNN weights 0.06 apart and different models."""
+    if device != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def period_masks(graph: Graph) -> list[np.ndarray]:
@@ -351,15 +367,17 @@ def train(graph_dir: Path | str, out_dir: Path | str, gnn_params: dict | None = 
                     "edge_channels": test.edge_attr.shape[1], "hidden_channels": gnn_s.hidden_channels,
                     "n_hops": gnn_s.n_hops, "layer": gnn_s.layer, "dropout_prob": gnn_s.dropout_prob}
     model = gnn.FraudGNN(**architecture).to(device)
-    curve = _train_gnn(model, graphs["train"], graphs["validation"], gnn_s, device, progress)
+    with repeatable(device):
+        curve = _train_gnn(model, graphs["train"], graphs["validation"], gnn_s, device, progress)
     seconds["gnn"] = time.perf_counter() - t
 
     t = time.perf_counter()
     model.eval()
     # Validation (2018) and test (2019-2020) are one graph each, as Triton is sent them.
-    x_emb = {"train": embed_edges(model, graphs["train"], device),
-             **{split: model.edge_features(*_tensors(compact(graphs[split]), device)).cpu().numpy()
-                for split in ("validation", "test")}}
+    with repeatable(device):
+        x_emb = {"train": embed_edges(model, graphs["train"], device),
+                 **{split: model.edge_features(*_tensors(compact(graphs[split]), device)).cpu().numpy()
+                    for split in ("validation", "test")}}
     seconds["embed"] = time.perf_counter() - t
 
     names = _feature_names(test, gnn_s.hidden_channels)
