@@ -137,6 +137,18 @@ def evaluate(model_dir: Path | str, graph_dir: Path | str, client: TritonClient,
                       decision, threshold, test.label, challenger_scores, champion_scores, unusable)
 
 
+def pending_decision(client: TritonClient | None, root: Path | str | None = None) -> tuple[str, int, int] | None:
+    """(decision, challenger Triton version, registry version) of the staged challenger, as
+    evaluate logged it on its training run; None when no challenger is staged. Lets stage 4
+    act on stage 3's decision when the notebooks run one by one, without the runner's glue."""
+    staged = repository(client, root).state().challenger
+    challenger = registry.by_alias(settings.CHALLENGER_ALIAS)
+    if staged is None or challenger is None or challenger.triton_version != staged:
+        return None
+    decision = tracking.configure().get_run(challenger.run_id).data.tags.get("promotion_decision")
+    return (decision, staged, challenger.version) if decision else None
+
+
 def deploy(decision: str, challenger_version: int, registry_version: int, client: TritonClient,
            repo_root: Path | str | None = None, fail_after: str | None = None) -> Deployment:
     """Act on the decision: promote (Triton, then registry alias) or reject.

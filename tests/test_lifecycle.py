@@ -125,3 +125,14 @@ def test_a_crash_after_triton_promoted_but_before_the_registry_did_is_reconciled
                                          registry_champion_version=champion)  # the process dies here
     lifecycle.reconcile(client)
     assert consistent(client) == champion
+
+
+def test_the_decision_of_a_staged_challenger_can_be_found_without_the_runner(env, graph_dir, tmp_path):
+    _, client = env
+    champion = consistent(client)
+    evaluation = lifecycle.evaluate(make_package(tmp_path, 1.0), graph_dir, client, training_run())
+    assert lifecycle.pending_decision(client) == (evaluation.decision.decision, evaluation.challenger_version,
+                                                  evaluation.registry_version)
+    lifecycle.deploy(*lifecycle.pending_decision(client), client)
+    assert lifecycle.pending_decision(client) is None
+    assert consistent(client) == champion
