@@ -149,6 +149,8 @@ def cmd_score(args) -> int:
         scored = scoring.score_transactions(client, Path(args.csv))
     with pd.option_context("display.max_rows", args.max_rows, "display.width", 160):
         print(scored.to_string(index=False, max_rows=args.max_rows))
+    print(f"scored by the champion inside their graph context: {scored.attrs.get('context_edges', 0)} edges "
+          "(the new rows plus the champion's test transactions of the same cards and merchants, 2 hops)")
     if args.out:
         scored.to_csv(args.out, index=False)
         print(f"written to {args.out}")
