@@ -35,13 +35,9 @@ def _client(url: str, log_name: str, port: int | None = None, load_champion: boo
     from fraudlib.triton_server import EmbeddedTriton, connect
 
     if url:
-        client = connect(url)
-        client.require_live()
-        yield client
+        yield connect(url)  # checked live
         return
     log = settings.runs_root() / "serve" / f"{log_name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    settings.triton_model_repository().mkdir(parents=True, exist_ok=True)
     with EmbeddedTriton(settings.triton_model_repository(), log, http_port=port) as server:
         client = server.client()
         if load_champion:

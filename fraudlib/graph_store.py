@@ -64,21 +64,10 @@ class Graph:
 
     def edges(self, mask: np.ndarray) -> "Graph":
         """The same nodes with only the edges selected by ``mask``."""
-        return Graph(
-            x_user=self.x_user,
-            x_merchant=self.x_merchant,
-            edge_index=self.edge_index[:, mask],
-            edge_attr=self.edge_attr[mask],
-            label=self.label[mask],
-            split=self.split[mask],
-            user_features=self.user_features,
-            merchant_features=self.merchant_features,
-            edge_features=self.edge_features,
-            feature_mask_user=self.feature_mask_user,
-            feature_mask_merchant=self.feature_mask_merchant,
-            feature_mask_edge=self.feature_mask_edge,
-            year=None if self.year is None else self.year[mask],
-        )
+        return dataclasses.replace(
+            self, edge_index=self.edge_index[:, mask], edge_attr=self.edge_attr[mask],
+            label=self.label[mask], split=self.split[mask],
+            year=None if self.year is None else self.year[mask])
 
 
 def compact(graph: Graph) -> Graph:

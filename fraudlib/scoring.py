@@ -9,6 +9,7 @@ request size.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,15 +122,13 @@ def explain_example(client: TritonClient, graph_dir: Path | str | None = None) -
 def append_edges(graph: Graph, user_ids: np.ndarray, merchant_ids: np.ndarray, edge_attr: np.ndarray) -> Graph:
     """The graph with new (unlabelled) edges appended after its own."""
     n = len(user_ids)
-    return Graph(
-        x_user=graph.x_user, x_merchant=graph.x_merchant,
+    return dataclasses.replace(
+        graph,
         edge_index=np.hstack([graph.edge_index, np.vstack([user_ids, merchant_ids]).astype(np.int64)]),
         edge_attr=np.vstack([graph.edge_attr, edge_attr.astype(np.float32)]),
         label=np.concatenate([graph.label, np.full(n, -1, dtype=np.int64)]),
         split=np.concatenate([graph.split, np.full(n, NEW_SPLIT, dtype=object)]),
-        user_features=graph.user_features, merchant_features=graph.merchant_features,
-        edge_features=graph.edge_features, feature_mask_user=graph.feature_mask_user,
-        feature_mask_merchant=graph.feature_mask_merchant, feature_mask_edge=graph.feature_mask_edge,
+        year=None,  # new rows carry no year: the graph is scored as one period
     )
 
 

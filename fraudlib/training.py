@@ -217,10 +217,10 @@ def period_masks(graph: Graph) -> list[np.ndarray]:
 @torch.no_grad()
 def embed_edges(model: gnn.FraudGNN, graph: Graph, device: str) -> np.ndarray:
     """XGBoost input of every edge, each period's edges embedded over that period's graph."""
-    out = np.empty((graph.num_edges, 0), dtype=np.float32)
+    out = None
     for mask in period_masks(graph):
         features = model.edge_features(*_tensors(compact(graph.edges(mask)), device)).cpu().numpy()
-        if out.shape[1] == 0:
+        if out is None:
             out = np.empty((graph.num_edges, features.shape[1]), dtype=np.float32)
         out[mask] = features
     return out
@@ -233,16 +233,18 @@ def _class_weights(labels: torch.Tensor) -> torch.Tensor:
 
 def _train_gnn(model: gnn.FraudGNN, train: Graph, val: Graph, s: GNNSettings, device: str,
                progress: bool) -> dict:
-    xu, xm, ei, ea = _tensors(train, device)
     y = torch.as_tensor(train.label, device=device)
     val_tensors = _tensors(compact(val), device)
     weight = _class_weights(y)
     optimizer = torch.optim.Adam(model.parameters(), lr=GNN_LEARNING_RATE)
     sampled = neighbor_sampling_available()
-    loader = _link_loader(train, s) if sampled else None
-    periods = [_tensors(compact(train.edges(m)), device) + (y[torch.as_tensor(m, device=device)],)
-               for m in period_masks(train)]
-    order = np.random.default_rng(0)
+    if sampled:
+        loader = _link_loader(train, s)
+        ea = torch.as_tensor(train.edge_attr, device=device)
+    else:
+        periods = [_tensors(compact(train.edges(m)), device) + (y[torch.as_tensor(m, device=device)],)
+                   for m in period_masks(train)]
+        order = np.random.default_rng(0)
     curve = {"epoch": [], "loss": [], "val_auprc": []}
     for epoch in range(1, s.num_epochs + 1):
         model.train()
