@@ -5,7 +5,7 @@ Measures, for one model package made champion of a fresh repository:
   and a restart serving the champion (start, load, health check: what `fraud serve` does),
 - throughput scoring a whole test graph in one request (transactions/s),
 - latency p50/p99 of single-transaction requests (a 1-edge graph: the request cost,
-  not a score in context) at concurrency 1 and 8 (one client per thread).
+  not a score in context) at concurrency 1 (``--rounds`` rounds) and 8 (one client per thread).
 
     .venv/bin/python benchmarks/bench_triton.py                       # tiny test model
     .venv/bin/python benchmarks/bench_triton.py --package <out>/prediction_and_shapley \\
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--graph-dir", type=Path, default=None,
                         help="graph directory whose test part is the batch graph (default: random)")
     parser.add_argument("--requests", type=int, default=2000, help="single-transaction requests per run")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of single requests at concurrency 1")
     parser.add_argument("--repeats", type=int, default=5, help="timed whole-graph requests")
     parser.add_argument("--json-out", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
@@ -150,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
                 "start_to_ready_s": server.start_to_ready_s,
                 "stage_and_promote_s": stage_promote_s,
                 "batch": batch_throughput(client, graph, args.repeats),
+                # This VM's scheduling noise moves a p99 by 2x between runs: several rounds show it.
                 "latency": [latency(server.url, single_transactions(graph, args.requests), c)
-                            for c in (1, 8)],
+                            for c in [1] * args.rounds + [8]],
             }
         figures["restart_serving_champion_s"] = restart_serving_champion(tmp)
     print(json.dumps(figures, indent=1))
@@ -163,8 +165,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{b['tx_per_s_median']:,.0f} tx/s (target >= 100,000)")
     for lat in figures["latency"]:
         print(f"single transaction, concurrency {lat['concurrency']}: p50 {lat['p50_ms']:.2f} ms, "
-              f"p99 {lat['p99_ms']:.2f} ms, {lat['requests_per_s']:,.0f} req/s"
-              + (" (target p99 <= 5 ms)" if lat["concurrency"] == 1 else ""))
+              f"p99 {lat['p99_ms']:.2f} ms, {lat['requests_per_s']:,.0f} req/s")
+    serial = [lat for lat in figures["latency"] if lat["concurrency"] == 1]
+    print(f"concurrency 1 over {len(serial)} rounds: median p50 "
+          f"{np.median([lat['p50_ms'] for lat in serial]):.2f} ms, median p99 "
+          f"{np.median([lat['p99_ms'] for lat in serial]):.2f} ms (target p99 <= 5 ms)")
     if args.json_out:
         args.json_out.write_text(json.dumps(figures, indent=1))
     return 0

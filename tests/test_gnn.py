@@ -93,6 +93,48 @@ def test_eval_mode_is_deterministic_and_training_mode_applies_dropout():
     assert not torch.equal(first, model(*inputs))
 
 
+def _random_graph(n_users: int, n_merchants: int, n_edges: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    edge_index = torch.stack([torch.randint(0, n_users, (n_edges,), generator=g),
+                              torch.randint(0, n_merchants, (n_edges,), generator=g)])
+    return (torch.rand(n_users, FU, generator=g), torch.rand(n_merchants, FM, generator=g), edge_index,
+            torch.rand(n_edges, FE, generator=g))
+
+
+def _through_heteroconv(method, inputs) -> torch.Tensor:
+    """``method(*inputs)`` computed by PyG's HeteroConv/SAGEConv modules themselves."""
+    model = method.__self__
+    model._plain_sage = False
+    try:
+        return method(*inputs)
+    finally:
+        model._plain_sage = True
+
+
+@pytest.mark.parametrize("size", [(1, 1, 1), (U, M, 0), (40, 300, 1000), (2000, 5000, 20000)])
+def test_inference_without_heteroconv_is_bitwise_what_pyg_computes(size):
+    # The fast SAGEConv path serves single transactions; it must not change one bit.
+    model = _model()
+    assert model._plain_sage
+    inputs = _random_graph(*size, seed=sum(size))
+    with torch.no_grad():
+        assert torch.equal(model.edge_features(*inputs), _through_heteroconv(model.edge_features, inputs))
+        assert torch.equal(model(*inputs), _through_heteroconv(model.forward, inputs))
+
+
+def test_the_fast_path_is_taken_only_for_plain_sage_layers_in_eval_mode(monkeypatch):
+    calls = []
+    original = gnn._sage_mean
+    monkeypatch.setattr(gnn, "_sage_mean", lambda *a: calls.append(1) or original(*a))
+    inputs = _graph()
+    _model("GraphConv")(*inputs)
+    sage = _model()
+    sage.train()(*inputs)
+    assert not calls
+    sage.eval()(*inputs)
+    assert len(calls) == 2 * 2  # two hops, two directions
+
+
 def test_a_graph_without_edges_gives_no_logits():
     x_user, x_merchant, _, _ = _graph()
     logits = _model()(x_user, x_merchant, torch.zeros((2, 0), dtype=torch.long), torch.zeros((0, FE)))

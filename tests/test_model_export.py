@@ -155,6 +155,21 @@ def test_invalid_inputs_are_rejected_naming_the_input(model, graph_dir, change, 
         model.predict(graph)
 
 
+@pytest.mark.parametrize("rows", [0, 1, 7, 5000])
+def test_the_direct_xgboost_call_predicts_bitwise_what_inplace_predict_does(model, rows):
+    predictor = model.predictor
+    features = np.random.default_rng(rows).normal(size=(rows, predictor.booster.num_features()))
+    features = features.astype(np.float32)
+    expected = predictor.booster.inplace_predict(features) if rows else np.zeros(0, np.float32)
+    got = predictor.predict_dense(features)
+    assert got.dtype == np.float32 and np.array_equal(got, expected)
+
+
+def test_the_direct_xgboost_call_reports_xgboosts_error(model):
+    with pytest.raises(RuntimeError, match="Number of columns in data must equal"):
+        model.predictor.predict_dense(np.zeros((2, 3), np.float32))
+
+
 def test_a_graph_without_edges_scores_to_nothing(model, test_graph):
     assert model.predict(test_graph.edges(np.zeros(test_graph.num_edges, dtype=bool))).shape == (0,)
 
