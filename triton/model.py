@@ -258,9 +258,11 @@ class TritonPythonModel:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"invalid request: {error}"))
         except Exception as error:  # a response, never a dead model instance
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"inference failed: {error!r}"))
-        outputs = [pb_utils.Tensor("PREDICTION", scores.reshape(-1, 1))]
-        outputs += [pb_utils.Tensor(name, values) for name, values in shap.items()]
-        return pb_utils.InferenceResponse(output_tensors=outputs)
+        # Only the outputs the client asked for (all when it named none) travel back.
+        requested = set(request.requested_output_names())
+        outputs = {"PREDICTION": scores.reshape(-1, 1), **shap}
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor(name, values) for name, values in outputs.items() if name in requested])
 
     def finalize(self):
         self.predictor = None
