@@ -8,13 +8,14 @@ then the registry.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from fraudlib import metrics, promotion, registry, settings, tracking
-from fraudlib.graph_store import Graph, manifest_hash, read_part
+from fraudlib.graph_store import ENCODERS, Graph, manifest_hash, read_encoders, read_part
 from fraudlib.triton_repo import PromotionFailed, ReconcileReport, TritonRepository, graph_inputs
 from fraudlib.triton_server import TritonClient, TritonError
 
@@ -35,6 +36,8 @@ class Evaluation:
     challenger_scores: np.ndarray = field(repr=False)
     champion_scores: np.ndarray | None = field(repr=False)
     champion_unusable: str | None = None  # why the champion could not score this graph
+    # How the two were compared when the champion was preprocessed with other encoders.
+    comparison: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,28 @@ def _prediction(out: dict) -> np.ndarray:
     return np.asarray(out["PREDICTION"], dtype=np.float64).reshape(-1)
 
 
+def champion_view(test: Graph, graph_dir: Path | str, champion_graph_dir: Path | str | None
+                  ) -> tuple[Graph, np.ndarray | None]:
+    """The test transactions as the champion sees them, and which of them it can score.
+
+    When the champion was trained on a graph with the same encoders (or its graph is unknown),
+    that is the test graph itself (None: all of them). When its preprocessing fitted other
+    encoders (new cards or merchants change a binary code's width, a new undersampling draw
+    changes the categories), the raw test rows are re-encoded with the champion's saved
+    encoders: the same transactions and labels, with the features it was trained on. A row
+    whose card or merchant the champion's encoders never saw cannot be scored by it.
+    """
+    from fraudlib.preprocess import encode_graph, read_test_rows
+
+    ours, theirs = Path(graph_dir) / ENCODERS, Path(champion_graph_dir or graph_dir) / ENCODERS
+    if not theirs.is_file() or ours.read_bytes() == theirs.read_bytes():
+        return test, None
+    graph, known = encode_graph(read_test_rows(graph_dir), read_encoders(champion_graph_dir))
+    if not np.array_equal(graph.label, test.label[known]):
+        raise ValueError(f"the raw test rows of {graph_dir} do not match its test graph: preprocess again")
+    return graph, known
+
+
 def evaluate(model_dir: Path | str, graph_dir: Path | str, client: TritonClient, mlflow_run_id: str,
              threshold: float = 0.5, metric: str = "f1", min_improvement: float = 0.0,
              repo_root: Path | str | None = None) -> Evaluation:
@@ -117,24 +142,36 @@ def evaluate(model_dir: Path | str, graph_dir: Path | str, client: TritonClient,
     challenger_metrics = metrics.report(test.label, challenger_scores, threshold)
 
     champion_version = repo.state().champion
-    champion_scores = champion_metrics = unusable = None
+    labels = test.label
+    champion_scores = champion_metrics = unusable = comparison = None
     if champion_version is not None:
         try:
-            champion_scores = _prediction(repo.score(champion_version, inputs))
-            champion_metrics = metrics.report(test.label, champion_scores, threshold)
-        except TritonError as e:
-            unusable = f"the champion (version {champion_version}) cannot score this graph: {e}"
+            champion_test, known = champion_view(test, graph_dir, registry.graph_dir_of(registry.champion()))
+            if known is not None:
+                comparison = (f"the champion's preprocessing fitted other encoders: the test rows were "
+                              f"re-encoded with them; compared on {int(known.sum()):,} of {known.size:,} test "
+                              f"transactions (the others have a card or merchant the champion never saw)")
+                labels, challenger_scores = labels[known], challenger_scores[known]
+                challenger_metrics = metrics.report(labels, challenger_scores, threshold)
+            if not len(labels):
+                raise ValueError("no test transaction is known to both models")
+            champion_scores = _prediction(repo.score(champion_version, graph_inputs(champion_test)))
+            champion_metrics = metrics.report(labels, champion_scores, threshold)
+        except (TritonError, OSError, ValueError) as e:
+            unusable = f"the champion (version {champion_version}) cannot score this test set: {e}"
 
     if unusable:
         decision = promotion.Decision(
-            promotion.REJECT, unusable + "; the feature schema changed: compare on a common test set "
-            "or promote explicitly", metric, float(challenger_metrics[metric]), None, min_improvement)
+            promotion.REJECT, unusable + "; compare on a common test set or promote explicitly",
+            metric, float(challenger_metrics[metric]), None, min_improvement)
     else:
         decision = promotion.decide(challenger_metrics, champion_metrics, metric, min_improvement)
+        if comparison:
+            decision = dataclasses.replace(decision, reason=f"{decision.reason} ({comparison})")
     registry.log_evaluation(mlflow_run_id, challenger_metrics, champion_metrics,
                             decision.decision, decision.reason)
     return Evaluation(version, champion_version, registered.version, challenger_metrics, champion_metrics,
-                      decision, threshold, test.label, challenger_scores, champion_scores, unusable)
+                      decision, threshold, labels, challenger_scores, champion_scores, unusable, comparison)
 
 
 def pending_decision(client: TritonClient | None, root: Path | str | None = None) -> tuple[str, int, int] | None:

@@ -63,6 +63,9 @@ ONE_HOT_MAX = 8
 # Edge feature columns in output order: (raw column, feature name).
 EDGE_NOMINAL = (("Errors?", "Errors"), ("Merchant City", "City"), ("Zip", "Zip"), ("Use Chip", "Chip"))
 FORMAT = 1  # of manifest.json and encoders.json
+# The test edges' raw rows (USED_COLUMNS, in edge order): a champion preprocessed with other
+# encoders re-encodes them to score the same transactions (lifecycle.champion_view).
+TEST_ROWS = "test_rows.parquet"
 _HASH_CHUNK = 16 << 20
 
 
@@ -107,20 +110,10 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
                          "(train = Year < 2018); use a file that spans the years before 2018")
     encoders = {"format": FORMAT, **nodes,
                 "edge": _fit_edge_encoders(kept[split == "train"])}
-    user_ids, merchant_ids, edge_attr = encode_transactions(kept, encoders)
-    x_user, x_merchant = _node_features(encoders)
-    names = feature_names(encoders)
-    masks = feature_masks(encoders)
-    label = kept["Is Fraud?"].to_numpy().astype(np.int64)
-    year = kept["Year"].to_numpy().astype(np.int64)
-
-    def part(mask: np.ndarray) -> Graph:
-        return Graph(x_user=x_user, x_merchant=x_merchant,
-                     edge_index=np.vstack([user_ids[mask], merchant_ids[mask]]).astype(np.int64),
-                     edge_attr=edge_attr[mask], label=label[mask], split=split[mask], year=year[mask],
-                     user_features=names["user"], merchant_features=names["merchant"],
-                     edge_features=names["edge"], feature_mask_user=masks["user"],
-                     feature_mask_merchant=masks["merchant"], feature_mask_edge=masks["edge"])
+    whole, known = encode_graph(kept, encoders, split)
+    assert known.all(), "the node encoders are fitted on every card and merchant of the file"
+    names, masks = feature_names(encoders), feature_masks(encoders)
+    x_user, label = whole.x_user, whole.label
 
     train_order = np.concatenate([np.flatnonzero(split == "train"), np.flatnonzero(split == "validation")])
     edges = {s: int((split == s).sum()) for s in graph_store.SPLITS}
@@ -135,14 +128,16 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
         "split_rule": {"train": f"Year < {TRAIN_BEFORE_YEAR}", "validation": f"Year == {TRAIN_BEFORE_YEAR}",
                        "test": f"Year > {TRAIN_BEFORE_YEAR}"},
         "years": _per_year(kept["Year"].to_numpy(), label, split),
-        "nodes": {"user": int(x_user.shape[0]), "merchant": int(x_merchant.shape[0])},
+        "nodes": {"user": int(x_user.shape[0]), "merchant": int(whole.x_merchant.shape[0])},
         "dims": {k: len(v) for k, v in names.items()},
         "features": names,
         "feature_masks": {k: v.tolist() for k, v in masks.items()},
     }
     def write(tmp: Path) -> None:
-        graph_store.write_part(tmp, "train", part(train_order))
-        graph_store.write_part(tmp, "test", part(np.flatnonzero(split == "test")))
+        graph_store.write_part(tmp, "train", whole.edges(train_order))
+        test = np.flatnonzero(split == "test")
+        graph_store.write_part(tmp, "test", whole.edges(test))
+        kept.take(test).reset_index(drop=True).to_parquet(tmp / TEST_ROWS, index=False)
         graph_store.write_json(tmp / graph_store.MANIFEST, manifest)
         # Compact: json's C encoder only runs without indent (100k merchant ids).
         (tmp / graph_store.ENCODERS).write_text(json.dumps(encoders, sort_keys=True))
@@ -155,6 +150,34 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
         non_fraud_kept=counts["non_fraud_kept"], edges=edges, fraud_edges=fraud_edges,
         users=manifest["nodes"]["user"], merchants=manifest["nodes"]["merchant"], dims=manifest["dims"],
         seconds=time.perf_counter() - started)
+
+
+def encode_graph(frame: pd.DataFrame, encoders: dict, split: np.ndarray | str = "test") -> tuple[Graph, np.ndarray]:
+    """Raw rows (with ``Is Fraud?``) encoded with ``encoders`` as a graph over the encoders'
+    node tables, and which rows it holds: those whose card and merchant the encoders know,
+    in row order (a row unknown to the encoders has no node to attach to)."""
+    user_ids, merchant_ids, edge_attr = encode_transactions(frame, encoders)
+    known = (user_ids >= 0) & (merchant_ids >= 0)
+    x_user, x_merchant = _node_features(encoders)
+    names, masks = feature_names(encoders), feature_masks(encoders)
+    split = np.broadcast_to(np.asarray(split, dtype=object), known.shape)
+    graph = Graph(x_user=x_user, x_merchant=x_merchant,
+                  edge_index=np.vstack([user_ids[known], merchant_ids[known]]).astype(np.int64),
+                  edge_attr=edge_attr[known], label=frame["Is Fraud?"].to_numpy().astype(np.int64)[known],
+                  split=split[known], year=frame["Year"].to_numpy().astype(np.int64)[known],
+                  user_features=names["user"], merchant_features=names["merchant"],
+                  edge_features=names["edge"], feature_mask_user=masks["user"],
+                  feature_mask_merchant=masks["merchant"], feature_mask_edge=masks["edge"])
+    return graph, known
+
+
+def read_test_rows(graph_dir: str | Path) -> pd.DataFrame:
+    """The raw rows of the test edges of ``graph_dir``, in edge order."""
+    path = Path(graph_dir) / TEST_ROWS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {graph_dir} was preprocessed before raw test rows were "
+                                "kept; run the preprocess stage (notebooks/01_preprocess.ipynb) again")
+    return pd.read_parquet(path)
 
 
 def encode_transactions(frame: pd.DataFrame, encoders: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ Triton version it is served as and the data manifest it was trained on, as tags.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
@@ -71,6 +72,14 @@ def by_alias(alias: str, name: str = settings.REGISTERED_MODEL_NAME) -> Registry
 
 def champion(name: str = settings.REGISTERED_MODEL_NAME) -> RegistryVersion | None:
     return by_alias(settings.CHAMPION_ALIAS, name)
+
+
+def graph_dir_of(version: RegistryVersion | None) -> Path | None:
+    """The graph directory the version was trained on (its training run's ``graph_dir`` tag)."""
+    if version is None:
+        return None
+    tag = tracking.configure().get_run(version.run_id).data.tags.get("graph_dir")
+    return Path(tag) if tag else None
 
 
 def versions(name: str = settings.REGISTERED_MODEL_NAME) -> list[RegistryVersion]:

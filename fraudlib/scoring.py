@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fraudlib import registry, tracking
+from fraudlib import registry
 from fraudlib.graph_store import Graph, read_encoders, read_part
 from fraudlib.lifecycle import repository
 from fraudlib.triton_repo import PUBLIC_MODEL, graph_inputs
@@ -82,8 +82,11 @@ def champion_graph_dir() -> Path:
     champion = registry.champion()
     if champion is None:
         raise LookupError("the registry has no champion yet: run the pipeline (make run) first")
-    tags = tracking.configure().get_run(champion.run_id).data.tags
-    return Path(tags["graph_dir"])
+    graph_dir = registry.graph_dir_of(champion)
+    if graph_dir is None:
+        raise LookupError(f"the champion's training run {champion.run_id} has no graph_dir tag: "
+                          "pass the graph directory explicitly")
+    return graph_dir
 
 
 def champion_meta(client: TritonClient) -> dict:

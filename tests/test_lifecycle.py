@@ -4,11 +4,13 @@ store, with the tiny real Python-backend test model (score = sigmoid(w . feature
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 
-from fraudlib import graph_store, lifecycle, promotion, registry, settings, tracking
+from fraudlib import graph_store, lifecycle, promotion, registry, settings, synthetic, tracking
+from fraudlib.preprocess import encode_graph, preprocess, read_test_rows
 from fraudlib.graph_store import Graph
 from fraudlib.triton_repo import PUBLIC_MODEL, graph_inputs
 from fraudlib.triton_server import EmbeddedTriton
@@ -52,10 +54,11 @@ def graph_dir(env, tmp_path_factory):
     return out
 
 
-def training_run() -> str:
+def training_run(graph_dir=None) -> str:
     import mlflow
 
-    with mlflow.start_run(experiment_id=tracking.ensure_experiment()) as run:
+    tags = {"graph_dir": str(graph_dir)} if graph_dir else None
+    with mlflow.start_run(experiment_id=tracking.ensure_experiment(), tags=tags) as run:
         return run.info.run_id
 
 
@@ -136,3 +139,48 @@ def test_the_decision_of_a_staged_challenger_can_be_found_without_the_runner(env
     lifecycle.deploy(*lifecycle.pending_decision(client), client)
     assert lifecycle.pending_decision(client) is None
     assert consistent(client) == champion
+
+
+def preprocessed(where, rows: int):
+    synthetic.generate(where / f"{rows}.csv", rows, seed=0)
+    return preprocess(where / f"{rows}.csv", where / f"graph_{rows}")
+
+
+def package_for(where, summary, bias: float):
+    """The tiny model with the feature dimensions of a preprocessed graph."""
+    package = make_package(where, bias, dims=summary.dims)
+    dims = summary.dims
+    meta_path = package / "1" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    rng = np.random.default_rng(len(dims))
+    meta["weights"] = rng.normal(size=dims["user"] + dims["merchant"] + dims["edge"]).tolist()
+    meta_path.write_text(json.dumps(meta))
+    config = (package / "config.pbtxt").read_text()
+    for name, key in (("x_user", "user"), ("x_merchant", "merchant"), ("edge_attr_user_to_merchant", "edge")):
+        config = re.sub(rf'(name: "{name}".*?dims: \[ -1, )\d+', rf"\g<1>{dims[key]}", config)
+    (package / "config.pbtxt").write_text(config)
+    return package
+
+
+def test_a_champion_preprocessed_with_other_encoders_scores_the_same_rows_re_encoded(env, tmp_path):
+    _, client = env
+    old, new = preprocessed(tmp_path, 12_000), preprocessed(tmp_path, 30_000)
+    assert old.dims != new.dims  # the challenger's test graph does not fit the champion's inputs
+    first = lifecycle.evaluate(package_for(tmp_path, old, -1.0), old.graph_dir, client, training_run(old.graph_dir))
+    lifecycle.deploy(promotion.PROMOTE, first.challenger_version, first.registry_version, client)
+    assert consistent(client) == first.challenger_version
+
+    evaluation = lifecycle.evaluate(package_for(tmp_path, new, 0.0), new.graph_dir, client,
+                                    training_run(new.graph_dir))
+
+    assert evaluation.champion_unusable is None and "re-encoded" in evaluation.decision.reason
+    reencoded, known = encode_graph(read_test_rows(new.graph_dir), graph_store.read_encoders(old.graph_dir))
+    assert 0 < known.sum() < known.size and f"compared on {known.sum():,} of {known.size:,}" in evaluation.comparison
+    served = client.infer(PUBLIC_MODEL, graph_inputs(reencoded))["PREDICTION"].reshape(-1)  # the champion
+    np.testing.assert_allclose(evaluation.champion_scores, served, rtol=1e-6)
+    whole = lifecycle.repository(client).score(evaluation.challenger_version, graph_inputs(
+        graph_store.read_part(new.graph_dir, "test")))["PREDICTION"].reshape(-1)
+    np.testing.assert_allclose(evaluation.challenger_scores, whole[known], rtol=1e-6)
+    assert np.array_equal(evaluation.labels, graph_store.read_part(new.graph_dir, "test").label[known])
+    lifecycle.deploy(evaluation.decision.decision, evaluation.challenger_version, evaluation.registry_version, client)
+    consistent(client)

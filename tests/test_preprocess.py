@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from fraudlib import backend, graph_store
-from fraudlib.preprocess import encode_transactions, preprocess
+from fraudlib import synthetic
+from fraudlib.preprocess import encode_graph, encode_transactions, preprocess, read_test_rows
 from fraudlib.tabformer import TabFormerFormatError, read_transactions
 
 NOMINAL = ["Errors?", "Card", "Use Chip", "Merchant City", "Zip", "MCC", "Merchant Name"]
@@ -149,6 +150,42 @@ def test_encode_transactions_reproduces_the_test_edges_from_raw_rows(graph_dir, 
     np.testing.assert_allclose(attr, test.edge_attr, rtol=1e-6)
 
 
+def test_the_test_edges_raw_rows_are_kept_and_encode_to_the_test_graph(graph_dir):
+    rows = read_test_rows(graph_dir)
+    graph, known = encode_graph(rows, graph_store.read_encoders(graph_dir))
+
+    test = graph_store.read_part(graph_dir, "test")
+    assert known.all() and len(rows) == test.num_edges
+    assert np.array_equal(graph.edge_index, test.edge_index) and np.array_equal(graph.label, test.label)
+    assert np.array_equal(graph.year, test.year) and np.array_equal(graph.x_user, test.x_user)
+    np.testing.assert_allclose(graph.edge_attr, test.edge_attr, rtol=1e-6)
+
+
+def test_test_rows_encode_with_another_preprocessings_encoders_dropping_rows_it_cannot_place(graph_dir, tmp_path):
+    # Another file (fewer cards, so narrower codes) stands for the champion's preprocessing.
+    synthetic.generate(tmp_path / "other.csv", 12_000, seed=0)
+    other = preprocess(tmp_path / "other.csv", tmp_path / "other")
+    encoders = graph_store.read_encoders(tmp_path / "other")
+    rows = read_test_rows(graph_dir)
+
+    graph, known = encode_graph(rows, encoders)
+
+    cards = rows["User"].to_numpy() * encoders["max_cards"] + rows["Card"].to_numpy()
+    expected = np.isin(cards, encoders["user"]["categories"]) & np.isin(
+        rows["Merchant Name"].to_numpy(), encoders["merchant"]["categories"])
+    assert np.array_equal(known, expected) and 0 < known.sum() < len(rows)
+    assert other.dims != graph_store.read_manifest(graph_dir)["dims"]
+    assert graph.x_user.shape[1] == other.dims["user"] and graph.x_merchant.shape[1] == other.dims["merchant"]
+    assert graph.edge_attr.shape == (known.sum(), other.dims["edge"])
+    assert np.array_equal(np.asarray(encoders["user"]["categories"])[graph.edge_index[0]], cards[known])
+    assert np.array_equal(graph.label, rows["Is Fraud?"].to_numpy().astype(np.int64)[known])
+
+
+def test_a_graph_preprocessed_before_raw_test_rows_were_kept_says_to_preprocess_again(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the preprocess stage"):
+        read_test_rows(tmp_path)
+
+
 def test_unknown_values_encode_to_the_defined_unknown_code(graph_dir, synthetic_csv):
     encoders = graph_store.read_encoders(graph_dir)
     frame = read_transactions(synthetic_csv).head(1).astype({"Merchant City": object, "Use Chip": object,
@@ -169,7 +206,7 @@ def test_same_seed_gives_byte_identical_output(synthetic_csv, tmp_path):
     other = preprocess(synthetic_csv, tmp_path / "c", seed=8)
 
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 2 + 2 * 9
+    assert len(files) == 3 + 2 * 9
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert first.manifest_hash == second.manifest_hash != other.manifest_hash
