@@ -97,20 +97,23 @@ class FraudGNN(nn.Module):
               rev_edge_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Node embeddings (h_user [U, H], h_merchant [M, H]) by message passing over ``edge_index``
         and its reverse (``rev_edge_index`` when a neighbour sampler drew the reverse edges apart)."""
+        if self._plain_sage and not self.training:  # scoring, embedding for XGBoost, validation
+            return self._embed_sage(x_user, x_merchant, edge_index, rev_edge_index)
         x = {"user": x_user, "merchant": x_merchant}
         edges = {USER_TO_MERCHANT: edge_index,
                  MERCHANT_TO_USER: edge_index.flip(0) if rev_edge_index is None else rev_edge_index}
-        if self._plain_sage and not self.training:  # scoring, embedding for XGBoost, validation
-            return self._embed_sage(x, edges)
         for conv in self.convs:
             x = {kind: F.dropout(F.relu(h), self.dropout_prob, self.training)
                  for kind, h in conv(x, edges).items()}
         return x["user"], x["merchant"]
 
-    def _embed_sage(self, x: dict[str, Tensor], edges: dict) -> tuple[Tensor, Tensor]:
+    def _embed_sage(self, x_user: Tensor, x_merchant: Tensor, edge_index: Tensor,
+                    rev_edge_index: Tensor | None) -> tuple[Tensor, Tensor]:
         """``embed`` without HeteroConv, for plain SAGEConv layers in eval mode (no dropout)."""
-        users, merchants = edges[USER_TO_MERCHANT]
-        rev_merchants, rev_users = edges[MERCHANT_TO_USER]
+        x = {"user": x_user, "merchant": x_merchant}
+        users, merchants = edge_index
+        # The reverse edges are the same pairs: no flipped copy needed.
+        rev_merchants, rev_users = (merchants, users) if rev_edge_index is None else rev_edge_index
         user_degree = _degree(rev_users, x["user"].size(0), x["user"])
         merchant_degree = _degree(merchants, x["merchant"].size(0), x["merchant"])
         for hop in self.convs:

@@ -120,6 +120,11 @@ def test_inference_without_heteroconv_is_bitwise_what_pyg_computes(size):
     with torch.no_grad():
         assert torch.equal(model.edge_features(*inputs), _through_heteroconv(model.edge_features, inputs))
         assert torch.equal(model(*inputs), _through_heteroconv(model.forward, inputs))
+        # A neighbour sampler draws the reverse (merchant -> user) edges apart.
+        rev = _random_graph(*size, seed=sum(size) + 1)[2].flip(0)
+        sampled = (inputs[0], inputs[1], inputs[2], rev)
+        for fast, pyg in zip(model.embed(*sampled), _through_heteroconv(model.embed, sampled)):
+            assert torch.equal(fast, pyg)
 
 
 def test_the_fast_path_is_taken_only_for_plain_sage_layers_in_eval_mode(monkeypatch):
