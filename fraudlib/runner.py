@@ -41,8 +41,10 @@ import nbformat
 import papermill as pm
 import yaml
 from filelock import FileLock, Timeout
+from jupyter_client.manager import AsyncKernelManager
 from papermill.exceptions import PapermillExecutionError
 from papermill.execute import ERROR_MARKER_TAG, ERROR_STYLE
+from traitlets import CaselessStrEnum
 
 from fraudlib import settings
 
@@ -545,6 +547,14 @@ def _describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
+class UnixSocketKernelManager(AsyncKernelManager):
+    """Stage kernels talk over Unix sockets in Jupyter's runtime directory, not over loopback
+    TCP in plain text that any local user could read (ipykernel warned about it at the top of
+    every stage's output)."""
+
+    transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+
 def execute_stage(
     stage: Stage,
     output: Path,
@@ -571,6 +581,7 @@ def execute_stage(
             progress_bar={"desc": stage.label} if progress else False,
             execution_timeout=timeout,
             cwd=stage.notebook.parent,  # as when the notebook is opened in JupyterLab
+            kernel_manager_class=UnixSocketKernelManager,
         )
         error = None
     except PapermillExecutionError as exc:  # papermill has already put the error at the top

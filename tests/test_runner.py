@@ -196,6 +196,15 @@ def test_outputs_chain_to_later_stages_explicit_parameters_win_and_only_selected
     assert all(s["status"] == "succeeded" and s["duration_s"] is not None for s in stages.values())
 
 
+def test_stage_kernels_talk_over_unix_sockets_not_plain_text_tcp(tmp_path, capfd):
+    result = runner.run_pipeline(make_pipeline(tmp_path / "notebooks", "transport"), tmp_path / "runs",
+                                 progress=False)
+
+    assert result.status == runner.SUCCEEDED
+    assert stage_records(result.run_dir)["transport"]["outputs"]["transport"] == "ipc"
+    assert "without encryption" not in capfd.readouterr().err
+
+
 def test_failing_stage_notebook_and_html_are_written_with_the_error_at_the_top(failed_run):
     notebook = failed_run.run_dir / "02_fail.ipynb"
     assert "An Exception was encountered" in cell_sources(notebook)[0]
