@@ -129,15 +129,15 @@ def test_inference_without_heteroconv_is_bitwise_what_pyg_computes(size):
 
 def test_the_fast_path_is_taken_only_for_plain_sage_layers_in_eval_mode(monkeypatch):
     calls = []
-    original = gnn._sage_mean
-    monkeypatch.setattr(gnn, "_sage_mean", lambda *a: calls.append(1) or original(*a))
+    original = gnn._sage_embed
+    monkeypatch.setattr(gnn, "_sage_embed", lambda *a: calls.append(len(a[-1])) or original(*a))
     inputs = _graph()
     _model("GraphConv")(*inputs)
     sage = _model()
     sage.train()(*inputs)
     assert not calls
     sage.eval()(*inputs)
-    assert len(calls) == 2 * 2  # two hops, two directions
+    assert calls == [2 * 2 * 3]  # two hops, two directions, three weights each
 
 
 def test_a_graph_without_edges_gives_no_logits():
