@@ -170,6 +170,16 @@ def test_the_direct_xgboost_call_reports_xgboosts_error(model):
         model.predictor.predict_dense(np.zeros((2, 3), np.float32))
 
 
+@pytest.mark.parametrize("edges", [slice(0, 1), slice(3, 40), slice(None)])
+def test_nodes_no_edge_touches_do_not_change_any_score(model, test_graph, edges):
+    # The backend drops untouched nodes (all but a few for a one-transaction request);
+    # scoring the compacted graph or the one with every node must agree exactly.
+    part = test_graph.edges(np.arange(test_graph.num_edges)[edges])
+    compacted = graph_store.compact(part)
+    assert compacted.x_user.shape[0] <= part.x_user.shape[0]
+    np.testing.assert_array_equal(model.predict(part), model.predict(compacted))
+
+
 def test_a_graph_without_edges_scores_to_nothing(model, test_graph):
     assert model.predict(test_graph.edges(np.zeros(test_graph.num_edges, dtype=bool))).shape == (0,)
 

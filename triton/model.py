@@ -90,6 +90,16 @@ def _import_by_path(path: Path, prefix: str):
     return sys.modules[name]
 
 
+def _touched(x: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The rows of ``x`` that ``ids`` touch, in order, and ``ids`` renumbered over them (None
+    when every row is touched, as in a client-compacted request: nothing to renumber)."""
+    present = np.zeros(len(x), dtype=bool)
+    present[ids] = True
+    if present.all():
+        return x, None
+    return x[present], (np.cumsum(present) - 1)[ids]
+
+
 class FraudPredictor:
     """The model of one version directory; inputs are numpy arrays as in the serving contract."""
 
@@ -153,10 +163,11 @@ class FraudPredictor:
             return np.zeros(0, dtype=np.float32)
         # Only the nodes the edges touch take part in message passing: drop the others, so a
         # one-transaction request costs one transaction's work whatever node tables it carries.
-        users, src = np.unique(edge_index[0], return_inverse=True)
-        merchants, dst = np.unique(edge_index[1], return_inverse=True)
-        inputs = [torch.as_tensor(a, device=self.device)
-                  for a in (x_user[users], x_merchant[merchants], np.vstack([src, dst]), edge_attr)]
+        x_user, src = _touched(x_user, edge_index[0])
+        x_merchant, dst = _touched(x_merchant, edge_index[1])
+        edge_index = edge_index if src is None and dst is None else np.vstack(
+            [edge_index[0] if src is None else src, edge_index[1] if dst is None else dst])
+        inputs = [torch.as_tensor(a, device=self.device) for a in (x_user, x_merchant, edge_index, edge_attr)]
         return self._scores(*inputs).astype(np.float32)
 
     def _groups(self, widths: tuple[int, int, int], masks: dict | None) -> list[np.ndarray]:
