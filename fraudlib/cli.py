@@ -32,15 +32,10 @@ def _server_args(parser: argparse.ArgumentParser) -> None:
 def _client(url: str, log_name: str, port: int | None = None, load_champion: bool = False):
     """A client of the external server at ``url``, or of an embedded one started for the
     duration (with the champion loaded when ``load_champion``: explicit model control)."""
-    from fraudlib.triton_server import EmbeddedTriton, connect
+    from fraudlib.triton_server import connect_or_start
 
-    if url:
-        yield connect(url)  # checked live
-        return
-    log = settings.runs_root() / "serve" / f"{log_name}.log"
-    with EmbeddedTriton(settings.triton_model_repository(), log, http_port=port) as server:
-        client = server.client()
-        if load_champion:
+    with connect_or_start(url, settings.runs_root() / "serve" / f"{log_name}.log", http_port=port) as client:
+        if load_champion and not url:
             from fraudlib import lifecycle
 
             lifecycle.repository(client).load()

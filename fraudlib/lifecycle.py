@@ -125,6 +125,19 @@ def champion_view(test: Graph, graph_dir: Path | str, champion_graph_dir: Path |
     return graph, known
 
 
+def _reject_own_earlier_challenger(repo: TritonRepository, mlflow_run_id: str) -> None:
+    """A challenger that this training run staged in an earlier attempt that failed (the run
+    is being resumed) is rejected, so that it can be staged and scored again; a challenger
+    of another run is left alone (stage refuses, saying how to clear it)."""
+    staged = repo.state().challenger
+    earlier = registry.by_alias(settings.CHALLENGER_ALIAS)
+    if staged is None or earlier is None or (earlier.run_id, earlier.triton_version) != (mlflow_run_id, staged):
+        return
+    repo.reject(staged, registry_champion_version=registry_champion_triton_version())
+    registry.clear_challenger()
+    registry.tag_version(earlier.version, REJECTED_TAG, "replaced: evaluated again by the same training run")
+
+
 def evaluate(model_dir: Path | str, graph_dir: Path | str, client: TritonClient, mlflow_run_id: str,
              threshold: float = 0.5, metric: str = "f1", min_improvement: float = 0.0,
              repo_root: Path | str | None = None) -> Evaluation:
@@ -132,6 +145,7 @@ def evaluate(model_dir: Path | str, graph_dir: Path | str, client: TritonClient,
     explicit versions, and decide. The challenger is registered with alias ``challenger``."""
     repo = repository(client, repo_root)
     reconcile(client, repo_root)
+    _reject_own_earlier_challenger(repo, mlflow_run_id)
     version = repo.stage(Path(model_dir), registry_champion_version=registry_champion_triton_version())
     registered = registry.register(mlflow_run_id, version, manifest_hash(graph_dir))
     registry.mark_challenger(registered.version)
@@ -147,15 +161,16 @@ def evaluate(model_dir: Path | str, graph_dir: Path | str, client: TritonClient,
     if champion_version is not None:
         try:
             champion_test, known = champion_view(test, graph_dir, registry.graph_dir_of(registry.champion()))
-            if known is not None:
+            if known is not None and not known.any():
+                raise ValueError(f"none of the {known.size:,} test transactions has a card and a merchant "
+                                 "that the champion's encoders know")
+            champion_scores = _prediction(repo.score(champion_version, graph_inputs(champion_test)))
+            if known is not None:  # both are compared on the rows the champion could score
                 comparison = (f"the champion's preprocessing fitted other encoders: the test rows were "
                               f"re-encoded with them; compared on {int(known.sum()):,} of {known.size:,} test "
                               f"transactions (the others have a card or merchant the champion never saw)")
                 labels, challenger_scores = labels[known], challenger_scores[known]
                 challenger_metrics = metrics.report(labels, challenger_scores, threshold)
-            if not len(labels):
-                raise ValueError("no test transaction is known to both models")
-            champion_scores = _prediction(repo.score(champion_version, graph_inputs(champion_test)))
             champion_metrics = metrics.report(labels, champion_scores, threshold)
         except (TritonError, OSError, ValueError) as e:
             unusable = f"the champion (version {champion_version}) cannot score this test set: {e}"

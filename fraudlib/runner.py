@@ -631,10 +631,9 @@ def _say(progress: bool, message: str) -> None:
 
 
 def _start_embedded_triton(run_dir: Path, services: contextlib.ExitStack) -> str:
-    from fraudlib.triton_server import EmbeddedTriton
+    from fraudlib.triton_server import connect_or_start
 
-    server = services.enter_context(EmbeddedTriton(settings.triton_model_repository(), run_dir / "triton.log"))
-    return server.url
+    return services.enter_context(connect_or_start("", run_dir / "triton.log")).url
 
 
 def _execute_run(

@@ -283,6 +283,23 @@ def connect(url: str | None = None) -> TritonClient:
     return client
 
 
+@contextlib.contextmanager
+def connect_or_start(url: str | None, log_path: Path, repository: Path | None = None,
+                     http_port: int | None = None):
+    """A client of the Triton at ``url`` (checked live) or, when ``url`` is empty, of an
+    embedded server on ``repository`` (default: the project's) started for the duration, with
+    its log at ``log_path``. Callers that honour ``$TRITON_URL`` pass it as ``url``."""
+    if url:
+        with connect(url) as client:
+            yield client
+        return
+    from fraudlib import settings
+
+    with EmbeddedTriton(repository or settings.triton_model_repository(), log_path,
+                        http_port=http_port) as server, server.client() as client:
+        yield client
+
+
 def _strip_scheme(url: str) -> str:
     for scheme in ("http://", "https://"):
         if url.startswith(scheme):

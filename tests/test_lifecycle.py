@@ -12,7 +12,7 @@ import pytest
 from fraudlib import graph_store, lifecycle, promotion, registry, settings, synthetic, tracking
 from fraudlib.preprocess import encode_graph, preprocess, read_test_rows
 from fraudlib.graph_store import Graph
-from fraudlib.triton_repo import PUBLIC_MODEL, graph_inputs
+from fraudlib.triton_repo import PUBLIC_MODEL, RepositoryError, graph_inputs
 from fraudlib.triton_server import EmbeddedTriton
 from test_triton_repo import TINY_MODEL, make_package
 
@@ -141,9 +141,9 @@ def test_the_decision_of_a_staged_challenger_can_be_found_without_the_runner(env
     assert consistent(client) == champion
 
 
-def preprocessed(where, rows: int):
-    synthetic.generate(where / f"{rows}.csv", rows, seed=0)
-    return preprocess(where / f"{rows}.csv", where / f"graph_{rows}")
+def preprocessed(where, rows: int, seed: int = 0):
+    synthetic.generate(where / f"{rows}_{seed}.csv", rows, seed=seed)
+    return preprocess(where / f"{rows}_{seed}.csv", where / f"graph_{rows}_{seed}")
 
 
 def package_for(where, summary, bias: float):
@@ -184,3 +184,41 @@ def test_a_champion_preprocessed_with_other_encoders_scores_the_same_rows_re_enc
     assert np.array_equal(evaluation.labels, graph_store.read_part(new.graph_dir, "test").label[known])
     lifecycle.deploy(evaluation.decision.decision, evaluation.challenger_version, evaluation.registry_version, client)
     consistent(client)
+
+
+def test_a_champion_that_knows_none_of_the_test_cards_cannot_compare_and_the_challenger_is_rejected(env, tmp_path):
+    _, client = env
+    old, new = preprocessed(tmp_path, 3_000, seed=1), preprocessed(tmp_path, 30_000)  # no card in common
+    first = lifecycle.evaluate(package_for(tmp_path, old, -1.0), old.graph_dir, client, training_run(old.graph_dir))
+    lifecycle.deploy(promotion.PROMOTE, first.challenger_version, first.registry_version, client)
+
+    evaluation = lifecycle.evaluate(package_for(tmp_path, new, 0.0), new.graph_dir, client,
+                                    training_run(new.graph_dir))
+
+    test = graph_store.read_part(new.graph_dir, "test")
+    assert "none of the" in evaluation.champion_unusable and evaluation.champion_scores is None
+    assert evaluation.decision.decision == promotion.REJECT and "promote explicitly" in evaluation.decision.reason
+    assert len(evaluation.labels) == len(evaluation.challenger_scores) == test.num_edges  # nothing dropped
+    lifecycle.deploy(evaluation.decision.decision, evaluation.challenger_version, evaluation.registry_version, client)
+    assert consistent(client) == first.challenger_version
+
+
+def test_evaluating_again_after_a_failed_attempt_replaces_the_runs_own_staged_challenger(env, graph_dir, tmp_path):
+    _, client = env
+    champion = consistent(client)
+    run = training_run()
+    package = make_package(tmp_path, 1.0)
+    first = lifecycle.evaluate(package, graph_dir, client, run)  # then the stage fails: no deploy
+
+    again = lifecycle.evaluate(package, graph_dir, client, run)  # a resumed run
+
+    assert again.challenger_version == first.challenger_version + 1
+    assert lifecycle.repository(client).state().challenger == again.challenger_version
+    tags = tracking.configure().get_model_version(settings.REGISTERED_MODEL_NAME, str(first.registry_version)).tags
+    assert "evaluated again" in tags[lifecycle.REJECTED_TAG]
+    # Another training run's staged challenger is not touched.
+    with pytest.raises(RepositoryError, match="already staged"):
+        lifecycle.evaluate(make_package(tmp_path, 2.0), graph_dir, client, training_run())
+    assert lifecycle.repository(client).state().challenger == again.challenger_version
+    lifecycle.deploy(again.decision.decision, again.challenger_version, again.registry_version, client)
+    assert consistent(client) == champion

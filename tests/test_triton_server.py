@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fraudlib.triton_server import (EmbeddedTriton, TritonClient, TritonError, TritonStartError,
-                                    TritonUnreachable, connect)
+                                    TritonUnreachable, connect, connect_or_start)
 
 TINY_MODEL = Path(__file__).parent / "triton_models" / "prediction_and_shapley"
 MODEL = "prediction_and_shapley"
@@ -105,6 +105,32 @@ def test_connect_without_any_url_says_how_to_get_one(monkeypatch):
     monkeypatch.delenv("TRITON_URL", raising=False)
     with pytest.raises(TritonUnreachable, match="TRITON_URL"):
         connect()
+
+
+def test_connect_or_start_uses_the_given_server_and_starts_none(server, tmp_path):
+    with connect_or_start(server.url, tmp_path / "unused.log", tmp_path / "unused") as c:
+        assert c.url == server.url and c.is_ready()
+    assert not (tmp_path / "unused.log").exists() and not (tmp_path / "unused").exists()
+
+
+def test_connect_or_start_without_a_url_serves_the_repository_until_the_block_ends(tmp_path):
+    shutil.copytree(TINY_MODEL, tmp_path / "repo" / MODEL)
+    with connect_or_start("", tmp_path / "triton.log", tmp_path / "repo") as c:
+        c.load_model(MODEL)
+        assert c.infer(MODEL, tiny_inputs(2), outputs=["PREDICTION"])["PREDICTION"].shape == (2, 1)
+        url = c.url
+    assert (tmp_path / "triton.log").stat().st_size > 0
+    assert not TritonClient(url).is_live()
+
+
+def test_connect_or_start_with_an_unreachable_url_starts_nothing(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"127.0.0.1:{s.getsockname()[1]}"
+        with pytest.raises(TritonUnreachable, match=url):
+            with connect_or_start(url, tmp_path / "triton.log", tmp_path / "repo"):
+                pass
+    assert not (tmp_path / "repo").exists()
 
 
 def test_server_that_cannot_start_reports_its_log(tmp_path):
