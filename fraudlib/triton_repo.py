@@ -451,8 +451,8 @@ class TritonRepository:
                 raise RepositoryError(
                     f"version {staged} is already staged as the challenger in {self.root} "
                     f"({by.read_text() if by.exists() else 'origin not recorded'}): promote or "
-                    "reject it first; if the run that staged it is gone, reconcile with "
-                    "reject_challenger=True.")
+                    "reject it first; if the run that staged it is gone, run `fraud reconcile` "
+                    "(reconcile with reject_challenger=True).")
             champion = self._champion_on_disk()
             version = self._next_version()
             journal = {"op": "stage", "version": version, "champion": champion,
