@@ -7,12 +7,12 @@ Measures, for one model package made champion of a fresh repository:
 - latency p50/p99 of single-transaction requests (a 1-edge graph: the request cost,
   not a score in context) at concurrency 1 (``--rounds`` rounds) and 8 (one client per thread).
 
-    .venv/bin/python benchmarks/bench_triton.py                       # tiny test model
+    .venv/bin/python benchmarks/bench_triton.py                       # newest trained model, its test graph
     .venv/bin/python benchmarks/bench_triton.py --package <out>/prediction_and_shapley \\
-        --graph-dir runs/<run>/graph                                  # trained model, test graph
+        --graph-dir runs/<run>/graph                                  # a given model and graph
 
-Without --graph-dir the batch graph is random, with the package's feature dims and the
-full TabFormer test graph's size. Targets on CPU: >= 100,000 tx/s batch, p99 <= 5 ms at
+Without a graph (the tiny model, or --package without --graph-dir) the batch graph is random,
+with the package's feature dims and the full TabFormer test graph's size. Targets on CPU: >= 100,000 tx/s batch, p99 <= 5 ms at
 concurrency 1, start to ready <= 5 s.
 """
 
@@ -28,14 +28,24 @@ from pathlib import Path
 
 import numpy as np
 
+from fraudlib import settings
 from fraudlib.graph_store import read_part
-from fraudlib.triton_repo import (GRAPH_INPUTS, PACKAGE_CONFIG, PUBLIC_MODEL, TritonRepository,
+from fraudlib.triton_repo import (CONFIG, GRAPH_INPUTS, PACKAGE_CONFIG, PUBLIC_MODEL, TritonRepository,
                                   graph_inputs, health_check_inputs)
 from fraudlib.triton_server import EmbeddedTriton, TritonClient
 
 TINY_PACKAGE = Path(__file__).resolve().parent.parent / "tests" / "triton_models" / PUBLIC_MODEL
 # The full TabFormer test graph (DESIGN "Data contract").
 TEST_EDGES, TEST_USERS, TEST_MERCHANTS = 25_803, 6_139, 100_343
+
+
+def default_package() -> tuple[Path, Path | None]:
+    """The newest package trained under runs/ and its run's graph, else the tiny test model."""
+    config = settings.latest_output(f"*/model/{PUBLIC_MODEL}/{CONFIG}")
+    if config is None:
+        return TINY_PACKAGE, None
+    graph = config.parents[2] / "graph"
+    return config.parent, graph if graph.is_dir() else None
 
 
 def random_graph(dims: dict[str, int], n_edges: int, n_users: int, n_merchants: int,
@@ -120,15 +130,20 @@ def restart_serving_champion(tmp: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--package", type=Path, default=TINY_PACKAGE,
-                        help="model package directory (<out>/prediction_and_shapley)")
+    parser.add_argument("--package", type=Path, default=None,
+                        help="model package directory (<out>/prediction_and_shapley); default: the newest "
+                             "one trained under runs/ (`make run`), else the tiny test model")
     parser.add_argument("--graph-dir", type=Path, default=None,
-                        help="graph directory whose test part is the batch graph (default: random)")
+                        help="graph directory whose test part is the batch graph; default: the graph of the "
+                             "default package's run, else random")
     parser.add_argument("--requests", type=int, default=2000, help="single-transaction requests per run")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of single requests at concurrency 1")
     parser.add_argument("--repeats", type=int, default=5, help="timed whole-graph requests")
     parser.add_argument("--json-out", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
+    if args.package is None:
+        args.package, default_graph = default_package()
+        args.graph_dir = args.graph_dir or default_graph
 
     with tempfile.TemporaryDirectory(prefix="bench_triton_") as tmp:
         tmp = Path(tmp)
