@@ -11,9 +11,9 @@ Measures, for one model package made champion of a fresh repository:
     .venv/bin/python benchmarks/bench_triton.py --package <out>/prediction_and_shapley \\
         --graph-dir runs/<run>/graph                                  # a given model and graph
 
-Without a graph (the tiny model, or --package without --graph-dir) the batch graph is random,
-with the package's feature dims and the full TabFormer test graph's size. Targets on CPU: >= 100,000 tx/s batch, p99 <= 5 ms at
-concurrency 1, start to ready <= 5 s.
+Without a graph (the tiny model, or --package without --graph-dir) the batch graph is
+random, with the package's feature dims and the full TabFormer test graph's size. Targets on
+CPU: >= 100,000 tx/s batch, p99 <= 5 ms at concurrency 1, start to ready <= 5 s.
 """
 
 from __future__ import annotations
