@@ -107,8 +107,8 @@ def champion_view(test: Graph, graph_dir: Path | str, champion_graph_dir: Path |
                   ) -> tuple[Graph, np.ndarray | None]:
     """The test transactions as the champion sees them, and which of them it can score.
 
-    When the champion was trained on a graph with the same encoders (or its graph is unknown),
-    that is the test graph itself (None: all of them). When its preprocessing fitted other
+    When the champion was trained on a graph with the same encoders (or its training run names
+    no graph), that is the test graph itself (None: all of them). When its preprocessing fitted other
     encoders (new cards or merchants change a binary code's width, a new undersampling draw
     changes the categories), the raw test rows are re-encoded with the champion's saved
     encoders: the same transactions and labels, with the features it was trained on. A row
@@ -116,8 +116,13 @@ def champion_view(test: Graph, graph_dir: Path | str, champion_graph_dir: Path |
     """
     from fraudlib.preprocess import encode_graph, read_test_rows
 
-    ours, theirs = Path(graph_dir) / ENCODERS, Path(champion_graph_dir or graph_dir) / ENCODERS
-    if not theirs.is_file() or ours.read_bytes() == theirs.read_bytes():
+    if champion_graph_dir is None:
+        return test, None
+    ours, theirs = Path(graph_dir) / ENCODERS, Path(champion_graph_dir) / ENCODERS
+    if not theirs.is_file():  # same widths need not mean the same codes: do not guess
+        raise FileNotFoundError(f"the champion's encoders {theirs} are gone (its preprocessed graph was "
+                                "deleted), so the test rows cannot be encoded as it was trained")
+    if ours.read_bytes() == theirs.read_bytes():
         return test, None
     graph, known = encode_graph(read_test_rows(graph_dir), read_encoders(champion_graph_dir))
     if not np.array_equal(graph.label, test.label[known]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -222,3 +223,19 @@ def test_evaluating_again_after_a_failed_attempt_replaces_the_runs_own_staged_ch
     assert lifecycle.repository(client).state().challenger == again.challenger_version
     lifecycle.deploy(again.decision.decision, again.challenger_version, again.registry_version, client)
     assert consistent(client) == champion
+
+
+def test_a_champion_whose_preprocessed_graph_was_deleted_is_not_compared_on_a_guess(env, tmp_path):
+    _, client = env
+    old, new = preprocessed(tmp_path, 12_000), preprocessed(tmp_path, 30_000)
+    first = lifecycle.evaluate(package_for(tmp_path, old, -1.0), old.graph_dir, client, training_run(old.graph_dir))
+    lifecycle.deploy(promotion.PROMOTE, first.challenger_version, first.registry_version, client)
+    shutil.rmtree(old.graph_dir)
+
+    evaluation = lifecycle.evaluate(package_for(tmp_path, new, 0.0), new.graph_dir, client,
+                                    training_run(new.graph_dir))
+
+    assert "encoders" in evaluation.champion_unusable and "are gone" in evaluation.champion_unusable
+    assert evaluation.decision.decision == promotion.REJECT
+    lifecycle.deploy(evaluation.decision.decision, evaluation.challenger_version, evaluation.registry_version, client)
+    assert consistent(client) == first.challenger_version
