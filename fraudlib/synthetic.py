@@ -552,6 +552,16 @@ def _keep_budget(day: np.ndarray, budget: int) -> np.ndarray:
     return np.sort(np.argsort(day, kind="stable")[:budget])
 
 
+def _fraud_at_hubs(p: _Planter, rng, card, day, hubs, hub_share: float, budget) -> int:
+    """Fraud of ``card`` on ``day``: at one of ``hubs`` with probability ``hub_share``, else at a
+    random merchant; as many rows as the budget allows. Returns the rows planted."""
+    merchant = np.where(rng.random(card.size) < hub_share, hubs[rng.integers(0, hubs.size, size=card.size)],
+                        p.random_merchants(card.size))
+    keep = _keep_budget(day, budget)
+    p.add(card[keep], day[keep], merchant[keep], p.amounts(merchant[keep], card[keep], 1.0), fraud=True)
+    return keep.size
+
+
 def _ring(p: _Planter, rng, first, last, target, budget) -> int:
     """Fraud ring: a group of stolen cards hits the same few mule merchants within days."""
     t0 = _campaign_start(rng, target, first, last, span=5)
@@ -563,11 +573,7 @@ def _ring(p: _Planter, rng, first, last, target, budget) -> int:
     mules = p.fresh(p.fresh_any, 3 + int(rng.integers(0, 3)), MULE_MCC)
     card = np.repeat(cards, per_card)
     day = np.minimum(t0 + rng.integers(0, 1 + int(rng.integers(1, 5)), size=card.size), last)
-    merchant = np.where(rng.random(card.size) < 0.85, mules[rng.integers(0, mules.size, size=card.size)],
-                        p.random_merchants(card.size))
-    keep = _keep_budget(day, budget)
-    p.add(card[keep], day[keep], merchant[keep], p.amounts(merchant[keep], card[keep], 1.0), fraud=True)
-    return keep.size
+    return _fraud_at_hubs(p, rng, card, day, mules, 0.85, budget)
 
 
 def _breach(p: _Planter, rng, first, last, target, budget) -> int:
@@ -592,11 +598,7 @@ def _breach(p: _Planter, rng, first, last, target, budget) -> int:
     burst = t0 + 14 + rng.integers(3, 60, size=cards.size)
     card = np.repeat(cards, per_card)
     day = np.minimum(np.repeat(burst, per_card) + rng.integers(0, 3, size=card.size), last)
-    merchant = np.where(rng.random(card.size) < 0.7, cash_out[rng.integers(0, cash_out.size, size=card.size)],
-                        p.random_merchants(card.size))
-    keep = _keep_budget(day, budget)
-    p.add(card[keep], day[keep], merchant[keep], p.amounts(merchant[keep], card[keep], 1.0), fraud=True)
-    return keep.size
+    return _fraud_at_hubs(p, rng, card, day, cash_out, 0.7, budget)
 
 
 def _card_testing(p: _Planter, rng, first, last, target, budget) -> int:
