@@ -374,6 +374,12 @@ class TritonRepository:
             versions_on_disk=tuple(self._numbered(self.public)),
             archived=tuple(self._numbered(self.archive)), triton=triton, journal=self._journal())
 
+    def _require_challenger(self, version: int, operation: str, hint: str = "") -> None:
+        staged = self._challenger_on_disk()
+        if version != staged:
+            raise RepositoryError(f"cannot {operation} version {version}: the staged challenger in "
+                                  f"{self.root} is {staged}.{hint}")
+
     def _model_for(self, version: int) -> str:
         if version == self._champion_on_disk():
             return PUBLIC_MODEL
@@ -509,10 +515,7 @@ class TritonRepository:
         client = self._require_client("promote")
         with self._locked("promote"):
             self._reconcile(registry_champion_version)
-            if version != self._challenger_on_disk():
-                raise RepositoryError(
-                    f"cannot promote version {version}: the staged challenger in {self.root} is "
-                    f"{self._challenger_on_disk()}. Stage the model first.")
+            self._require_challenger(version, "promote", " Stage the model first.")
             old = self._champion_on_disk()
             journal = {"op": "promote", "version": version, "champion": old,
                        "challenger": version, "steps": []}
@@ -605,10 +608,7 @@ class TritonRepository:
         self._require_client("reject")
         with self._locked("reject"):
             self._reconcile(registry_champion_version)
-            if version != self._challenger_on_disk():
-                raise RepositoryError(
-                    f"cannot reject version {version}: the staged challenger in {self.root} is "
-                    f"{self._challenger_on_disk()}.")
+            self._require_challenger(version, "reject")
             journal = {"op": "reject", "version": version, "champion": self._champion_on_disk(),
                        "challenger": version, "steps": []}
             self._write_journal(journal)
