@@ -138,7 +138,7 @@ class FraudGNN(nn.Module):
         """Node embeddings (h_user [U, H], h_merchant [M, H]) by message passing over ``edge_index``
         and its reverse (``rev_edge_index`` when a neighbour sampler drew the reverse edges apart)."""
         if self._plain_sage and not self.training:  # scoring, embedding for XGBoost, validation
-            return self._embed_sage(x_user, x_merchant, edge_index, rev_edge_index)
+            return _sage_embed(x_user, x_merchant, edge_index, rev_edge_index, self._sage_weights_list())
         x = {"user": x_user, "merchant": x_merchant}
         edges = {USER_TO_MERCHANT: edge_index,
                  MERCHANT_TO_USER: edge_index.flip(0) if rev_edge_index is None else rev_edge_index}
@@ -146,11 +146,6 @@ class FraudGNN(nn.Module):
             x = {kind: F.dropout(F.relu(h), self.dropout_prob, self.training)
                  for kind, h in conv(x, edges).items()}
         return x["user"], x["merchant"]
-
-    def _embed_sage(self, x_user: Tensor, x_merchant: Tensor, edge_index: Tensor,
-                    rev_edge_index: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``embed`` without HeteroConv, for plain SAGEConv layers in eval mode (no dropout)."""
-        return _sage_embed(x_user, x_merchant, edge_index, rev_edge_index, self._sage_weights_list())
 
     def _sage_weights_list(self) -> list[Tensor]:
         """The weights ``_sage_embed`` takes; gathering them took 0.08 ms a request, so they are

@@ -90,13 +90,13 @@ def _import_by_path(path: Path, prefix: str):
     return sys.modules[name]
 
 
-def _touched(x: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """The rows of ``x`` that ``ids`` touch, in order, and ``ids`` renumbered over them (None
-    when every row is touched, as in a client-compacted request: nothing to renumber)."""
+def _touched(x: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of ``x`` that ``ids`` touch, in order, and ``ids`` renumbered over them (as
+    given when every row is touched, as in a client-compacted request)."""
     present = np.zeros(len(x), dtype=bool)
     present[ids] = True
     if present.all():
-        return x, None
+        return x, ids
     return x[present], (np.cumsum(present) - 1)[ids]
 
 
@@ -120,6 +120,7 @@ class FraudPredictor:
                      "edge_attr_user_to_merchant": arch["edge_channels"]}
         self.default_masks = dict(zip(MASK_INPUTS, (self.meta["feature_masks"][k]
                                                     for k in ("user", "merchant", "edge"))))
+        self._no_shapley = self._empty_shapley(None)
 
     def check(self, x_user, x_merchant, edge_index, edge_attr) -> tuple[np.ndarray, ...]:
         """The inputs as float32/int64 arrays; ValueError naming the input when one is invalid."""
@@ -165,9 +166,8 @@ class FraudPredictor:
         # one-transaction request costs one transaction's work whatever node tables it carries.
         x_user, src = _touched(x_user, edge_index[0])
         x_merchant, dst = _touched(x_merchant, edge_index[1])
-        edge_index = edge_index if src is None and dst is None else np.vstack(
-            [edge_index[0] if src is None else src, edge_index[1] if dst is None else dst])
-        inputs = [torch.as_tensor(a, device=self.device) for a in (x_user, x_merchant, edge_index, edge_attr)]
+        inputs = [torch.as_tensor(a, device=self.device)
+                  for a in (x_user, x_merchant, np.vstack([src, dst]), edge_attr)]
         return self._scores(*inputs).astype(np.float32)
 
     def _groups(self, widths: tuple[int, int, int], masks: dict | None) -> list[np.ndarray]:
@@ -184,9 +184,7 @@ class FraudPredictor:
 
     def no_shapley(self, masks: dict | None = None) -> dict:
         """The Shapley outputs when none are computed: [0, groups] each."""
-        if not masks:  # the common case, answered from a cache: 0.07 ms less per request
-            if not hasattr(self, "_no_shapley"):
-                self._no_shapley = self._empty_shapley(None)
+        if not masks:  # the common case, computed once: 0.07 ms less per request
             return self._no_shapley
         return self._empty_shapley(masks)
 
