@@ -8,6 +8,8 @@
     <out_dir>/prediction_and_shapley/1/state_dict_gnn_model.pth
     <out_dir>/prediction_and_shapley/1/embedding_based_xgboost.json
     <out_dir>/prediction_and_shapley/1/meta.json
+    <out_dir>/prediction_and_shapley/1/forest.c             triton/forest.c, verbatim
+    <out_dir>/prediction_and_shapley/1/libforest.so         forest.c compiled (when a C compiler is here)
 
 into a temporary folder beside the target and renames it into place when complete.
 ``load_model`` imports a version's own ``model.py``, the code Triton runs, so in-process and
@@ -20,9 +22,12 @@ import hashlib
 import importlib.util
 import json
 import shutil
+import os
 import string
+import subprocess
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +42,8 @@ from fraudlib.settings import TRITON_MODEL_NAME, project_root
 
 VERSION = "1"
 FILES = ("model.py", "gnn_model.py", "state_dict_gnn_model.pth", "embedding_based_xgboost.json", "meta.json")
+# The compiled trees: optional (the backend falls back to XGBoost without them).
+FOREST_FILES = ("forest.c", "libforest.so")
 # Shapley value sampling: permutations per request, and their seed (answers are repeatable).
 SHAP_N_SAMPLES = 8
 SHAP_SEED = 0
@@ -76,6 +83,7 @@ def export_model(out_dir: Path | str, model: gnn.FraudGNN, booster: xgb.Booster,
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
                    version / "state_dict_gnn_model.pth")
         booster.save_model(str(version / "embedding_based_xgboost.json"))
+        _compile_forest(version)
         (version / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=_plain) + "\n")
         (staging / "config.pbtxt").write_text(render_config(meta))
         staging.chmod(0o755)  # mkdtemp makes it private; Triton may run as another user
@@ -90,6 +98,21 @@ def export_model(out_dir: Path | str, model: gnn.FraudGNN, booster: xgb.Booster,
         if staging.exists():
             shutil.rmtree(staging)
     return target
+
+
+def _compile_forest(version: Path) -> None:
+    """forest.c and libforest.so in ``version``: the CPU backend evaluates the XGBoost trees with
+    it (checked against XGBoost at every load), and uses XGBoost itself when it is missing."""
+    shutil.copyfile(_triton_source("forest.c"), version / "forest.c")
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    command = [compiler or "cc", "-O2", "-shared", "-fPIC", "-o", str(version / "libforest.so"),
+               str(version / "forest.c"), "-lm"]
+    result = None if compiler is None else subprocess.run(command, capture_output=True, text=True)
+    if result is None or result.returncode != 0:
+        (version / "libforest.so").unlink(missing_ok=True)
+        why = "no C compiler (set CC or install gcc)" if result is None else result.stderr.strip()
+        warnings.warn(f"the model package is served with XGBoost's own predictor, slower per request: "
+                      f"{' '.join(command)} failed: {why}", stacklevel=3)
 
 
 def _plain(value):

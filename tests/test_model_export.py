@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
@@ -57,7 +59,8 @@ def _contract_inputs(graph: graph_store.Graph, compute_shap: bool = False) -> di
 def test_package_has_the_blueprint_layout_and_nothing_else(result):
     assert result.model_dir == result.model_dir.parent / TRITON_MODEL_NAME
     assert sorted(p.name for p in result.model_dir.iterdir()) == ["1", "config.pbtxt"]
-    assert sorted(p.name for p in (result.model_dir / "1").iterdir()) == sorted(model_export.FILES)
+    assert sorted(p.name for p in (result.model_dir / "1").iterdir()) == sorted(
+        model_export.FILES + model_export.FOREST_FILES)
     assert [p.name for p in result.model_dir.parent.iterdir()] == [TRITON_MODEL_NAME]  # no temp folders
 
 
@@ -65,6 +68,7 @@ def test_version_code_is_copied_verbatim(result):
     version = result.model_dir / "1"
     assert (version / "gnn_model.py").read_bytes() == (project_root() / "fraudlib" / "gnn.py").read_bytes()
     assert (version / "model.py").read_bytes() == (project_root() / "triton" / "model.py").read_bytes()
+    assert (version / "forest.c").read_bytes() == (project_root() / "triton" / "forest.c").read_bytes()
 
 
 def test_config_is_complete_and_follows_the_serving_contract(result, test_graph):
@@ -161,13 +165,90 @@ def test_the_direct_xgboost_call_predicts_bitwise_what_inplace_predict_does(mode
     features = np.random.default_rng(rows).normal(size=(rows, predictor.booster.num_features()))
     features = features.astype(np.float32)
     expected = predictor.booster.inplace_predict(features) if rows else np.zeros(0, np.float32)
-    got = predictor.predict_dense(features)
+    got = predictor.xgboost_predict(features)
     assert got.dtype == np.float32 and np.array_equal(got, expected)
 
 
 def test_the_direct_xgboost_call_reports_xgboosts_error(model):
     with pytest.raises(RuntimeError, match="Number of columns in data must equal"):
+        model.predictor.xgboost_predict(np.zeros((2, 3), np.float32))
+
+
+# --- the compiled trees (forest.c) --------------------------------------------------------------
+
+def _features(model, graph: graph_store.Graph) -> np.ndarray:
+    """The XGBoost input of every edge of ``graph``, as the backend computes it."""
+    tensors = [torch.as_tensor(a) for a in (graph.x_user, graph.x_merchant, graph.edge_index, graph.edge_attr)]
+    return model.predictor.gnn.edge_features(*tensors).numpy()
+
+
+def test_the_cpu_backend_evaluates_the_trees_with_the_compiled_forest(model):
+    assert model.predictor.tree_path.startswith("compiled trees")
+    assert model.predictor.predict_dense is not model.predictor.xgboost_predict
+
+
+@pytest.mark.parametrize("rows", ["test graph", "random", "on thresholds", "missing values", "none"])
+def test_the_compiled_forest_predicts_bitwise_what_xgboost_does(model, test_graph, rows):
+    predictor = model.predictor
+    compiled = predictor.predict_dense
+    width = predictor.booster.num_features()
+    rng = np.random.default_rng(7)
+    features = {
+        "test graph": lambda: _features(model, test_graph),
+        "random": lambda: rng.normal(scale=3, size=(3000, width)),
+        "on thresholds": lambda: compiled.probe_rows(compiled, 3000),
+        "missing values": lambda: np.where(rng.random((3000, width)) < 0.3, np.nan, rng.normal(size=(3000, width))),
+        "none": lambda: np.zeros((0, width)),
+    }[rows]().astype(np.float32)
+    expected = predictor.booster.inplace_predict(features) if len(features) else np.zeros(0, np.float32)
+    got = compiled(features)
+    assert got.dtype == np.float32 and got.shape == (len(features),)
+    assert np.array_equal(got, expected), f"{np.sum(got != expected)} of {len(got)} rows differ"
+
+
+def test_the_compiled_forest_rejects_a_wrong_width(model):
+    with pytest.raises(ValueError, match=r"XGBoost input must have shape \[-1, \d+\], got \[2, 3\]"):
         model.predictor.predict_dense(np.zeros((2, 3), np.float32))
+
+
+def _forest_variant(result, tmp_path, change) -> Path:
+    """A copy of the package whose libforest.so was changed by ``change(version_dir)``."""
+    package = shutil.copytree(result.model_dir, tmp_path / TRITON_MODEL_NAME)
+    change(package / "1")
+    return package
+
+
+def _compile(version: Path, source: str) -> None:
+    (version / "forest.c").write_text(source)
+    (version / "libforest.so").unlink()
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(version / "libforest.so"),
+                    str(version / "forest.c"), "-lm"], check=True)
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda v: (v / "libforest.so").unlink(), "no libforest.so in the version directory"),
+    (lambda v: (v / "libforest.so").write_bytes(b"not a shared library"), "libforest.so does not load here"),
+    # A forest that sends a feature equal to its threshold left: wrong on the probe rows only.
+    (lambda v: _compile(v, (v / "forest.c").read_text().replace("v < forest->value[n]", "v <= forest->value[n]")),
+     "does not reproduce XGBoost's predictions on probe rows"),
+], ids=["missing", "unloadable", "wrong"])
+def test_without_a_trustworthy_compiled_forest_xgboost_serves(result, model, test_graph, tmp_path, change, reason):
+    fallback = model_export.load_model(_forest_variant(result, tmp_path, change))
+    assert reason in fallback.predictor.tree_path
+    assert fallback.predictor.predict_dense is fallback.predictor.xgboost_predict
+    np.testing.assert_array_equal(fallback.predict(test_graph), model.predict(test_graph))
+
+
+def test_export_without_a_c_compiler_warns_and_the_package_still_serves(result, model, test_graph, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler")
+    with pytest.warns(UserWarning, match="served with XGBoost's own predictor.*no C compiler"):
+        model_export.export_model(tmp_path, model.predictor.gnn, model.predictor.booster,
+                                  {k: v for k, v in model.meta.items() if k not in ("shap", "versions")})
+    assert not (tmp_path / TRITON_MODEL_NAME / "1" / "libforest.so").exists()
+    again = model_export.load_model(tmp_path / TRITON_MODEL_NAME)
+    assert again.predictor.tree_path == "no libforest.so in the version directory"
+    np.testing.assert_array_equal(again.predict(test_graph), model.predict(test_graph))
 
 
 @pytest.mark.parametrize("edges", [slice(0, 1), slice(3, 40), slice(None)])

@@ -79,6 +79,105 @@ class _DensePredict:
         return np.ctypeslib.as_array(preds, (size,)).copy() if size else np.zeros(0, np.float32)
 
 
+class _Forest(ctypes.Structure):
+    """forest_t of forest.c."""
+    _fields_ = [("n_trees", ctypes.c_int32), ("n_features", ctypes.c_int32), ("logistic", ctypes.c_int32),
+                ("base_margin", ctypes.c_float)] + [(name, ctypes.c_void_p) for name in (
+                    "roots", "feature", "value", "left", "right", "default_left")]
+
+
+class _CompiledPredict:
+    """The booster's trees evaluated by forest.c (``libforest.so`` in the version directory,
+    compiled by fraudlib.model_export): same answer as ``_DensePredict`` bit for bit, without
+    XGBoost's per-call JSON parsing and dispatch. Use ``load``, which checks that."""
+
+    LIBRARY = "libforest.so"
+
+    def __init__(self, library: Path, trees: list[dict], n_features: int, base_margin: float):
+        def flat(key: str, dtype, leaf=None) -> np.ndarray:
+            parts = [np.where(np.asarray(t["left_children"]) == -1, leaf, t[key]) if leaf is not None
+                     else np.asarray(t[key]) for t in trees]
+            return np.ascontiguousarray(np.concatenate(parts), dtype=dtype)
+
+        sizes = [len(t["left_children"]) for t in trees]
+        offsets = np.cumsum([0] + sizes[:-1])
+        shift = np.repeat(offsets, sizes)
+        leaf = np.concatenate([np.asarray(t["left_children"]) == -1 for t in trees])
+        self.arrays = {  # kept alive: the struct holds their addresses
+            "roots": np.ascontiguousarray(offsets, dtype=np.int32),
+            "feature": flat("split_indices", np.int32, leaf=0),
+            "value": flat("split_conditions", np.float32),
+            "left": np.ascontiguousarray(np.where(leaf, -1, flat("left_children", np.int64) + shift), np.int32),
+            "right": np.ascontiguousarray(np.where(leaf, -1, flat("right_children", np.int64) + shift), np.int32),
+            "default_left": flat("default_left", np.uint8),
+        }
+        self.n_features = n_features
+        self.forest = _Forest(len(trees), n_features, 1, base_margin,
+                              *(self.arrays[name].ctypes.data for name, _ in _Forest._fields_[4:]))
+        self.lib = ctypes.CDLL(str(library))
+        self.lib.forest_predict.restype = None
+        self.lib.forest_predict.argtypes = [ctypes.POINTER(_Forest), ctypes.c_void_p, ctypes.c_int64,
+                                            ctypes.c_void_p]
+        self.forest_ref = ctypes.byref(self.forest)
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        if features.ndim != 2 or features.shape[1] != self.n_features:
+            raise ValueError(f"the XGBoost input must have shape [-1, {self.n_features}], "
+                             f"got {list(features.shape)}")
+        out = np.empty(features.shape[0], dtype=np.float32)
+        self.lib.forest_predict(self.forest_ref, features.ctypes.data, features.shape[0], out.ctypes.data)
+        return out
+
+    @classmethod
+    def load(cls, version_dir: Path, reference: _DensePredict) -> tuple[_CompiledPredict | None, str]:
+        """The compiled predictor, or None and why XGBoost's own must serve instead."""
+        library = version_dir / cls.LIBRARY
+        if not library.is_file():
+            return None, f"no {cls.LIBRARY} in the version directory"
+        learner = json.loads(reference.booster.save_raw("json"))["learner"]
+        booster, params = learner["gradient_booster"], learner["learner_model_param"]
+        base_score = json.loads(params["base_score"]) if params["base_score"].startswith("[") else [
+            float(params["base_score"])]
+        trees = booster.get("model", {}).get("trees", [])
+        unsupported = [what for what, bad in (
+            (f"booster {booster.get('name')}", booster.get("name") != "gbtree"),
+            (f"objective {learner['objective']['name']}", learner["objective"]["name"] != "binary:logistic"),
+            ("several outputs", len(base_score) != 1 or int(params.get("num_class", 0)) > 1
+             or int(params.get("num_target", 1)) != 1),
+            ("categorical splits", any(any(t["split_type"]) for t in trees)),
+            ("no trees", not trees)) if bad]
+        if unsupported:
+            return None, f"the compiled trees do not support {', '.join(unsupported)}"
+        # ProbToMargin of binary:logistic, in float32 as XGBoost computes it.
+        base_margin = float(-np.log(np.float32(1) / np.float32(base_score[0]) - np.float32(1), dtype=np.float32))
+        try:
+            compiled = cls(library, trees, int(params["num_feature"]), base_margin)
+        except OSError as error:  # built for another platform
+            return None, f"{cls.LIBRARY} does not load here: {error}"
+        probe = cls.probe_rows(compiled)
+        if not np.array_equal(compiled(probe), reference(probe)):
+            return None, f"{cls.LIBRARY} does not reproduce XGBoost's predictions on probe rows"
+        return compiled, f"compiled trees ({cls.LIBRARY}), equal to XGBoost on {len(probe)} probe rows"
+
+    @staticmethod
+    def probe_rows(compiled: _CompiledPredict, n: int = 512) -> np.ndarray:
+        """Rows whose features sit on, just below and just above the trees' thresholds, with some
+        missing values: where a differing comparison would show."""
+        rng = np.random.default_rng(0)
+        a = compiled.arrays
+        split = a["left"] >= 0
+        rows = rng.normal(size=(n, compiled.n_features)).astype(np.float32)
+        for feature in np.unique(a["feature"][split]):
+            thresholds = a["value"][split & (a["feature"] == feature)]
+            picks = rng.choice(thresholds, n)
+            nudge = rng.integers(-1, 2, n)  # one float32 step down, none, one up
+            rows[:, feature] = np.where(nudge < 0, np.nextafter(picks, -np.inf),
+                                        np.where(nudge > 0, np.nextafter(picks, np.inf), picks))
+        rows[rng.random(rows.shape) < 0.02] = np.nan
+        return np.ascontiguousarray(rows, dtype=np.float32)
+
+
 def _import_by_path(path: Path, prefix: str):
     """Import ``path`` under a name unique to its location, so two versions never share a module."""
     name = f"{prefix}_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
@@ -114,7 +213,12 @@ class FraudPredictor:
         self.gnn.to(device).eval()
         self.booster = xgb.Booster(model_file=str(version_dir / "embedding_based_xgboost.json"))
         self.booster.set_param({"device": device})
-        self.predict_dense = _DensePredict(self.booster)
+        self.xgboost_predict = _DensePredict(self.booster)
+        # On CPU the trees are evaluated by forest.c when it reproduces XGBoost exactly.
+        self.predict_dense, self.tree_path = self.xgboost_predict, "XGBoost (the model is on a GPU)"
+        if device == "cpu":
+            compiled, self.tree_path = _CompiledPredict.load(version_dir, self.xgboost_predict)
+            self.predict_dense = compiled or self.xgboost_predict
         arch = self.meta["architecture"]
         self.dims = {"x_user": arch["user_channels"], "x_merchant": arch["merchant_channels"],
                      "edge_attr_user_to_merchant": arch["edge_channels"]}
@@ -244,6 +348,8 @@ class TritonPythonModel:
         self.predictor = FraudPredictor(Path(__file__).resolve().parent, device)
         if device == "cpu":
             self.predictor.booster.set_param({"nthread": 1})
+        pb_utils.Logger.log_info(f"{args['model_name']} version {args['model_version']}: trees evaluated by "
+                                 f"{self.predictor.tree_path}")
 
     def execute(self, requests):
         return [self._respond(request) for request in requests]
