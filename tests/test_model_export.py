@@ -184,13 +184,13 @@ def _features(model, graph: graph_store.Graph) -> np.ndarray:
 
 def test_the_cpu_backend_evaluates_the_trees_with_the_compiled_forest(model):
     assert model.predictor.tree_path.startswith("compiled trees")
-    assert model.predictor.predict_dense is not model.predictor.xgboost_predict
+    assert model.predictor.compiled_predict is not None
 
 
 @pytest.mark.parametrize("rows", ["test graph", "random", "on thresholds", "missing values", "none"])
 def test_the_compiled_forest_predicts_bitwise_what_xgboost_does(model, test_graph, rows):
     predictor = model.predictor
-    compiled = predictor.predict_dense
+    compiled = predictor.compiled_predict
     width = predictor.booster.num_features()
     rng = np.random.default_rng(7)
     features = {
@@ -206,9 +206,22 @@ def test_the_compiled_forest_predicts_bitwise_what_xgboost_does(model, test_grap
     assert np.array_equal(got, expected), f"{np.sum(got != expected)} of {len(got)} rows differ"
 
 
+def test_requests_up_to_max_rows_use_the_compiled_forest_and_larger_ones_xgboost(model, monkeypatch):
+    predictor = model.predictor
+    limit = type(predictor.compiled_predict).MAX_ROWS
+    calls = []
+    compiled = predictor.compiled_predict
+    monkeypatch.setattr(predictor, "compiled_predict", lambda f: calls.append(len(f)) or compiled(f))
+    rng = np.random.default_rng(3)
+    for rows in (1, limit, limit + 1, 10 * limit):
+        features = rng.normal(size=(rows, predictor.booster.num_features())).astype(np.float32)
+        assert np.array_equal(predictor.predict_dense(features), predictor.booster.inplace_predict(features))
+    assert calls == [1, limit]
+
+
 def test_the_compiled_forest_rejects_a_wrong_width(model):
     with pytest.raises(ValueError, match=r"XGBoost input must have shape \[-1, \d+\], got \[2, 3\]"):
-        model.predictor.predict_dense(np.zeros((2, 3), np.float32))
+        model.predictor.compiled_predict(np.zeros((2, 3), np.float32))
 
 
 def _forest_variant(result, tmp_path, change) -> Path:
@@ -235,7 +248,7 @@ def _compile(version: Path, source: str) -> None:
 def test_without_a_trustworthy_compiled_forest_xgboost_serves(result, model, test_graph, tmp_path, change, reason):
     fallback = model_export.load_model(_forest_variant(result, tmp_path, change))
     assert reason in fallback.predictor.tree_path
-    assert fallback.predictor.predict_dense is fallback.predictor.xgboost_predict
+    assert fallback.predictor.compiled_predict is None
     np.testing.assert_array_equal(fallback.predict(test_graph), model.predict(test_graph))
 
 
