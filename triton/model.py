@@ -277,11 +277,17 @@ class FraudPredictor:
             return np.zeros(0, dtype=np.float32)
         # Only the nodes the edges touch take part in message passing: drop the others, so a
         # one-transaction request costs one transaction's work whatever node tables it carries.
-        x_user, src = _touched(x_user, edge_index[0])
-        x_merchant, dst = _touched(x_merchant, edge_index[1])
-        inputs = [torch.as_tensor(a, device=self.device)
-                  for a in (x_user, x_merchant, np.vstack([src, dst]), edge_attr)]
+        users, merchants = edge_index
+        x_user, src = _touched(x_user, users)
+        x_merchant, dst = _touched(x_merchant, merchants)
+        edge_index = edge_index if src is users and dst is merchants else np.stack([src, dst])
+        inputs = [self._tensor(a) for a in (x_user, x_merchant, edge_index, edge_attr)]
         return self._scores(*inputs).astype(np.float32)
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        """``array`` on the model's device; on CPU without a copy (and 3x cheaper than as_tensor)."""
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        return tensor if self.device == "cpu" else tensor.to(self.device)
 
     def _groups(self, widths: tuple[int, int, int], masks: dict | None) -> list[np.ndarray]:
         """Per input, the group rank (0..groups-1, by ascending group id) of each feature column."""
@@ -364,8 +370,11 @@ class TritonPythonModel:
         return [self._respond(request) for request in requests]
 
     def _respond(self, request):
+        # One pass over the inputs (pb_utils.get_input_tensor_by_name lists them all per name).
+        tensors = {tensor.name(): tensor for tensor in request.inputs()}
+
         def get(name):
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            tensor = tensors.get(name)
             return None if tensor is None else tensor.as_numpy()
 
         try:
