@@ -108,21 +108,19 @@ class _CompiledPredict:
     MAX_ROWS = 64
 
     def __init__(self, library: Path, trees: list[dict], n_features: int, base_margin: float):
-        def flat(key: str, dtype, leaf=None) -> np.ndarray:
-            parts = [np.where(np.asarray(t["left_children"]) == -1, leaf, t[key]) if leaf is not None
-                     else np.asarray(t[key]) for t in trees]
-            return np.ascontiguousarray(np.concatenate(parts), dtype=dtype)
+        def flat(key: str, dtype) -> np.ndarray:  # one array over all trees' nodes
+            return np.concatenate([t[key] for t in trees]).astype(dtype)
 
         sizes = [len(t["left_children"]) for t in trees]
-        offsets = np.cumsum([0] + sizes[:-1])
-        shift = np.repeat(offsets, sizes)
-        leaf = np.concatenate([np.asarray(t["left_children"]) == -1 for t in trees])
+        roots = np.cumsum([0] + sizes[:-1])
+        shift = np.repeat(roots, sizes)  # a tree's node ids become indices into the flat arrays
+        leaf = flat("left_children", np.int64) == -1
         self.arrays = {  # kept alive: the struct holds their addresses
-            "roots": np.ascontiguousarray(offsets, dtype=np.int32),
-            "feature": flat("split_indices", np.int32, leaf=0),
-            "value": flat("split_conditions", np.float32),
-            "left": np.ascontiguousarray(np.where(leaf, -1, flat("left_children", np.int64) + shift), np.int32),
-            "right": np.ascontiguousarray(np.where(leaf, -1, flat("right_children", np.int64) + shift), np.int32),
+            "roots": roots.astype(np.int32),
+            "feature": np.where(leaf, 0, flat("split_indices", np.int64)).astype(np.int32),
+            "value": flat("split_conditions", np.float32),  # a leaf's value, on a leaf
+            "left": np.where(leaf, -1, flat("left_children", np.int64) + shift).astype(np.int32),
+            "right": np.where(leaf, -1, flat("right_children", np.int64) + shift).astype(np.int32),
             "default_left": flat("default_left", np.uint8),
         }
         self.n_features = n_features
