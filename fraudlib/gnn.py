@@ -68,18 +68,20 @@ def _degree(index: Tensor, like: Tensor) -> Tensor:
 
 @torch.jit.script
 def _sage_mean(x_src: Tensor, x_dst: Tensor, src: Tensor, dst: Tensor, degree: Tensor,
-               weight_l: Tensor, bias_l: Tensor, weight_r: Tensor) -> Tensor:
-    """``SAGEConv((x_src, x_dst), [src, dst])``: lin_l(mean of neighbours) + lin_r(x_dst)."""
+               weight_l_t: Tensor, bias_l: Tensor, weight_r_t: Tensor) -> Tensor:
+    """``SAGEConv((x_src, x_dst), [src, dst])``: lin_l(mean of neighbours) + lin_r(x_dst), the
+    Linear layers as the addmm/mm that F.linear runs on 2-D inputs, given transposed weights."""
     index = dst.view(-1, 1).expand(-1, x_src.size(1))
     total = x_src.new_zeros((x_dst.size(0), x_src.size(1))).scatter_add_(0, index, x_src.index_select(0, src))
-    return F.linear(total / degree, weight_l, bias_l) + F.linear(x_dst, weight_r)
+    return torch.addmm(bias_l, total / degree, weight_l_t) + torch.mm(x_dst, weight_r_t)
 
 
 @torch.jit.script
 def _sage_embed(x_user: Tensor, x_merchant: Tensor, edge_index: Tensor, rev_edge_index: Tensor | None,
                 weights: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Every hop's SAGEConv pair (dropout off): ``weights`` holds 6 per hop, the user->merchant
-    conv's lin_l weight, lin_l bias and lin_r weight, then the merchant->user conv's.
+    conv's lin_l weight (transposed), lin_l bias and lin_r weight (transposed), then the
+    merchant->user conv's.
     ``rev_edge_index`` (merchant -> user) defaults to the same pairs as ``edge_index``."""
     users, merchants = edge_index[0], edge_index[1]
     rev_merchants, rev_users = merchants, users
@@ -148,19 +150,25 @@ class FraudGNN(nn.Module):
         return x["user"], x["merchant"]
 
     def _sage_weights_list(self) -> list[Tensor]:
-        """The weights ``_sage_embed`` takes; gathering them took 0.08 ms a request, so they are
-        kept until the next train()/eval()."""
+        """The weights ``_sage_embed`` takes (views of the parameters); gathering them took 0.08
+        ms a request, so they are kept until the next train()/eval() or device/dtype change."""
         if self._sage_weights is None:
-            self._sage_weights = [weight for hop in self.convs
-                                  for conv in (hop.convs[USER_TO_MERCHANT], hop.convs[MERCHANT_TO_USER])
-                                  for weight in (conv.lin_l.weight, conv.lin_l.bias, conv.lin_r.weight)]
+            with torch.no_grad():  # inference only: no autograd history kept with the views
+                self._sage_weights = [
+                    weight for hop in self.convs
+                    for conv in (hop.convs[USER_TO_MERCHANT], hop.convs[MERCHANT_TO_USER])
+                    for weight in (conv.lin_l.weight.t(), conv.lin_l.bias, conv.lin_r.weight.t())]
         return self._sage_weights
 
     def train(self, mode: bool = True) -> FraudGNN:
-        # Optimizers, load_state_dict and .to() update parameters in place; a model whose
-        # parameters were replaced is switched to eval() again before scoring.
+        # Optimizers and load_state_dict update parameters in place, which the views follow; a
+        # model whose parameters were replaced is switched to eval() again before scoring.
         self._sage_weights = None
         return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .float(): new parameter tensors
+        self._sage_weights = None
+        return super()._apply(fn, *args, **kwargs)
 
     def classify(self, h_user: Tensor, h_merchant: Tensor, edge_index: Tensor, edge_attr: Tensor) -> Tensor:
         """Fraud logits [E, 2] of the edges ``edge_index`` from the node embeddings."""

@@ -127,6 +127,21 @@ def test_inference_without_heteroconv_is_bitwise_what_pyg_computes(size):
             assert torch.equal(fast, pyg)
 
 
+def test_the_fast_path_follows_parameter_updates_and_dtype_changes_after_eval():
+    inputs = _graph()
+    model = _model()
+    with torch.no_grad():
+        model.edge_features(*inputs)  # weights gathered for the fast path
+        for p in model.parameters():  # an in-place update (an optimizer step, load_state_dict)
+            p.mul_(1.5)
+        assert torch.equal(model.edge_features(*inputs), _through_heteroconv(model.edge_features, inputs))
+        model.double()  # new parameter tensors, still in eval mode
+        doubled = tuple(t.double() if t.is_floating_point() else t for t in inputs)
+        features = model.edge_features(*doubled)
+        assert features.dtype == torch.float64
+        assert torch.equal(features, _through_heteroconv(model.edge_features, doubled))
+
+
 def test_the_fast_path_is_taken_only_for_plain_sage_layers_in_eval_mode(monkeypatch):
     calls = []
     original = gnn._sage_embed
