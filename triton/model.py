@@ -4,7 +4,8 @@ Copied into every model version directory beside ``gnn_model.py`` (the GNN archi
 ``state_dict_gnn_model.pth``, ``embedding_based_xgboost.json`` and ``meta.json``. It reads only
 that directory and never imports fraudlib, so a version keeps working after fraudlib changes.
 fraudlib.model_export.load_model imports this same file to predict in-process, so Triton and
-in-process scoring run one function.
+in-process scoring run one function. On CPU the XGBoost trees of small requests are evaluated
+by ``libforest.so`` (forest.c, compiled at export) when it reproduces XGBoost exactly.
 
 Serving contract (blueprint 2.0.0): inputs x_user [U', Fu], x_merchant [M', Fm],
 edge_index_user_to_merchant [2, E] (row 0 indexes x_user, row 1 x_merchant),
