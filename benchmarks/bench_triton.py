@@ -75,6 +75,15 @@ def single_transactions(graph: dict[str, np.ndarray], n: int) -> list[dict[str, 
     } for i in picks]
 
 
+def tree_path(version_dir: Path) -> str:
+    """What evaluates the package's XGBoost trees on CPU, as its backend decides at load."""
+    if not (version_dir / "embedding_based_xgboost.json").exists():
+        return "no XGBoost trees (test model)"
+    from fraudlib.model_export import load_model
+
+    return load_model(version_dir).predictor.tree_path
+
+
 def batch_throughput(client: TritonClient, graph: dict, repeats: int) -> dict:
     n = graph["edge_attr_user_to_merchant"].shape[0]
     client.infer(PUBLIC_MODEL, graph, outputs=["PREDICTION"])  # warm-up
@@ -163,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 graph_name = "random, full test graph size"
             figures = {
                 "package": str(args.package), "batch_graph": graph_name,
+                "trees": tree_path(repo.public / str(version)),
                 "start_to_ready_s": server.start_to_ready_s,
                 "stage_and_promote_s": stage_promote_s,
                 "batch": batch_throughput(client, graph, args.repeats),
@@ -179,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         del lat["ms"]
     print(json.dumps(figures, indent=1))
     b = figures["batch"]
-    print(f"\nstart to ready {figures['start_to_ready_s']:.2f} s (target <= 5); "
+    print(f"\ntrees: {figures['trees']}")
+    print(f"start to ready {figures['start_to_ready_s']:.2f} s (target <= 5); "
           f"stage + promote {stage_promote_s:.2f} s; restart serving the champion "
           f"{figures['restart_serving_champion_s']:.2f} s")
     print(f"batch: {b['edges']} edges in {b['median_s'] * 1000:.1f} ms -> "
