@@ -151,6 +151,8 @@ def test_two_versions_load_side_by_side_each_with_its_own_code(graph_dir, result
     (lambda g: setattr(g, "x_merchant", g.x_merchant[:, :-1]), "x_merchant"),
     (lambda g: setattr(g, "edge_attr", g.edge_attr[:-1]), "edge_attr_user_to_merchant"),
     (lambda g: setattr(g, "x_user", g.x_user.astype(np.int64)), "x_user"),
+    # Finite in float64, infinite once cast to the model's float32.
+    (lambda g: setattr(g, "x_merchant", np.full(g.x_merchant.shape, 1e300)), "x_merchant contains NaN, infinite"),
 ])
 def test_invalid_inputs_are_rejected_naming_the_input(model, graph_dir, change, named):
     graph = graph_store.read_part(graph_dir, "test")

@@ -254,9 +254,11 @@ class FraudPredictor:
                 raise ValueError(f"{name} must have shape [-1, {self.dims[name]}], got {list(a.shape)}")
             if a.dtype.kind != "f":
                 raise ValueError(f"{name} must be floating point, got {a.dtype}")
+            with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: caught below
+                a = a.astype(np.float32, copy=False)
             if not np.isfinite(a).all():
-                raise ValueError(f"{name} contains NaN or infinite values")
-            arrays[name] = a.astype(np.float32, copy=False)
+                raise ValueError(f"{name} contains NaN, infinite or values beyond float32's range")
+            arrays[name] = a
         edge_index = np.asarray(edge_index)
         if edge_index.ndim != 2 or edge_index.shape[0] != 2:
             raise ValueError(f"edge_index_user_to_merchant must have shape [2, -1], got {list(edge_index.shape)}")
