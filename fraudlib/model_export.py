@@ -21,8 +21,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import shutil
 import os
+import shutil
 import string
 import subprocess
 import sys

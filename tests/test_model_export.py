@@ -198,7 +198,7 @@ def test_the_compiled_forest_predicts_bitwise_what_xgboost_does(model, test_grap
     features = {
         "test graph": lambda: _features(model, test_graph),
         "random": lambda: rng.normal(scale=3, size=(3000, width)),
-        "on thresholds": lambda: compiled.probe_rows(compiled, 3000),
+        "on thresholds": lambda: compiled.probe_rows(3000),
         "missing values": lambda: np.where(rng.random((3000, width)) < 0.3, np.nan, rng.normal(size=(3000, width))),
         "none": lambda: np.zeros((0, width)),
     }[rows]().astype(np.float32)

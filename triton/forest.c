@@ -18,7 +18,6 @@
 typedef struct {
   int32_t n_trees;
   int32_t n_features;
-  int32_t logistic;       /* 1: probability (binary:logistic), 0: margin */
   float base_margin;
   const int32_t *roots;   /* [n_trees] index of each tree's root in the node arrays */
   const int32_t *feature; /* per node: the feature it splits on */
@@ -42,11 +41,9 @@ void forest_predict(const forest_t *forest, const float *x, int64_t rows, float 
       }
       sum += forest->value[n];
     }
-    if (forest->logistic) { /* xgboost::common::Sigmoid(float), term by term */
-      float z = -sum;
-      z = 88.7f < z ? 88.7f : z; /* std::min(-x, 88.7f): no overflow in expf */
-      sum = 1.0f / (expf(z) + 1.0f + 1e-16f);
-    }
-    out[r] = sum;
+    /* binary:logistic's probability: xgboost::common::Sigmoid(float), term by term */
+    float z = -sum;
+    z = 88.7f < z ? 88.7f : z; /* std::min(-x, 88.7f): no overflow in expf */
+    out[r] = 1.0f / (expf(z) + 1.0f + 1e-16f);
   }
 }

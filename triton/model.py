@@ -92,9 +92,9 @@ class _DensePredict:
 
 class _Forest(ctypes.Structure):
     """forest_t of forest.c."""
-    _fields_ = [("n_trees", ctypes.c_int32), ("n_features", ctypes.c_int32), ("logistic", ctypes.c_int32),
-                ("base_margin", ctypes.c_float)] + [(name, ctypes.c_void_p) for name in (
-                    "roots", "feature", "value", "left", "right", "default_left")]
+    ARRAYS = ("roots", "feature", "value", "left", "right", "default_left")
+    _fields_ = [("n_trees", ctypes.c_int32), ("n_features", ctypes.c_int32), ("base_margin", ctypes.c_float)] + [
+        (name, ctypes.c_void_p) for name in ARRAYS]
 
 
 class _CompiledPredict:
@@ -125,8 +125,8 @@ class _CompiledPredict:
             "default_left": flat("default_left", np.uint8),
         }
         self.n_features = n_features
-        self.forest = _Forest(len(trees), n_features, 1, base_margin,
-                              *(self.arrays[name].ctypes.data for name, _ in _Forest._fields_[4:]))
+        self.forest = _Forest(len(trees), n_features, base_margin,
+                              *(self.arrays[name].ctypes.data for name in _Forest.ARRAYS))
         self.lib = ctypes.CDLL(str(library))
         self.lib.forest_predict.restype = None
         self.lib.forest_predict.argtypes = [ctypes.POINTER(_Forest), ctypes.c_void_p, ctypes.c_int64,
@@ -168,19 +168,18 @@ class _CompiledPredict:
             compiled = cls(library, trees, int(params["num_feature"]), base_margin)
         except OSError as error:  # built for another platform
             return None, f"{cls.LIBRARY} does not load here: {error}"
-        probe = cls.probe_rows(compiled)
+        probe = compiled.probe_rows()
         if not np.array_equal(compiled(probe), reference(probe)):
             return None, f"{cls.LIBRARY} does not reproduce XGBoost's predictions on probe rows"
         return compiled, f"compiled trees ({cls.LIBRARY}), equal to XGBoost on {len(probe)} probe rows"
 
-    @staticmethod
-    def probe_rows(compiled: _CompiledPredict, n: int = 512) -> np.ndarray:
+    def probe_rows(self, n: int = 512) -> np.ndarray:
         """Rows whose features sit on, just below and just above the trees' thresholds, with some
         missing values: where a differing comparison would show."""
         rng = np.random.default_rng(0)
-        a = compiled.arrays
+        a = self.arrays
         split = a["left"] >= 0
-        rows = rng.normal(size=(n, compiled.n_features)).astype(np.float32)
+        rows = rng.normal(size=(n, self.n_features)).astype(np.float32)
         for feature in np.unique(a["feature"][split]):
             thresholds = a["value"][split & (a["feature"] == feature)]
             picks = rng.choice(thresholds, n)
