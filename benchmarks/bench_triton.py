@@ -75,13 +75,12 @@ def single_transactions(graph: dict[str, np.ndarray], n: int) -> list[dict[str, 
     } for i in picks]
 
 
-def tree_path(version_dir: Path) -> str:
-    """What evaluates the package's XGBoost trees on CPU, as its backend decides at load."""
-    if not (version_dir / "embedding_based_xgboost.json").exists():
-        return "no XGBoost trees (test model)"
-    from fraudlib.model_export import load_model
-
-    return load_model(version_dir).predictor.tree_path
+def tree_path(triton_log: Path) -> str:
+    """What evaluates the served model's XGBoost trees, as its backend logged at load."""
+    marker = "trees evaluated by "
+    lines = [line for line in triton_log.read_text(errors="replace").splitlines()
+             if f'"{PUBLIC_MODEL} version' in line and marker in line]
+    return lines[-1].split(marker, 1)[1].rstrip('"') if lines else "not logged (a model without XGBoost trees)"
 
 
 def batch_throughput(client: TritonClient, graph: dict, repeats: int) -> dict:
@@ -172,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
                 graph_name = "random, full test graph size"
             figures = {
                 "package": str(args.package), "batch_graph": graph_name,
-                "trees": tree_path(repo.public / str(version)),
                 "start_to_ready_s": server.start_to_ready_s,
                 "stage_and_promote_s": stage_promote_s,
                 "batch": batch_throughput(client, graph, args.repeats),
@@ -180,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                 "latency": [latency(server.url, single_transactions(graph, args.requests), c)
                             for c in [1] * args.rounds + [8]],
             }
+            figures["trees"] = tree_path(server.log_path)
         figures["restart_serving_champion_s"] = restart_serving_champion(tmp)
     serial_ms = np.concatenate([lat["ms"] for lat in figures["latency"] if lat["concurrency"] == 1])
     figures["concurrency_1_all_rounds"] = {"requests": int(serial_ms.size),
