@@ -36,7 +36,9 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.http as httpclient
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException
+
+from fraudlib.triton_http import InferConnection, InferenceRefused
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -318,6 +320,8 @@ class TritonClient:
         self.url = _strip_scheme(url)
         self._http = httpclient.InferenceServerClient(
             self.url, connection_timeout=connection_timeout_s, network_timeout=network_timeout_s)
+        # Inference goes over its own lean connection (fraudlib.triton_http says why).
+        self._infer = InferConnection(self.url, network_timeout_s, connection_timeout_s)
 
     def _unreachable(self, cause: BaseException) -> TritonUnreachable:
         return TritonUnreachable(
@@ -371,23 +375,19 @@ class TritonClient:
     def infer(self, model: str, inputs: dict[str, np.ndarray], version: int | None = None,
               outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """One request; tensors travel as binary data. Returns every (or the named) output."""
-        infer_inputs = []
-        for name, array in inputs.items():
-            array = np.ascontiguousarray(array)
-            tensor = httpclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            tensor.set_data_from_numpy(array, binary_data=True)
-            infer_inputs.append(tensor)
-        requested = None
-        if outputs is not None:
-            requested = [httpclient.InferRequestedOutput(n, binary_data=True) for n in outputs]
         what = f"inference on {model} version {version if version is not None else '(default)'}"
-        result = self._call(what, self._http.infer, model, infer_inputs,
-                            model_version="" if version is None else str(version),
-                            outputs=requested)
-        names = outputs or [o["name"] for o in result.get_response()["outputs"]]
-        return {n: result.as_numpy(n) for n in names}
+        try:
+            return self._infer.infer(model, inputs, version=version, outputs=outputs)
+        except InferenceRefused as e:
+            raise TritonError(f"Triton at {self.url}: {what} failed: {e}") from e
+        except TimeoutError as e:
+            raise TritonError(f"Triton at {self.url}: {what} failed: no answer within "
+                              f"{self._infer.network_timeout_s:g} s") from e
+        except OSError as e:
+            raise self._unreachable(e) from e
 
     def close(self) -> None:
+        self._infer.close()
         self._http.close()
 
     def __enter__(self) -> TritonClient:

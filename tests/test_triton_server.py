@@ -85,6 +85,50 @@ def test_malformed_inputs_get_an_error_and_the_server_keeps_serving(client, bad,
     assert client.infer(MODEL, tiny_inputs(3), version=1)["PREDICTION"].shape == (3, 1)
 
 
+def test_inference_answers_as_the_reference_tritonclient_does(client):
+    import tritonclient.http as httpclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    inputs = {**tiny_inputs(3), "COMPUTE_SHAP": np.array([True])}
+    tensors = []
+    for name, array in inputs.items():
+        tensors.append(httpclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype)))
+        tensors[-1].set_data_from_numpy(array, binary_data=True)
+    with httpclient.InferenceServerClient(client.url) as reference:
+        expected = reference.infer(MODEL, tensors, model_version="1")
+    names = [o["name"] for o in expected.get_response()["outputs"]]
+    ours = client.infer(MODEL, inputs, version=1)
+    assert list(ours) == names and len(names) == 4
+    for name in names:
+        assert ours[name].dtype == np.float32
+        np.testing.assert_array_equal(ours[name], expected.as_numpy(name))
+
+
+def test_an_unknown_model_or_version_is_named_in_the_error(client):
+    with pytest.raises(TritonError, match="inference on no_such_model version .default. failed: .*no_such_model"):
+        client.infer("no_such_model", tiny_inputs(3))
+    with pytest.raises(TritonError, match=f"inference on {MODEL} version 7 failed"):
+        client.infer(MODEL, tiny_inputs(3), version=7)
+    assert client.infer(MODEL, tiny_inputs(3), version=1)["PREDICTION"].shape == (3, 1)
+
+
+def test_one_client_keeps_scoring_across_a_server_restart_on_its_port(tmp_path):
+    shutil.copytree(TINY_MODEL, tmp_path / "repo" / MODEL)
+    with EmbeddedTriton(tmp_path / "repo", tmp_path / "a.log") as first:
+        port = int(first.url.rsplit(":", 1)[1])
+        with first.client() as control:
+            control.load_model(MODEL)
+        c = TritonClient(first.url)
+        before = c.infer(MODEL, tiny_inputs(3), outputs=["PREDICTION"])["PREDICTION"]
+    with EmbeddedTriton(tmp_path / "repo", tmp_path / "b.log", http_port=port) as second:
+        with second.client() as control:
+            control.load_model(MODEL)
+        c.infer(MODEL, tiny_inputs(3))  # the kept connection is the first server's: a new one is opened
+        after = c.infer(MODEL, tiny_inputs(3), outputs=["PREDICTION"])["PREDICTION"]
+    c.close()
+    np.testing.assert_array_equal(before, after)
+
+
 def test_unreachable_url_names_the_url_and_what_to_do():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,6 +137,8 @@ def test_unreachable_url_names_the_url_and_what_to_do():
             connect(url)
         with pytest.raises(TritonUnreachable, match="not reachable"):
             TritonClient(url).repository_index()
+        with pytest.raises(TritonUnreachable, match=f"Triton at {url} is not reachable.*TRITON_URL"):
+            TritonClient(url).infer(MODEL, tiny_inputs(3))
 
 
 def test_connect_uses_TRITON_URL(server, monkeypatch):
