@@ -2,11 +2,12 @@
 
 The KServe v2 protocol with Triton's binary tensor extension: a JSON header followed by the
 raw bytes of every input, and the same shape back. Written on the standard library's socket
-because the request is the whole cost on the client side: tritonclient's HTTP client (gevent,
-geventhttpclient) spends about 0.5 ms of CPU on a one-transaction request, this one about
-0.2 ms. On a 2-core machine the client, Triton and the model's Python stub share the cores,
-and the client's CPU time is what delays the others: single-transaction p99 dropped from
-4.4 to 2.6 ms (docs/benchmarks.md, "Serving through Triton").
+because on a one-transaction request the client is a large part of the cost: tritonclient's
+HTTP client (geventhttpclient on a gevent hub) spends about 0.5 ms of CPU per request, this
+one about 0.2 ms. On a 2-core machine the client, Triton and the model's Python stub share the
+cores, so the client's CPU time also delays the server: single-transaction p50 through the
+embedded Triton went from 1.34-1.47 to 1.06-1.09 ms (docs/benchmarks.md, "Serving through
+Triton").
 
 Control-plane calls (load, unload, repository index, readiness) stay on tritonclient.
 """
