@@ -75,12 +75,11 @@ def single_transactions(graph: dict[str, np.ndarray], n: int) -> list[dict[str, 
     } for i in picks]
 
 
-def tree_path(triton_log: Path) -> str:
-    """What evaluates the served model's XGBoost trees, as its backend logged at load."""
-    marker = "trees evaluated by "
+def logged_path(triton_log: Path, marker: str) -> str:
+    """What the served model's backend said it uses after ``marker`` (e.g. "trees evaluated by ")."""
     lines = [line for line in triton_log.read_text(errors="replace").splitlines()
              if f'"{PUBLIC_MODEL} version' in line and marker in line]
-    return lines[-1].split(marker, 1)[1].rstrip('"') if lines else "not logged (a model without XGBoost trees)"
+    return lines[-1].split(marker, 1)[1].rstrip('"') if lines else "not logged (a model without that step)"
 
 
 def batch_throughput(client: TritonClient, graph: dict, repeats: int) -> dict:
@@ -178,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                 "latency": [latency(server.url, single_transactions(graph, args.requests), c)
                             for c in [1] * args.rounds + [8]],
             }
-            figures["trees"] = tree_path(server.log_path)
+            figures["trees"] = logged_path(server.log_path, "trees evaluated by ")
+            figures["message_passing"] = logged_path(server.log_path, "message passing of small requests by ")
         figures["restart_serving_champion_s"] = restart_serving_champion(tmp)
     serial_ms = np.concatenate([lat["ms"] for lat in figures["latency"] if lat["concurrency"] == 1])
     figures["concurrency_1_all_rounds"] = {"requests": int(serial_ms.size),
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         del lat["ms"]
     print(json.dumps(figures, indent=1))
     b = figures["batch"]
-    print(f"\ntrees: {figures['trees']}")
+    print(f"\ntrees: {figures['trees']}\nmessage passing of small requests: {figures['message_passing']}")
     print(f"start to ready {figures['start_to_ready_s']:.2f} s (target <= 5); "
           f"stage + promote {stage_promote_s:.2f} s; restart serving the champion "
           f"{figures['restart_serving_champion_s']:.2f} s")

@@ -10,6 +10,8 @@
     <out_dir>/prediction_and_shapley/1/meta.json
     <out_dir>/prediction_and_shapley/1/forest.c             triton/forest.c, verbatim
     <out_dir>/prediction_and_shapley/1/libforest.so         forest.c compiled (when a C compiler is here)
+    <out_dir>/prediction_and_shapley/1/sage.c               triton/sage.c, verbatim
+    <out_dir>/prediction_and_shapley/1/libsage.so           sage.c compiled (when a C compiler is here)
 
 into a temporary folder beside the target and renames it into place when complete.
 ``load_model`` imports a version's own ``model.py``, the code Triton runs, so in-process and
@@ -42,8 +44,10 @@ from fraudlib.settings import TRITON_MODEL_NAME, project_root
 
 VERSION = "1"
 FILES = ("model.py", "gnn_model.py", "state_dict_gnn_model.pth", "embedding_based_xgboost.json", "meta.json")
-# The compiled trees: optional (the backend falls back to XGBoost without them).
-FOREST_FILES = ("forest.c", "libforest.so")
+# The compiled fast path of small requests, source -> library: the trees (forest.c) and the
+# GNN's message passing (sage.c). Optional: without them the backend uses XGBoost and torch.
+NATIVE_SOURCES = {"forest.c": "libforest.so", "sage.c": "libsage.so"}
+NATIVE_FILES = tuple(name for pair in NATIVE_SOURCES.items() for name in pair)
 # Shapley value sampling: permutations per request, and their seed (answers are repeatable).
 SHAP_N_SAMPLES = 8
 SHAP_SEED = 0
@@ -83,7 +87,7 @@ def export_model(out_dir: Path | str, model: gnn.FraudGNN, booster: xgb.Booster,
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
                    version / "state_dict_gnn_model.pth")
         booster.save_model(str(version / "embedding_based_xgboost.json"))
-        _compile_forest(version)
+        _compile_native(version)
         (version / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=_plain) + "\n")
         (staging / "config.pbtxt").write_text(render_config(meta))
         staging.chmod(0o755)  # mkdtemp makes it private; Triton may run as another user
@@ -100,19 +104,21 @@ def export_model(out_dir: Path | str, model: gnn.FraudGNN, booster: xgb.Booster,
     return target
 
 
-def _compile_forest(version: Path) -> None:
-    """forest.c and libforest.so in ``version``: the CPU backend evaluates the XGBoost trees with
-    it (checked against XGBoost at every load), and uses XGBoost itself when it is missing."""
-    shutil.copyfile(_triton_source("forest.c"), version / "forest.c")
+def _compile_native(version: Path) -> None:
+    """forest.c, sage.c and their libraries in ``version``: the CPU backend evaluates small
+    requests with them (checked against XGBoost and torch at every load), and uses XGBoost and
+    torch themselves when they are missing."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
-    command = [compiler or "cc", "-O2", "-shared", "-fPIC", "-o", str(version / "libforest.so"),
-               str(version / "forest.c"), "-lm"]
-    result = None if compiler is None else subprocess.run(command, capture_output=True, text=True)
-    if result is None or result.returncode != 0:
-        (version / "libforest.so").unlink(missing_ok=True)
-        why = "no C compiler (set CC or install gcc)" if result is None else result.stderr.strip()
-        warnings.warn(f"the model package is served with XGBoost's own predictor, slower per request: "
-                      f"{' '.join(command)} failed: {why}", stacklevel=3)
+    for source, library in NATIVE_SOURCES.items():
+        shutil.copyfile(_triton_source(source), version / source)
+        command = [compiler or "cc", "-O2", "-shared", "-fPIC", "-o", str(version / library),
+                   str(version / source), "-lm"]
+        result = None if compiler is None else subprocess.run(command, capture_output=True, text=True)
+        if result is None or result.returncode != 0:
+            (version / library).unlink(missing_ok=True)
+            why = "no C compiler (set CC or install gcc)" if result is None else result.stderr.strip()
+            warnings.warn(f"the model package serves small requests without {library}, more slowly: "
+                          f"{' '.join(command)} failed: {why}", stacklevel=3)
 
 
 def _plain(value):

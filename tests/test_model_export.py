@@ -60,7 +60,7 @@ def test_package_has_the_blueprint_layout_and_nothing_else(result):
     assert result.model_dir == result.model_dir.parent / TRITON_MODEL_NAME
     assert sorted(p.name for p in result.model_dir.iterdir()) == ["1", "config.pbtxt"]
     assert sorted(p.name for p in (result.model_dir / "1").iterdir()) == sorted(
-        model_export.FILES + model_export.FOREST_FILES)
+        model_export.FILES + model_export.NATIVE_FILES)
     assert [p.name for p in result.model_dir.parent.iterdir()] == [TRITON_MODEL_NAME]  # no temp folders
 
 
@@ -257,13 +257,102 @@ def test_without_a_trustworthy_compiled_forest_xgboost_serves(result, model, tes
 def test_export_without_a_c_compiler_warns_and_the_package_still_serves(result, model, test_graph, tmp_path,
                                                                        monkeypatch):
     monkeypatch.setenv("CC", "no-such-compiler")
-    with pytest.warns(UserWarning, match="served with XGBoost's own predictor.*no C compiler"):
-        model_export.export_model(tmp_path, model.predictor.gnn, model.predictor.booster,
-                                  {k: v for k, v in model.meta.items() if k not in ("shap", "versions")})
-    assert not (tmp_path / TRITON_MODEL_NAME / "1" / "libforest.so").exists()
+    with pytest.warns(UserWarning) as warned:
+        model_export.export_model(tmp_path, model.predictor.gnn, model.predictor.booster, _export_meta(model))
+    for library in ("libforest.so", "libsage.so"):
+        assert any(f"without {library}" in str(w.message) and "no C compiler" in str(w.message) for w in warned)
+    version = tmp_path / TRITON_MODEL_NAME / "1"
+    assert not (version / "libforest.so").exists() and not (version / "libsage.so").exists()
     again = model_export.load_model(tmp_path / TRITON_MODEL_NAME)
     assert again.predictor.tree_path == "no libforest.so in the version directory"
+    assert again.predictor.gnn_path == "no libsage.so in the version directory"
     np.testing.assert_array_equal(again.predict(test_graph), model.predict(test_graph))
+    small = test_graph.edges(np.arange(5))
+    np.testing.assert_allclose(again.predict(small), model.predict(small), atol=1e-6)
+
+
+def _export_meta(model) -> dict:
+    return {k: v for k, v in model.meta.items() if k not in ("shap", "versions")}
+
+
+# --- the compiled message passing (sage.c) -------------------------------------------------------
+
+def _chunks(graph: graph_store.Graph, size: int) -> list[graph_store.Graph]:
+    """The graph's edges ``size`` at a time, each part with only the nodes it touches."""
+    return [graph_store.compact(graph.edges(np.arange(start, min(start + size, graph.num_edges))))
+            for start in range(0, graph.num_edges, size)]
+
+
+def _arrays(graph: graph_store.Graph) -> tuple[np.ndarray, ...]:
+    return graph.x_user, graph.x_merchant, graph.edge_index.astype(np.int64), graph.edge_attr
+
+
+def test_the_cpu_backend_runs_the_message_passing_of_small_requests_in_c(model):
+    assert model.predictor.gnn_path.startswith("compiled message passing (libsage.so)")
+    assert model.predictor.compiled_gnn is not None
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, None], ids=["1 edge", "7 edges", "64 edges", "whole graph"])
+def test_the_compiled_message_passing_equals_torch_within_float32_rounding(model, test_graph, size):
+    predictor = model.predictor
+    for part in _chunks(test_graph, size or test_graph.num_edges):
+        got, expected = predictor.compiled_gnn(*_arrays(part)), _features(model, part)
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+        # and the trees see the same thing: the same probabilities
+        np.testing.assert_allclose(predictor.predict_dense(got), predictor.predict_dense(expected), atol=1e-6)
+
+
+def test_requests_up_to_max_edges_use_the_compiled_message_passing_and_larger_ones_torch(model, test_graph,
+                                                                                          monkeypatch):
+    predictor = model.predictor
+    limit = type(predictor.compiled_gnn).MAX_EDGES
+    assert test_graph.num_edges > limit + 1
+    calls, compiled = [], predictor.compiled_gnn
+    monkeypatch.setattr(predictor, "compiled_gnn", lambda *graph: calls.append(graph[2].shape[1]) or compiled(*graph))
+    for n_edges in (1, limit, limit + 1, test_graph.num_edges):
+        part = test_graph.edges(np.arange(n_edges))
+        expected = predictor.predict_dense(_features(model, graph_store.compact(part)))
+        np.testing.assert_allclose(model.predict(part), expected, atol=1e-6)
+    assert calls == [1, limit]
+
+
+def _sage_variant(result, tmp_path, change) -> Path:
+    package = shutil.copytree(result.model_dir, tmp_path / TRITON_MODEL_NAME)
+    change(package / "1")
+    return package
+
+
+def _compile_sage(version: Path, source: str) -> None:
+    (version / "sage.c").write_text(source)
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(version / "libsage.so"), str(version / "sage.c")],
+                   check=True)
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda v: (v / "libsage.so").unlink(), "no libsage.so in the version directory"),
+    (lambda v: (v / "libsage.so").write_bytes(b"not a shared library"), "libsage.so does not load here"),
+    # Neighbour sums instead of means: the same on one-edge graphs, wrong on the larger probe graphs.
+    (lambda v: _compile_sage(v, (v / "sage.c").read_text().replace("m[k] /= degree[d];", "")),
+     "does not reproduce torch's message passing on probe graphs"),
+], ids=["missing", "unloadable", "wrong"])
+def test_without_a_trustworthy_compiled_message_passing_torch_serves(result, model, test_graph, tmp_path,
+                                                                     change, reason):
+    fallback = model_export.load_model(_sage_variant(result, tmp_path, change))
+    assert reason in fallback.predictor.gnn_path
+    assert fallback.predictor.compiled_gnn is None
+    for part in _chunks(test_graph, 5)[:10]:
+        np.testing.assert_array_equal(fallback.predict(part), model.predictor.predict_dense(_features(model, part)))
+
+
+def test_a_gnn_other_than_mean_sageconv_is_served_by_torch(model, tmp_path):
+    meta = _export_meta(model)
+    meta["architecture"] = {**meta["architecture"], "layer": "GraphConv"}
+    gnn = type(model.predictor.gnn)(**meta["architecture"]).eval()
+    model_export.export_model(tmp_path, gnn, model.predictor.booster, meta)
+    other = model_export.load_model(tmp_path / TRITON_MODEL_NAME)
+    assert other.predictor.gnn_path == "libsage.so supports plain mean SAGEConv layers only"
+    assert other.predictor.tree_path.startswith("compiled trees")
 
 
 @pytest.mark.parametrize("edges", [slice(0, 1), slice(3, 40), slice(None)])
