@@ -97,7 +97,7 @@ class InferConnection:
 
     def __init__(self, url: str, network_timeout_s: float, connection_timeout_s: float):
         self.address = split_address(url)
-        self._host_header = url.encode()
+        self.url = url
         self.network_timeout_s = network_timeout_s
         self.connection_timeout_s = connection_timeout_s
         self._sock: socket.socket | None = None
@@ -106,12 +106,15 @@ class InferConnection:
 
     def infer(self, model: str, inputs: dict[str, np.ndarray], version: int | None = None,
               outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Every output (or the named ones) of ``model`` (its ``version``, else the server's
+        choice) for ``inputs``. Raises InferenceRefused when Triton answers with an error,
+        OSError when it cannot be reached or its answer is broken."""
         header, blobs = encode_request(inputs, outputs)
         path = f"/v2/models/{quote(model, safe='')}"
         if version is not None:
             path += f"/versions/{int(version)}"
         length = len(header) + sum(b.nbytes for b in blobs)
-        head = (f"POST {path}/infer HTTP/1.1\r\nHost: {self._host_header.decode()}\r\n"
+        head = (f"POST {path}/infer HTTP/1.1\r\nHost: {self.url}\r\n"
                 f"Content-Type: application/octet-stream\r\n"
                 f"Inference-Header-Content-Length: {len(header)}\r\nContent-Length: {length}\r\n\r\n"
                 ).encode()
@@ -178,7 +181,11 @@ class InferConnection:
             self._answered = True
         lines = bytes(self._buf[:end]).split(b"\r\n")
         del self._buf[:end + 4]
-        status = int(lines[0].split(None, 2)[1])
+        try:
+            status = int(lines[0].split(None, 2)[1])
+        except (IndexError, ValueError):
+            raise ConnectionError(f"the answer is not HTTP ({lines[0][:80]!r}): is this address a Triton "
+                                  f"server?") from None
         headers = {}
         for line in lines[1:]:
             key, _, value = line.partition(b":")

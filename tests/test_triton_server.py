@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -139,6 +140,25 @@ def test_unreachable_url_names_the_url_and_what_to_do():
             TritonClient(url).repository_index()
         with pytest.raises(TritonUnreachable, match=f"Triton at {url} is not reachable.*TRITON_URL"):
             TritonClient(url).infer(MODEL, tiny_inputs(3))
+
+
+def test_an_address_that_answers_something_other_than_http_is_named(tmp_path):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        url = f"127.0.0.1:{listener.getsockname()[1]}"
+
+        def answer_like_ssh():
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+
+        thread = threading.Thread(target=answer_like_ssh)
+        thread.start()
+        with pytest.raises(TritonUnreachable, match=f"Triton at {url} is not reachable.*not HTTP.*SSH-2.0"):
+            TritonClient(url).infer(MODEL, tiny_inputs(3))
+        thread.join()
 
 
 def test_connect_uses_TRITON_URL(server, monkeypatch):
