@@ -30,6 +30,7 @@ DTYPES = {
 _TRITON_DTYPE = {dtype: name for name, dtype in DTYPES.items()}
 _ONE_SEND = 1 << 16  # requests up to this size go out in one send (one TCP segment on loopback)
 _RECV = 1 << 16
+_MAX_HEAD = 1 << 16  # an answer's status line and headers; Triton's are a few hundred bytes
 
 
 class InferenceRefused(Exception):
@@ -40,10 +41,18 @@ class InferenceRefused(Exception):
         self.status = status
 
 
+class BrokenAnswer(Exception):
+    """An HTTP 200 answer whose outputs cannot be read, or lack one that was asked for."""
+
+
 def split_address(url: str) -> tuple[str, int]:
-    """``host:port`` (no scheme) as a socket address; no port means HTTP's 80."""
+    """``host:port`` (no scheme; a path after it is ignored) as a socket address; no port means
+    HTTP's 80. IPv6 addresses with a port are written in brackets: ``[::1]:8000``."""
+    url = url.split("/", 1)[0]
+    if url.count(":") > 1 and "]" not in url:  # a bare IPv6 address
+        return url, 80
     host, sep, port = url.rpartition(":")
-    if not sep or "]" in port:  # no port, or the tail of a bare IPv6 address
+    if not sep or "]" in port:  # no port, or the tail of a bracketed IPv6 address
         host, port = url, "80"
     if not port.isdigit():
         raise ValueError(f"Triton URL {url!r}: the port {port!r} is not a number")
@@ -97,18 +106,19 @@ class InferConnection:
 
     def __init__(self, url: str, network_timeout_s: float, connection_timeout_s: float):
         self.address = split_address(url)
-        self.url = url
+        self.url = url.split("/", 1)[0]
         self.network_timeout_s = network_timeout_s
         self.connection_timeout_s = connection_timeout_s
         self._sock: socket.socket | None = None
         self._buf = bytearray()
-        self._answered = False
+        self._answered = False  # whether any byte of the current answer arrived
 
     def infer(self, model: str, inputs: dict[str, np.ndarray], version: int | None = None,
               outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Every output (or the named ones) of ``model`` (its ``version``, else the server's
         choice) for ``inputs``. Raises InferenceRefused when Triton answers with an error,
-        OSError when it cannot be reached or its answer is broken."""
+        BrokenAnswer when its answer cannot be read, OSError when it cannot be reached or is
+        not an HTTP server."""
         header, blobs = encode_request(inputs, outputs)
         path = f"/v2/models/{quote(model, safe='')}"
         if version is not None:
@@ -123,29 +133,35 @@ class InferConnection:
         try:
             try:
                 status, headers, body = self._exchange(parts)
-            except (ConnectionError, _ClosedBeforeAnswer):
-                if not reused:
+            except ConnectionError:
+                if not reused or self._answered:
                     raise
-                self.close()  # the kept connection had gone stale: once more on a new one
+                # The kept connection had gone stale (closed or reset before any answer):
+                # once more on a new one.
+                self.close()
                 status, headers, body = self._exchange(parts)
-        except _ClosedBeforeAnswer:
-            self.close()
-            raise ConnectionError("Triton closed the connection before answering") from None
         except BaseException:
             self.close()  # a timeout or an interrupt leaves the stream in an unknown state
             raise
-        if headers.get(b"connection", b"").lower() == b"close":
-            self.close()
+        if self._buf or headers.get(b"connection", b"").lower() == b"close":
+            self.close()  # bytes beyond the answer: a stream out of step is never reused
         if status != 200:
             try:
                 message = json.loads(bytes(body))["error"]
             except (ValueError, KeyError, TypeError):
                 message = bytes(body[:500]).decode(errors="replace") or f"HTTP status {status}"
             raise InferenceRefused(status, message)
-        header_length = int(headers.get(b"inference-header-content-length", len(body)))
-        return decode_response(body, header_length)
+        try:
+            out = decode_response(body, int(headers.get(b"inference-header-content-length", len(body))))
+        except (ValueError, KeyError, TypeError) as error:
+            raise BrokenAnswer(f"its answer could not be read ({type(error).__name__}: {error})") from error
+        missing = [name for name in outputs or () if name not in out]
+        if missing:
+            raise BrokenAnswer(f"its answer lacks the outputs asked for: {', '.join(missing)}")
+        return out
 
     def _exchange(self, parts: list) -> tuple[int, dict[bytes, bytes], bytearray]:
+        self._answered = False
         if self._sock is None:
             self._connect()
         sock = self._sock
@@ -155,37 +171,52 @@ class InferConnection:
             for part in parts:
                 sock.sendall(part)
         status, headers = self._read_head()
-        if b"content-length" not in headers:
-            # Triton's HTTP server always sends it; anything else is not a Triton answer.
-            raise ConnectionError(f"the answer to an inference request has no Content-Length "
-                                  f"(HTTP status {status}): is this address a Triton server?")
-        return status, headers, self._read_exact(int(headers[b"content-length"]))
+        try:  # Triton's HTTP server always sends it
+            length = int(headers[b"content-length"])
+        except (KeyError, ValueError):
+            length = -1
+        if length < 0:
+            raise ConnectionError(f"the answer to an inference request (HTTP status {status}) has no valid "
+                                  f"Content-Length: is this address a Triton server?")
+        return status, headers, self._read_exact(length)
 
     def _connect(self) -> None:
-        sock = socket.create_connection(self.address, timeout=self.connection_timeout_s)
+        try:
+            sock = socket.create_connection(self.address, timeout=self.connection_timeout_s)
+        except TimeoutError:
+            raise ConnectionError(f"no connection within {self.connection_timeout_s:g} s") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(self.network_timeout_s)
         self._sock, self._buf = sock, bytearray()
 
-    def _fill(self, at_least: int = 1) -> None:
-        chunk = self._sock.recv(max(_RECV, at_least))
+    def _fill(self) -> None:
+        chunk = self._sock.recv(_RECV)
         if not chunk:
-            raise _ClosedBeforeAnswer() if not self._buf and not self._answered else ConnectionError(
-                "Triton closed the connection in the middle of a response")
+            raise ConnectionError("Triton closed the connection " + (
+                "in the middle of an answer" if self._answered else "before answering"))
+        self._answered = True
         self._buf += chunk
 
+    def _check_http(self) -> None:
+        """Fails as soon as the first bytes show the answer is not HTTP (another service)."""
+        if len(self._buf) >= 5 and not self._buf.startswith(b"HTTP/"):
+            first_line = bytes(self._buf.split(b"\r\n", 1)[0][:80])
+            raise ConnectionError(f"the answer is not HTTP ({first_line!r}): is this address a Triton server?")
+
     def _read_head(self) -> tuple[int, dict[bytes, bytes]]:
-        self._answered = False
         while (end := self._buf.find(b"\r\n\r\n")) < 0:
+            self._check_http()
+            if len(self._buf) > _MAX_HEAD:
+                raise ConnectionError(f"the answer's headers exceed {_MAX_HEAD} bytes: is this address a "
+                                      f"Triton server?")
             self._fill()
-            self._answered = True
+        self._check_http()
         lines = bytes(self._buf[:end]).split(b"\r\n")
         del self._buf[:end + 4]
         try:
             status = int(lines[0].split(None, 2)[1])
         except (IndexError, ValueError):
-            raise ConnectionError(f"the answer is not HTTP ({lines[0][:80]!r}): is this address a Triton "
-                                  f"server?") from None
+            raise ConnectionError(f"the answer's status line is not HTTP ({lines[0][:80]!r})") from None
         headers = {}
         for line in lines[1:]:
             key, _, value = line.partition(b":")
@@ -193,17 +224,20 @@ class InferConnection:
         return status, headers
 
     def _read_exact(self, n: int) -> bytearray:
-        while len(self._buf) < n:
-            self._fill(n - len(self._buf))
-        body = self._buf[:n]
-        del self._buf[:n]
+        """The next ``n`` bytes: what is buffered, then received straight into the result."""
+        body = bytearray(n)
+        have = min(len(self._buf), n)
+        body[:have] = self._buf[:have]
+        del self._buf[:have]
+        view = memoryview(body)
+        while have < n:
+            got = self._sock.recv_into(view[have:])
+            if not got:
+                raise ConnectionError("Triton closed the connection in the middle of an answer")
+            have += got
         return body
 
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
         self._sock, self._buf = None, bytearray()
-
-
-class _ClosedBeforeAnswer(Exception):
-    """The server closed the connection before any byte of the response."""

@@ -38,7 +38,7 @@ import numpy as np
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from fraudlib.triton_http import InferConnection, InferenceRefused
+from fraudlib.triton_http import BrokenAnswer, InferConnection, InferenceRefused
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -378,7 +378,7 @@ class TritonClient:
         what = f"inference on {model} version {version if version is not None else '(default)'}"
         try:
             return self._infer.infer(model, inputs, version=version, outputs=outputs)
-        except InferenceRefused as e:
+        except (InferenceRefused, BrokenAnswer) as e:
             raise TritonError(f"Triton at {self.url}: {what} failed: {e}") from e
         except TimeoutError as e:
             raise TritonError(f"Triton at {self.url}: {what} failed: no answer within "

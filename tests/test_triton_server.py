@@ -142,23 +142,25 @@ def test_unreachable_url_names_the_url_and_what_to_do():
             TritonClient(url).infer(MODEL, tiny_inputs(3))
 
 
-def test_an_address_that_answers_something_other_than_http_is_named(tmp_path):
+def test_an_address_that_answers_something_other_than_http_is_named():
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
+        listener.settimeout(30)
         url = f"127.0.0.1:{listener.getsockname()[1]}"
 
-        def answer_like_ssh():
+        def answer_like_ssh():  # an SSH server speaks first, one line, and waits
             conn, _ = listener.accept()
             with conn:
+                conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+                conn.settimeout(30)
                 conn.recv(65536)
-                conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
 
-        thread = threading.Thread(target=answer_like_ssh)
+        thread = threading.Thread(target=answer_like_ssh, daemon=True)
         thread.start()
         with pytest.raises(TritonUnreachable, match=f"Triton at {url} is not reachable.*not HTTP.*SSH-2.0"):
             TritonClient(url).infer(MODEL, tiny_inputs(3))
-        thread.join()
+        thread.join(timeout=30)
 
 
 def test_connect_uses_TRITON_URL(server, monkeypatch):

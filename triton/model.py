@@ -168,7 +168,7 @@ class _CompiledPredict:
         base_margin = float(-np.log(np.float32(1) / np.float32(base_score[0]) - np.float32(1), dtype=np.float32))
         try:
             compiled = cls(library, trees, int(params["num_feature"]), base_margin)
-        except OSError as error:  # built for another platform
+        except (OSError, AttributeError) as error:  # built for another platform, or from another source
             return None, f"{cls.LIBRARY} does not load here: {error}"
         probe = compiled.probe_rows()
         if not np.array_equal(compiled(probe), reference(probe)):
@@ -232,6 +232,9 @@ class _CompiledGNN:
         int64 node ids in range)."""
         x_user, x_merchant, edge_attr = (np.ascontiguousarray(a, dtype=np.float32)
                                          for a in (x_user, x_merchant, edge_attr))
+        widths = (x_user.shape[1], x_merchant.shape[1], edge_attr.shape[1])
+        if widths != tuple(self.dims.values()):  # sage.c trusts them: check the checked inputs
+            raise ValueError(f"feature widths {widths}, the model takes {tuple(self.dims.values())}")
         users, merchants = (np.ascontiguousarray(ids, dtype=np.int64) for ids in edge_index)
         out = np.empty((len(users), self.width), dtype=np.float32)
         if self.lib.sage_edge_features(self.sage_ref, x_user.ctypes.data, len(x_user), x_merchant.ctypes.data,
@@ -252,7 +255,7 @@ class _CompiledGNN:
                    for w in (hop.convs[kind].lin_l.weight, hop.convs[kind].lin_l.bias, hop.convs[kind].lin_r.weight)]
         try:
             compiled = cls(library, weights, dims)
-        except OSError as error:  # built for another platform
+        except (OSError, AttributeError) as error:  # built for another platform, or from another source
             return None, f"{cls.LIBRARY} does not load here: {error}"
         graphs = compiled.probe_graphs()
         with torch.inference_mode():
