@@ -226,29 +226,32 @@ def test_the_compiled_forest_rejects_a_wrong_width(model):
         model.predictor.compiled_predict(np.zeros((2, 3), np.float32))
 
 
-def _forest_variant(result, tmp_path, change) -> Path:
-    """A copy of the package whose libforest.so was changed by ``change(version_dir)``."""
+def _package_variant(result, tmp_path, change) -> Path:
+    """A copy of the package whose version directory was changed by ``change(version_dir)``."""
     package = shutil.copytree(result.model_dir, tmp_path / TRITON_MODEL_NAME)
     change(package / "1")
     return package
 
 
-def _compile(version: Path, source: str) -> None:
-    (version / "forest.c").write_text(source)
-    (version / "libforest.so").unlink()
-    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(version / "libforest.so"),
-                    str(version / "forest.c"), "-lm"], check=True)
+def _recompile(version: Path, source: str, text: str) -> None:
+    """``source`` (forest.c or sage.c) rewritten as ``text`` and compiled into its library."""
+    library = version / model_export.NATIVE_SOURCES[source]
+    (version / source).write_text(text)
+    library.unlink()
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(library), str(version / source), "-lm"],
+                   check=True)
 
 
 @pytest.mark.parametrize("change, reason", [
     (lambda v: (v / "libforest.so").unlink(), "no libforest.so in the version directory"),
     (lambda v: (v / "libforest.so").write_bytes(b"not a shared library"), "libforest.so does not load here"),
     # A forest that sends a feature equal to its threshold left: wrong on the probe rows only.
-    (lambda v: _compile(v, (v / "forest.c").read_text().replace("v < forest->value[n]", "v <= forest->value[n]")),
+    (lambda v: _recompile(v, "forest.c", (v / "forest.c").read_text().replace("v < forest->value[n]",
+                                                                               "v <= forest->value[n]")),
      "does not reproduce XGBoost's predictions on probe rows"),
 ], ids=["missing", "unloadable", "wrong"])
 def test_without_a_trustworthy_compiled_forest_xgboost_serves(result, model, test_graph, tmp_path, change, reason):
-    fallback = model_export.load_model(_forest_variant(result, tmp_path, change))
+    fallback = model_export.load_model(_package_variant(result, tmp_path, change))
     assert reason in fallback.predictor.tree_path
     assert fallback.predictor.compiled_predict is None
     np.testing.assert_array_equal(fallback.predict(test_graph), model.predict(test_graph))
@@ -317,28 +320,16 @@ def test_requests_up_to_max_edges_use_the_compiled_message_passing_and_larger_on
     assert calls == [1, limit]
 
 
-def _sage_variant(result, tmp_path, change) -> Path:
-    package = shutil.copytree(result.model_dir, tmp_path / TRITON_MODEL_NAME)
-    change(package / "1")
-    return package
-
-
-def _compile_sage(version: Path, source: str) -> None:
-    (version / "sage.c").write_text(source)
-    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(version / "libsage.so"), str(version / "sage.c")],
-                   check=True)
-
-
 @pytest.mark.parametrize("change, reason", [
     (lambda v: (v / "libsage.so").unlink(), "no libsage.so in the version directory"),
     (lambda v: (v / "libsage.so").write_bytes(b"not a shared library"), "libsage.so does not load here"),
     # Neighbour sums instead of means: the same on one-edge graphs, wrong on the larger probe graphs.
-    (lambda v: _compile_sage(v, (v / "sage.c").read_text().replace("m[k] /= degree[d];", "")),
+    (lambda v: _recompile(v, "sage.c", (v / "sage.c").read_text().replace("m[k] /= degree[d];", "")),
      "does not reproduce torch's message passing on probe graphs"),
 ], ids=["missing", "unloadable", "wrong"])
 def test_without_a_trustworthy_compiled_message_passing_torch_serves(result, model, test_graph, tmp_path,
                                                                      change, reason):
-    fallback = model_export.load_model(_sage_variant(result, tmp_path, change))
+    fallback = model_export.load_model(_package_variant(result, tmp_path, change))
     assert reason in fallback.predictor.gnn_path
     assert fallback.predictor.compiled_gnn is None
     for part in _chunks(test_graph, 5)[:10]:

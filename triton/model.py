@@ -214,6 +214,7 @@ class _CompiledGNN:
         self.weights = [np.ascontiguousarray(w, dtype=np.float32) for w in weights]  # kept alive
         self.pointers = (ctypes.c_void_p * len(weights))(*(w.ctypes.data for w in self.weights))
         self.dims = dims
+        self.widths = tuple(dims.values())  # x_user, x_merchant, edge_attr: what sage.c trusts
         hidden = self.weights[0].shape[0]
         self.width = dims["x_user"] + dims["x_merchant"] + 2 * hidden + dims["edge_attr_user_to_merchant"]
         self.sage = _Sage(len(weights) // 6, hidden, dims["x_user"], dims["x_merchant"],
@@ -233,8 +234,8 @@ class _CompiledGNN:
         x_user, x_merchant, edge_attr = (np.ascontiguousarray(a, dtype=np.float32)
                                          for a in (x_user, x_merchant, edge_attr))
         widths = (x_user.shape[1], x_merchant.shape[1], edge_attr.shape[1])
-        if widths != tuple(self.dims.values()):  # sage.c trusts them: check the checked inputs
-            raise ValueError(f"feature widths {widths}, the model takes {tuple(self.dims.values())}")
+        if widths != self.widths:
+            raise ValueError(f"feature widths {widths}, the model takes {self.widths}")
         users, merchants = (np.ascontiguousarray(ids, dtype=np.int64) for ids in edge_index)
         out = np.empty((len(users), self.width), dtype=np.float32)
         if self.lib.sage_edge_features(self.sage_ref, x_user.ctypes.data, len(x_user), x_merchant.ctypes.data,
