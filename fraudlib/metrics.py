@@ -1,18 +1,33 @@
-"""Classification metrics for fraud scores: AUPRC, ROC AUC, threshold metrics, bootstrap CIs.
+"""Classification metrics for fraud scores: AUPRC, ROC AUC, threshold metrics, operating
+thresholds and the (paired) bootstrap.
 
 Plain numpy/scikit-learn. A transaction is flagged when ``score >= threshold`` (the convention of
 ``sklearn.metrics.precision_recall_curve``, so a threshold it returns reproduces its point).
 Metrics that are undefined on the given labels (e.g. ROC AUC with one class) are NaN.
+
+The bootstrap resamples transactions with replacement. A resample is a vector of counts (how
+often each transaction was drawn), and every metric here is computed from such counts as sample
+weights, vectorized over a block of resamples on scores sorted once: a resample's AUPRC equals
+scikit-learn's ``average_precision_score`` on the resampled rows, without a sort per resample.
+Several score sets are resampled with the same counts (``bootstrap`` with several models): a
+paired bootstrap, whose per-resample differences give the interval of a difference.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from dataclasses import dataclass
+from typing import Iterator, Mapping
 
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 DEFAULT_THRESHOLD = 0.5
+# Metrics that ``bootstrap`` resamples; the threshold ones are taken at each model's threshold.
+RANKING_METRICS = ("auprc", "roc_auc")
+THRESHOLD_METRICS = ("precision", "recall", "f1", "alert_rate")
+BOOTSTRAP_METRICS = RANKING_METRICS + THRESHOLD_METRICS
+_BLOCK_ELEMENTS = 4_000_000  # resamples x transactions per vectorized block (~32 MB per float array)
 
 
 def _check(labels, scores) -> tuple[np.ndarray, np.ndarray]:
@@ -40,7 +55,8 @@ def roc_auc(labels, scores) -> float:
 
 
 def at_threshold(labels, scores, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
-    """Precision, recall, F1 and accuracy of flagging ``score >= threshold``."""
+    """Precision, recall, F1, accuracy and alert rate (fraction flagged) of flagging
+    ``score >= threshold``."""
     y, s = _check(labels, scores)
     flagged = s >= threshold
     tp = int(np.sum(flagged & (y == 1)))
@@ -50,14 +66,39 @@ def at_threshold(labels, scores, threshold: float = DEFAULT_THRESHOLD) -> dict[s
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     accuracy = float(np.mean(flagged == (y == 1))) if y.size else float("nan")
-    return {"precision": precision, "recall": recall, "f1": f1, "accuracy": accuracy}
+    alert_rate = float(np.mean(flagged)) if y.size else float("nan")
+    return {"precision": precision, "recall": recall, "f1": f1, "accuracy": accuracy, "alert_rate": alert_rate}
 
 
-def best_f1_threshold(labels, scores) -> float:
-    """The score threshold with the highest F1 (choose it on validation, apply it to test)."""
+def choose_threshold(labels, scores, alert_rate: float | None = None) -> float:
+    """The operating threshold of a model, chosen on its validation labels and scores.
+
+    Without ``alert_rate``: the threshold with the highest F1. With ``alert_rate`` (a fraction in
+    (0, 1)): the lowest threshold that flags at most that fraction of the transactions, i.e. the
+    score of the ``floor(alert_rate * n)``-th highest, raised past a tie that would exceed the
+    budget. Errors: ``alert_rate`` outside (0, 1); a budget of less than one transaction; no
+    fraud in the labels (F1-max is undefined); scores whose highest value alone exceeds the budget.
+    """
     y, s = _check(labels, scores)
+    if alert_rate is not None:
+        if isinstance(alert_rate, bool) or not isinstance(alert_rate, (int, float, np.floating)) \
+                or not 0.0 < float(alert_rate) < 1.0:
+            raise ValueError(f"alert_rate must be a fraction strictly between 0 and 1, got {alert_rate!r}")
+        budget = math.floor(float(alert_rate) * s.size)
+        if budget < 1:
+            raise ValueError(f"alert_rate {alert_rate:g} flags fewer than one of the {s.size:,} transactions")
+        ordered = np.sort(s)[::-1]
+        threshold = ordered[budget - 1]
+        if budget < s.size and ordered[budget] == threshold:  # a tie straddles the budget: flag fewer
+            higher = ordered[ordered > threshold]
+            if higher.size == 0:
+                raise ValueError(f"alert_rate {alert_rate:g}: the highest score {threshold:g} is shared by more "
+                                 f"than {budget:,} of the {s.size:,} transactions, no threshold flags so few")
+            threshold = higher[-1]
+        return float(threshold)
     if not y.any():
-        return DEFAULT_THRESHOLD
+        raise ValueError("no fraud among the labels: the F1-maximizing threshold is undefined "
+                         "(give alert_rate, or choose on a validation set with fraud)")
     precision, recall, thresholds = precision_recall_curve(y, s)
     # The last (precision 1, recall 0) point has no threshold.
     p, r = precision[:-1], recall[:-1]
@@ -65,9 +106,16 @@ def best_f1_threshold(labels, scores) -> float:
     return float(thresholds[int(np.argmax(f1))])
 
 
+def best_f1_threshold(labels, scores) -> float:
+    """The F1-maximizing threshold, or 0.5 without fraud. Superseded by ``choose_threshold``
+    (kept while fraudlib/training.py still calls it)."""
+    y, _ = _check(labels, scores)
+    return choose_threshold(labels, scores) if y.any() else DEFAULT_THRESHOLD
+
+
 def report(labels, scores, threshold: float) -> dict[str, float]:
-    """All metrics of one score set: ``auprc``, ``roc_auc``, precision/recall/f1/accuracy at 0.5
-    (plain names) and at ``threshold`` (``*_at_threshold``), and ``threshold`` itself."""
+    """All metrics of one score set: ``auprc``, ``roc_auc``, precision/recall/f1/accuracy/alert_rate
+    at 0.5 (plain names) and at ``threshold`` (``*_at_threshold``), and ``threshold`` itself."""
     out = {"auprc": auprc(labels, scores), "roc_auc": roc_auc(labels, scores)}
     out.update(at_threshold(labels, scores, DEFAULT_THRESHOLD))
     out.update({f"{k}_at_threshold": v for k, v in at_threshold(labels, scores, threshold).items()})
@@ -75,21 +123,143 @@ def report(labels, scores, threshold: float) -> dict[str, float]:
     return out
 
 
-def bootstrap_ci(labels, scores, metric: Callable[[np.ndarray, np.ndarray], float],
-                 n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of ``metric(labels, scores)`` (resampling rows)."""
-    y, s = _check(labels, scores)
-    if y.size == 0:
-        return float("nan"), float("nan")
+# --- bootstrap ----------------------------------------------------------------------------------
+
+
+def resample_counts(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Blocks of bootstrap resamples of ``n`` rows as counts, shape (block, n): row ``b``, column
+    ``i`` is how often row ``i`` was drawn in resample ``b``. Deterministic for (n, n_boot, seed)."""
     rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, y.size, y.size)
-        value = metric(y[idx], s[idx])
-        if np.isfinite(value):
-            values.append(value)
-    if not values:
-        return float("nan"), float("nan")
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return float(low), float(high)
+    block = max(1, min(n_boot, _BLOCK_ELEMENTS // max(n, 1)))
+    for start in range(0, n_boot, block):
+        b = min(block, n_boot - start)
+        draws = rng.integers(0, n, (b, n)) + (np.arange(b) * n)[:, None]
+        yield np.bincount(draws.ravel(), minlength=b * n).reshape(b, n)
+
+
+class _Weighted:
+    """One score set, sorted once, whose metrics are computed for many weight vectors at once."""
+
+    def __init__(self, y: np.ndarray, s: np.ndarray, metric: str, threshold: float | None):
+        if metric not in BOOTSTRAP_METRICS:
+            raise KeyError(f"unknown metric {metric!r}: use one of {', '.join(BOOTSTRAP_METRICS)}")
+        self.metric = metric
+        if metric in THRESHOLD_METRICS:
+            if threshold is None:
+                raise ValueError(f"metric {metric!r} needs a threshold")
+            flagged = s >= threshold
+            self.tp_mask = (flagged & (y == 1)).astype(np.float64)
+            self.flag_mask = flagged.astype(np.float64)
+            self.pos_mask = (y == 1).astype(np.float64)
+            return
+        self.order = np.argsort(-s, kind="stable")
+        ordered = s[self.order]
+        # The last position of each group of tied scores: one point of the curve per distinct score.
+        self.ends = np.flatnonzero(np.r_[ordered[1:] != ordered[:-1], True])
+        self.pos = (y[self.order] == 1).astype(np.int64)
+
+    def __call__(self, w: np.ndarray) -> np.ndarray:
+        """The metric under each row of weights ``w`` (block, n); NaN where it is undefined."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if self.metric in THRESHOLD_METRICS:
+                tp, flagged, pos = w @ self.tp_mask, w @ self.flag_mask, w @ self.pos_mask
+                precision = np.where(flagged > 0, tp / flagged, 0.0)
+                recall = np.where(pos > 0, tp / pos, 0.0)
+                if self.metric == "precision":
+                    return precision
+                if self.metric == "recall":
+                    return recall
+                if self.metric == "alert_rate":
+                    return flagged / w.sum(axis=1)
+                return np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+            ws = w[:, self.order]  # integer counts: exact cumulative sums
+            tps = np.cumsum(ws * self.pos, axis=1)[:, self.ends].astype(np.float64)
+            fps = np.cumsum(ws, axis=1)[:, self.ends] - tps
+            total_pos, total_neg = tps[:, -1:], fps[:, -1:]
+            if self.metric == "auprc":
+                # sum over distinct thresholds of (R_k - R_{k-1}) P_k, as average_precision_score.
+                precision = np.where(tps + fps > 0, tps / (tps + fps), 0.0)
+                recall = tps / total_pos
+                d_recall = np.diff(recall, axis=1, prepend=0.0)
+                out = np.sum(d_recall * precision, axis=1)
+                return np.where(total_pos[:, 0] > 0, out, np.nan)
+            tpr, fpr = tps / total_pos, fps / total_neg  # roc_auc: trapezoids from (0, 0)
+            d_fpr = np.diff(fpr, axis=1, prepend=0.0)
+            mid_tpr = (tpr + np.concatenate([np.zeros_like(tpr[:, :1]), tpr[:, :-1]], axis=1)) / 2
+            out = np.sum(d_fpr * mid_tpr, axis=1)
+            return np.where((total_pos[:, 0] > 0) & (total_neg[:, 0] > 0), out, np.nan)
+
+
+def metric_value(labels, scores, metric: str, threshold: float | None = None) -> float:
+    """One bootstrap metric (``BOOTSTRAP_METRICS``) on the rows as given, by the same code as
+    ``bootstrap`` (equal to ``auprc``/``roc_auc``/``at_threshold`` up to float rounding)."""
+    y, s = _check(labels, scores)
+    return float(_Weighted(y, s, metric, threshold)(np.ones((1, y.size)))[0])
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """What ``bootstrap`` measured: per model, the value on all rows and its percentile interval;
+    with two models, the paired interval of ``first - second``."""
+    metric: str
+    level: float
+    n_boot: int  # resamples with the metric defined for every model (others are dropped)
+    n_rows: int
+    seed: int
+    values: dict[str, float]
+    intervals: dict[str, tuple[float, float]]
+    delta: float | None = None  # values[first] - values[second]
+    delta_interval: tuple[float, float] | None = None
+
+
+def bootstrap(labels, scores: Mapping[str, np.ndarray], metric: str = "auprc", n_boot: int = 1000,
+              level: float = 0.95, seed: int = 0,
+              thresholds: Mapping[str, float] | None = None) -> Bootstrap:
+    """Percentile bootstrap of ``metric`` for one or two named score sets of the same rows.
+
+    The score sets are resampled with the same rows (paired): with two, ``delta_interval`` is
+    the interval of the per-resample difference (first minus second), so that identical scores
+    give exactly [0, 0]. Threshold metrics use ``thresholds[name]``. Resamples where the metric
+    is undefined for some model (no fraud drawn) are dropped; none left is a ValueError.
+    """
+    if not scores or len(scores) > 2:
+        raise ValueError(f"bootstrap takes one or two score sets, got {len(scores)}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be strictly between 0 and 1, got {level!r}")
+    thresholds = thresholds or {}
+    checked = {name: _check(labels, s) for name, s in scores.items()}
+    y = next(iter(checked.values()))[0]
+    if y.size == 0:
+        raise ValueError("no rows to bootstrap")
+    fns = {name: _Weighted(y, s, metric, thresholds.get(name)) for name, (_, s) in checked.items()}
+    values = {name: float(fn(np.ones((1, y.size)))[0]) for name, fn in fns.items()}
+    if not all(np.isfinite(v) for v in values.values()):
+        raise ValueError(f"{metric} is undefined on these labels ({int(y.sum()):,} fraud of {y.size:,})")
+    draws = {name: [] for name in fns}
+    for counts in resample_counts(y.size, int(n_boot), seed):
+        for name, fn in fns.items():
+            draws[name].append(fn(counts))
+    stacked = np.vstack([np.concatenate(d) for d in draws.values()])  # (models, n_boot)
+    stacked = stacked[:, np.isfinite(stacked).all(axis=0)]
+    if stacked.shape[1] == 0:
+        raise ValueError(f"{metric} is undefined on every resample")
+    tail = (1 - level) / 2
+    intervals = {name: tuple(float(q) for q in np.quantile(row, [tail, 1 - tail]))
+                 for name, row in zip(fns, stacked)}
+    delta = delta_interval = None
+    if len(fns) == 2:
+        first, second = values.values()
+        delta = first - second
+        delta_interval = tuple(float(q) for q in np.quantile(stacked[0] - stacked[1], [tail, 1 - tail]))
+    return Bootstrap(metric, float(level), int(stacked.shape[1]), int(y.size), int(seed), values, intervals,
+                     delta, delta_interval)
+
+
+def bootstrap_ci(labels, scores, metric: str = "auprc", n_boot: int = 1000, level: float = 0.95,
+                 seed: int = 0, threshold: float | None = None) -> tuple[float, float]:
+    """Percentile bootstrap interval of one score set's ``metric`` (resampling rows)."""
+    result = bootstrap(labels, {"model": scores}, metric, n_boot, level, seed,
+                       None if threshold is None else {"model": threshold})
+    return result.intervals["model"]
