@@ -70,6 +70,17 @@ MCCS = (
 MULE_MCC, TESTER_MCC = 6051, 5816  # quasi-cash, digital goods
 INFRA_MCC_SHARE = 0.3
 
+# Which fraud the file holds (docs/synthetic_data.md): all three mechanisms mixed by year, one
+# mechanism alone, or a control whose fraud rows have no graph structure at all.
+REGIMES = ("default", "compromised_merchant", "fraud_ring", "card_testing", "row_only")
+
+# Legitimate look-alikes, counted against the fraud plan so crowding alone is never fraud:
+# promotions and events per (expected) campaign, trips per fraud row.
+ROWS_PER_CAMPAIGN = 60  # about the mean fraud rows of a campaign
+PROMOTIONS_PER_CAMPAIGN = 1.5
+EVENTS_PER_CAMPAIGN = 0.3
+TRIPS_PER_FRAUD_ROW = 0.35
+
 ERROR_VALUES = (
     "Insufficient Balance", "Bad PIN", "Technical Glitch", "Bad Card Number", "Bad Expiration",
     "Bad CVV", "Bad Zipcode",
@@ -187,8 +198,14 @@ class _World:
     card_close: np.ndarray
     card_rows: np.ndarray  # rows of each card in the file, planted ones included
     cum_g: np.ndarray  # cumulative per-card activity over days (rows are drawn from it)
-    planted: dict[str, np.ndarray]  # fraud-plan rows, sorted by card
+    target: np.ndarray  # activity per day (the shape of the file over time)
+    seed: int
+    n_us_locs: int  # locations [1, n_us_locs) are in the US, the rest abroad
+    loc_state: np.ndarray  # state index per location (-1 online or abroad)
+    user_home_state: np.ndarray
+    planted: dict[str, np.ndarray]  # planted rows (fraud and look-alikes), sorted by card
     planted_start: np.ndarray  # CSR over cards into `planted`
+    stats: dict[str, int]  # what the plan holds: look-alike events, campaigns per mechanism
 
 
 # ---------------------------------------------------------------- public API
@@ -200,14 +217,22 @@ def generate(
     seed: int = 0,
     chunk_rows: int = 1_000_000,
     progress: bool = False,
+    regime: str = "default",
 ) -> SyntheticSummary:
     """Write ``n_rows`` synthetic transactions to ``path`` (TabFormer CSV format).
 
+    ``regime`` picks the fraud (one of REGIMES): ``default`` mixes compromised merchants, fraud
+    rings and card testing, drifting over the years; ``compromised_merchant``, ``fraud_ring`` and
+    ``card_testing`` hold that mechanism alone (same fraud budget); ``row_only`` is a control
+    whose fraud rows are lone rows with no graph structure. Every regime holds the same
+    legitimate look-alikes (promotions, openings, trips, events) that crowd like fraud.
+
     The file appears only when complete (written to a temporary file in the same folder,
-    then renamed); missing parent folders are created. Same ``seed`` and ``n_rows`` give a
-    byte-identical file whatever ``chunk_rows`` is; ``chunk_rows`` bounds the rows held in
-    memory at once (a single user's rows are never split).
+    then renamed); missing parent folders are created. Same ``seed``, ``n_rows`` and ``regime``
+    give a byte-identical file whatever ``chunk_rows`` is; ``chunk_rows`` bounds the rows held
+    in memory at once (a single user's rows are never split).
     """
+    _check_regime(regime)
     _check_count("n_rows", n_rows, minimum=1)
     _check_count("seed", seed, minimum=0)
     _check_count("chunk_rows", chunk_rows, minimum=1)
@@ -216,7 +241,7 @@ def generate(
     if out.is_dir():
         raise IsADirectoryError(f"synthetic data output {out} is a folder; give a file path such as {out / 'card_transaction.v1.csv'}")
     started = time.perf_counter()
-    world = _build_world(n_rows, seed)
+    world = _build_world(n_rows, seed, regime)
     tables = _string_tables(world)
 
     try:
@@ -262,6 +287,11 @@ def generate(
         path=out,
         seconds=time.perf_counter() - started,
     )
+
+
+def _check_regime(regime) -> None:
+    if regime not in REGIMES:
+        raise ValueError(f"synthetic.generate: unknown regime {regime!r}; choose one of {', '.join(REGIMES)}")
 
 
 def _check_count(name: str, value, minimum: int) -> None:
@@ -334,10 +364,13 @@ def _geography() -> tuple[list[str], np.ndarray, np.ndarray, int]:
     return loc_text, np.asarray(city_of_loc), city_weight / city_weight.sum(), n_us
 
 
-def _build_world(n_rows: int, seed: int) -> _World:
+def _build_world(n_rows: int, seed: int, regime: str = "default") -> _World:
+    _check_regime(regime)
     rng = np.random.default_rng([seed, 0])
     n_users, n_merchants = _scaled_counts(n_rows)
     loc_text, city_of_loc, city_p, n_us_locs = _geography()
+    state_codes = {s[0]: i for i, s in enumerate(_STATES)}
+    loc_state = np.array([state_codes.get(t.split(",")[1], -1) for t in loc_text])
     n_cities = city_p.size
     us_locs = np.arange(1, n_us_locs)
     loc_order = us_locs[np.argsort(city_of_loc[us_locs], kind="stable")]
@@ -426,9 +459,10 @@ def _build_world(n_rows: int, seed: int) -> _World:
         user_p_travel=p_travel, user_hour=hour, user_amount_shift=amount_shift,
         user_card_start=card_start, card_user=card_user, card_local=card_local,
         card_open=card_open, card_close=card_close, card_rows=card_rows, cum_g=cum_g,
-        planted={}, planted_start=np.zeros(card_user.size + 1, dtype=np.int64),
+        target=target, seed=seed, n_us_locs=n_us_locs, loc_state=loc_state, user_home_state=loc_state[home_loc],
+        planted={}, planted_start=np.zeros(card_user.size + 1, dtype=np.int64), stats={},
     )
-    _plan_fraud(world, rng, n_rows, target)
+    _plan(world, n_rows, seed, regime)
     return world
 
 
@@ -447,39 +481,89 @@ def _allocate(n_rows: int, mass: np.ndarray, card_local: np.ndarray) -> np.ndarr
     return rows
 
 
-# ---------------------------------------------------------------- fraud plan
+# ---------------------------------------------------------------- fraud plan and look-alikes
 
 
 class _Planter:
-    """Collects the fraud plan's rows and tracks how many rows each card can still give up."""
+    """Collects the planted rows (fraud and legitimate look-alikes) and tracks how many rows
+    each card can still give up: fraud at most half of a card's rows, look-alikes a quarter."""
 
     def __init__(self, world: _World, rng: np.random.Generator):
         self.w, self.rng = world, rng
         self.capacity = world.card_rows // 2  # fraud never takes over a card
+        self.la_capacity = world.card_rows // 4  # nor do look-alikes (together < all rows)
         self.used = np.zeros(world.merchant_name.size, dtype=bool)
         self.rows: list[dict[str, np.ndarray]] = []
         # Fraud infrastructure hides among ordinary merchants (where they are says nothing).
         self.fresh_online = world.online_ids
         self.fresh_any = np.flatnonzero(world.merchant_kind != KIND_CHAIN)
         self.fresh_local = world.local_ids
+        # Local merchants by city (US cities first, then the foreign ones): travel destinations.
+        city = world.city_of_loc[world.merchant_loc[world.local_ids]]
+        order = np.argsort(city, kind="stable")
+        self.by_city = world.local_ids[order]
+        self.by_city_city = city[order]
+        self.city_start = np.searchsorted(self.by_city_city, np.arange(world.city_of_loc.max() + 2))
+        self.n_us_sorted = int(np.searchsorted(self.by_city_city, world.city_of_loc[world.n_us_locs]))
 
-    def victims(self, k: int, first: int, last: int, need: int) -> np.ndarray:
-        """Up to k cards active over [first, last] with room for `need` planted rows; any card alike,
-        so a card's id says little about its risk."""
+    def victims(self, k: int, first: int, last: int, need: int, cap: np.ndarray | None = None,
+                weight: np.ndarray | None = None) -> np.ndarray:
+        """Up to k cards active over [first, last] with room for `need` planted rows; any card alike
+        (or by ``weight``), so a card's id says little about its risk."""
         w = self.w
-        ok = np.flatnonzero((w.card_open <= first) & (w.card_close >= last) & (self.capacity >= need))
-        return self.rng.choice(ok, size=min(k, ok.size), replace=False)
+        cap = self.capacity if cap is None else cap
+        ok = np.flatnonzero((w.card_open <= first) & (w.card_close >= last) & (cap >= need))
+        if weight is None:
+            return self.rng.choice(ok, size=min(k, ok.size), replace=False)
+        p = weight[ok] / weight[ok].sum() if ok.size else None
+        return self.rng.choice(ok, size=min(k, ok.size), replace=False, p=p)
 
-    def fresh(self, pool: np.ndarray, k: int, mcc: int) -> np.ndarray:
-        """k merchants never used by another campaign (so their ids carry no history); a share
-        INFRA_MCC_SHARE of them trade under the infrastructure category ``mcc``."""
+    def pick_cards(self, first: np.ndarray, last: np.ndarray, need: int, cap: np.ndarray,
+                   days_from: tuple[int, int] | None = None) -> np.ndarray:
+        """One card per request, uniformly among the cards active over [first[i], last[i]] with room
+        for ``need`` rows in ``cap`` (vectorised rejection sampling; -1 where none was found).
+        With ``days_from=(lo, hi)``, requests still without a card after a while move to another
+        day in [lo, hi] drawn like activity (``first``/``last`` are updated in place)."""
+        w, rng = self.w, self.rng
+        n_cards = w.card_user.size
+        card = np.full(first.size, -1, dtype=np.int64)
+        room = cap.copy()
+        todo = np.arange(first.size)
+        for attempt in range(60):
+            if todo.size == 0:
+                break
+            if days_from is not None and attempt and attempt % 10 == 0:
+                lo, hi = days_from
+                p = w.target[lo:hi + 1]
+                moved = lo + rng.choice(p.size, size=todo.size, p=p / p.sum())
+                last[todo] = moved + (last[todo] - first[todo])
+                first[todo] = moved
+            cand = rng.integers(0, n_cards, size=todo.size)
+            good = ((w.card_open[cand] <= first[todo]) & (w.card_close[cand] >= last[todo])
+                    & (room[cand] >= need))
+            idx, c = todo[good], cand[good]
+            order = np.argsort(c, kind="stable")
+            idx, c = idx[order], c[order]
+            rank = np.arange(c.size) - np.searchsorted(c, c)  # earlier picks of the same card
+            fits = (rank + 1) * need <= room[c]
+            card[idx[fits]] = c[fits]
+            np.subtract.at(room, c[fits], need)
+            todo = np.flatnonzero(card < 0)
+        return card
+
+    def fresh(self, pool: np.ndarray, k: int, mcc: int | None) -> np.ndarray:
+        """k merchants never used by another campaign or look-alike (so their ids carry no history);
+        a share INFRA_MCC_SHARE of them trade under the infrastructure category ``mcc``."""
+        if k <= 0:
+            return np.zeros(0, dtype=np.int64)
         free = pool[~self.used[pool]]
         if free.size < k:
             free = pool
         chosen = self.rng.choice(free, size=min(k, free.size), replace=False)
         self.used[chosen] = True
-        marked = chosen[self.rng.random(chosen.size) < INFRA_MCC_SHARE]
-        self.w.merchant_mcc[marked] = MCCS.index(mcc)
+        if mcc is not None:
+            marked = chosen[self.rng.random(chosen.size) < INFRA_MCC_SHARE]
+            self.w.merchant_mcc[marked] = MCCS.index(mcc)
         return chosen
 
     def random_merchants(self, n: int) -> np.ndarray:
@@ -491,12 +575,19 @@ class _Planter:
         local = w.local_ids[rng.integers(0, w.local_ids.size, size=n)]
         return np.where(r < 0.2, online, np.where(r < 0.65, chain, local))
 
-    def add(self, card, day, merchant, cents, fraud: bool) -> None:
+    def add(self, card, day, merchant, cents, fraud: bool, loc: np.ndarray | None = None,
+            room: np.ndarray | None = None) -> None:
+        """Plant rows; in-person chain rows happen at the card holder's home unless ``loc`` says where.
+        The rows count against ``room`` (default: the fraud or the look-alike capacity)."""
         w, rng = self.w, self.rng
         n = card.size
-        loc = w.merchant_loc[merchant].copy()
-        chain = w.merchant_kind[merchant] == KIND_CHAIN
-        loc[chain] = w.user_home_loc[w.card_user[card[chain]]]
+        if n == 0:
+            return
+        day = np.minimum(day, w.card_close[card])
+        if loc is None:
+            loc = w.merchant_loc[merchant].copy()
+            chain = w.merchant_kind[merchant] == KIND_CHAIN
+            loc[chain] = w.user_home_loc[w.card_user[card[chain]]]
         online = w.merchant_kind[merchant] == KIND_ONLINE
         chip = _chip_for(rng, day, online, chip_factor=0.9 if fraud else 1.0)  # cloned cards: a little more swipe
         hour = np.where(rng.random(n) < (0.5 if fraud else 0.0), rng.integers(0, 24, size=n),
@@ -507,30 +598,29 @@ class _Planter:
                               merchant=merchant.astype(np.int64), loc=loc.astype(np.int64),
                               cents=cents.astype(np.int64), chip=chip,
                               err=err, fraud=np.full(n, fraud)))
-        np.subtract.at(self.capacity, card, 1)
+        if room is None:
+            room = self.capacity if fraud else self.la_capacity
+        np.subtract.at(room, card, 1)
 
     def amounts(self, merchant: np.ndarray, card: np.ndarray, scale: float) -> np.ndarray:
         w = self.w
         mu = w.mcc_mu[w.merchant_mcc[merchant]] + w.user_amount_shift[w.card_user[card]] + np.log(scale)
         return np.maximum(1, np.round(np.exp(self.rng.normal(mu, 0.9)) * 100)).astype(np.int64)
 
+    def days_like_activity(self, n: int, first: int, last: int) -> np.ndarray:
+        p = self.w.target[first:last + 1]
+        return first + self.rng.choice(p.size, size=n, p=p / p.sum())
 
-def _plan_fraud(world: _World, rng: np.random.Generator, n_rows: int, target: np.ndarray) -> None:
-    """Plan fraud campaigns per period until each period's fraud budget is spent."""
-    planter = _Planter(world, rng)
-    periods = [(_day_index(a), _day_index(b)) for a, b in FRAUD_PERIODS]
-    mass = np.array([target[a:b + 1].sum() for a, b in periods])
+
+def _plan(world: _World, n_rows: int, seed: int, regime: str) -> None:
+    """Plant the look-alikes (the same for every regime), then the regime's fraud."""
     total = round(FRAUD_RATE * n_rows)
-    for (first, last), share in zip(periods, mass / mass.sum()):
-        budget = max(round(total * share), min(FRAUD_FLOOR_PER_PERIOD, n_rows // 300))
-        failures = 0
-        while budget > 0 and failures < 50:
-            kind = rng.choice(3, p=(0.4, 0.35, 0.25))
-            campaign = (_breach, _ring, _card_testing)[kind]
-            got = campaign(planter, rng, first, last, target, budget)
-            budget -= got
-            failures = failures + 1 if got == 0 else 0
-    rows = planter.rows
+    lookalikes = _Planter(world, np.random.default_rng([seed, 2]))
+    world.stats.update(_plan_lookalikes(lookalikes, total))
+    fraud = _Planter(world, np.random.default_rng([seed, 3, REGIMES.index(regime)]))
+    fraud.used = lookalikes.used  # infrastructure stays apart from promoted merchants
+    _plan_fraud(fraud, n_rows, total, regime)
+    rows = lookalikes.rows + fraud.rows
     cols = ("card", "day", "minute", "merchant", "loc", "cents", "chip", "err", "fraud")
     if rows:
         planted = {c: np.concatenate([r[c] for r in rows]) for c in cols}
@@ -541,10 +631,184 @@ def _plan_fraud(world: _World, rng: np.random.Generator, n_rows: int, target: np
     world.planted_start = np.searchsorted(world.planted["card"], np.arange(world.card_user.size + 1))
 
 
-def _campaign_start(rng: np.random.Generator, target: np.ndarray, first: int, last: int, span: int) -> int:
-    hi = max(first, last - span)
-    p = target[first:hi + 1]
-    return first + int(rng.choice(p.size, p=p / p.sum()))
+# -------------------------------- look-alikes: legitimate crowding and bursts
+
+
+def _plan_lookalikes(p: _Planter, total_fraud: int) -> dict[str, int]:
+    """Legitimate events that crowd like fraud does, as many as the fraud plan's campaigns or more:
+    promotions and store openings (many cards new to one merchant within a week), trips (a card
+    hits several new merchants in another city within days) and events (a group of cards in one
+    city for a few days, sharing a few merchants)."""
+    campaigns = total_fraud / ROWS_PER_CAMPAIGN
+    n_promotions = max(2, round(PROMOTIONS_PER_CAMPAIGN * campaigns))
+    n_events = max(1, round(EVENTS_PER_CAMPAIGN * campaigns))
+    n_trips = max(4, round(TRIPS_PER_FRAUD_ROW * total_fraud))
+    last = N_DAYS - 1
+    for t0 in np.sort(p.days_like_activity(n_promotions, 0, last - 7)):
+        _promotion(p, int(t0))
+    for t0 in np.sort(p.days_like_activity(n_events, 0, last - 4)):
+        _event(p, int(t0))
+    trips = _trips(p, n_trips)
+    return dict(promotions=n_promotions, events=n_events, trips=trips)
+
+
+def _promotion(p: _Planter, t0: int) -> None:
+    """A sale or an opening: 10-60 cards visit one legitimate merchant for the first time within a
+    week (mostly from the merchant's state); about a third come back in the following months."""
+    w, rng = p.w, p.rng
+    r = rng.random()
+    if r < 0.5:  # a store opening: a merchant no campaign will use
+        merchant = p.fresh(p.fresh_local, 1, None)
+    elif r < 0.8:  # a sale at a local shop
+        merchant = p.fresh(w.local_ids, 1, None)
+    else:  # an online sale or launch; some are digital goods, like card-testing merchants
+        merchant = p.fresh(w.online_ids, 1, None)
+        if rng.random() < 0.3:
+            w.merchant_mcc[merchant] = MCCS.index(TESTER_MCC)
+    weight = None
+    if w.merchant_kind[merchant[0]] != KIND_ONLINE:
+        weight = np.where(w.user_home_state[w.card_user] == w.loc_state[w.merchant_loc[merchant[0]]], 20.0, 1.0)
+    want = 10 + int(rng.integers(0, 51))
+    eligible = int(((w.card_open <= t0) & (w.card_close >= t0 + 6) & (p.la_capacity >= 1)).sum())
+    cards = p.victims(min(want, max(1, int(0.3 * eligible))), t0, t0 + 6, 1, p.la_capacity, weight)
+    if cards.size == 0:
+        return
+    back = np.where(rng.random(cards.size) < 0.35, 1 + rng.integers(0, 3, size=cards.size), 0)
+    back = np.minimum(back, p.la_capacity[cards] - 1)
+    first_day = t0 + rng.integers(0, 7, size=cards.size)
+    card = np.concatenate([cards, np.repeat(cards, back)])
+    day = np.concatenate([first_day, np.repeat(first_day, back) + 7 + rng.integers(0, 110, size=int(back.sum()))])
+    day = np.minimum(day, N_DAYS - 1)
+    merchant = np.repeat(merchant, card.size)
+    p.add(card, day, merchant, p.amounts(merchant, card, 0.9), fraud=False)
+
+
+def _event(p: _Planter, t0: int) -> None:
+    """A convention or a festival: 8-30 cards from anywhere spend 2-4 days in one city, most rows
+    at the same 3-6 merchants (hotel, venue, restaurants) that are new to them."""
+    w, rng = p.w, p.rng
+    for _ in range(5):
+        anchor = int(rng.integers(0, p.n_us_sorted))
+        city = p.by_city_city[anchor]
+        lo, hi = p.city_start[city], p.city_start[city + 1]
+        if hi - lo >= 4:
+            break
+    pool = p.by_city[lo:hi]
+    span = 2 + int(rng.integers(0, 3))
+    cards = p.victims(8 + int(rng.integers(0, 23)), t0, t0 + span - 1, 5, p.la_capacity)
+    if cards.size == 0:
+        return
+    shared = rng.choice(pool, size=min(pool.size, 3 + int(rng.integers(0, 4))), replace=False)
+    per_card = 2 + rng.integers(0, 4, size=cards.size)
+    card = np.repeat(cards, per_card)
+    merchant = np.where(rng.random(card.size) < 0.8, shared[rng.integers(0, shared.size, size=card.size)],
+                        pool[rng.integers(0, pool.size, size=card.size)])
+    merchant[np.cumsum(per_card) - per_card] = shared[0]  # everyone checks in at the venue
+    day = t0 + rng.integers(0, span, size=card.size)
+    p.add(card, day, merchant, p.amounts(merchant, card, 1.0), fraud=False)
+
+
+def _trips(p: _Planter, n: int) -> int:
+    """Trips (vectorised, they are many): a card hits 3-8 merchants new to it within 1-3 days in
+    another city, a quarter of them abroad, amounts as usual for the merchants' categories;
+    some trips abroad change money at a bureau (quasi-cash, like cash-out merchants)."""
+    w, rng = p.w, p.rng
+    span = 1 + rng.integers(0, 3, size=n)
+    first = p.days_like_activity(n, 0, N_DAYS - 3)
+    last = first + span - 1
+    card = p.pick_cards(first, last, 8, p.la_capacity, days_from=(0, N_DAYS - 3))
+    ok = card >= 0
+    card, first, span = card[ok], first[ok], span[ok]
+    n = card.size
+    n_foreign = p.by_city.size - p.n_us_sorted
+    abroad = (rng.random(n) < 0.25) & (n_foreign > 0)
+    anchor = np.where(abroad, p.n_us_sorted + rng.integers(0, max(n_foreign, 1), size=n),
+                      rng.integers(0, p.n_us_sorted, size=n))
+    home = ~abroad & (p.by_city_city[anchor] == w.user_home_city[w.card_user[card]])
+    anchor[home] = rng.integers(0, p.n_us_sorted, size=int(home.sum()))  # one more try to leave home
+    city = p.by_city_city[anchor]
+    start, size = p.city_start[city], p.city_start[city + 1] - p.city_start[city]
+    k = 3 + rng.integers(0, 6, size=n)
+    trip = np.repeat(np.arange(n), k)
+    j = np.arange(trip.size) - np.repeat(np.cumsum(k) - k, k)
+    # The city's merchants from the anchor on (distinct while the city has enough), then chains.
+    own = j < size[trip]
+    pos = start[trip] + (anchor[trip] - start[trip] + j) % size[trip]
+    chain = w.chain_ids[np.searchsorted(w.chain_cum, rng.random(trip.size))]
+    merchant = np.where(own, p.by_city[pos], chain)
+    loc = w.merchant_loc[p.by_city[anchor]][trip]
+    exchange = abroad & (rng.random(n) < 0.3)
+    w.merchant_mcc[p.by_city[anchor[exchange]]] = MCCS.index(MULE_MCC)
+    day = first[trip] + (rng.random(trip.size) * span[trip]).astype(np.int64)
+    tcard = card[trip]
+    p.add(tcard, day, merchant, p.amounts(merchant, tcard, 1.0), fraud=False, loc=loc)
+    return n
+
+
+# -------------------------------- fraud
+
+
+def _mechanism_mix(year: int) -> np.ndarray:
+    """Probabilities of (compromised merchant, fraud ring, card testing) for a campaign in ``year``:
+    card testing grows after 2012, rings shrink a little."""
+    testing = float(np.interp(year, [1991, 2008, 2012, 2019], [0.10, 0.12, 0.20, 0.45]))
+    ring = float(np.interp(year, [1991, 2019], [0.45, 0.30]))
+    return np.array([1.0 - testing - ring, ring, testing])
+
+
+def _online_share(year: int) -> float:
+    """Share of rings' mules and of cash-out merchants that are online: in person early, online later."""
+    return float(np.interp(year, [1995, 2019], [0.1, 0.8]))
+
+
+def _plan_fraud(p: _Planter, n_rows: int, total: int, regime: str) -> None:
+    """Plan fraud per period until each period's budget is spent: campaigns of the regime's
+    mechanisms (the default mixes them by year), or lone rows for ``row_only``."""
+    w, rng = p.w, p.rng
+    periods = [(_day_index(a), _day_index(b)) for a, b in FRAUD_PERIODS]
+    mass = np.array([w.target[a:b + 1].sum() for a, b in periods])
+    campaigns = {name: 0 for name in _MECHANISMS}
+    year_start = np.searchsorted(_YEAR_OF_DAY, np.arange(1991, 2022))
+    for (first, last), share in zip(periods, mass / mass.sum()):
+        budget = max(round(total * share), min(FRAUD_FLOOR_PER_PERIOD, n_rows // 300))
+        if regime == "row_only":
+            _lone_rows(p, first, last, budget)
+            continue
+        failures = 0
+        while budget > 0 and failures < 50:
+            year = int(_YEAR_OF_DAY[p.days_like_activity(1, first, last)[0]])
+            if regime == "default":
+                name = _MECHANISM_NAMES[rng.choice(3, p=_mechanism_mix(year))]
+            else:
+                name = regime
+            campaign, span = _MECHANISMS[name]
+            lo, hi = max(first, year_start[year - 1991]), min(last - span, year_start[year - 1990] - 1)
+            if hi < lo:
+                lo, hi = first, max(first, last - span)
+            t0 = int(p.days_like_activity(1, lo, hi)[0])
+            got = campaign(p, rng, t0, last, budget, year)
+            budget -= got
+            failures = failures + 1 if got == 0 else 0
+            campaigns[name] += got > 0
+    w.stats.update({f"campaigns_{k}": v for k, v in campaigns.items()})
+
+
+def _lone_rows(p: _Planter, first: int, last: int, budget: int) -> None:
+    """The row-only control: each fraud row alone on a random active card, at a merchant the card's
+    holder would pick anyway (their own online/chain/favourite/travel mix): no shared merchants,
+    no bursts, no campaigns; only the rows' own features differ."""
+    w = p.w
+    day = p.days_like_activity(budget, first, last)
+    card = p.pick_cards(day, day.copy(), 1, p.capacity, days_from=(first, last))
+    ok = card >= 0
+    card, day = card[ok], day[ok]
+    merchant = np.empty(card.size, dtype=np.int64)
+    loc = np.empty(card.size, dtype=np.int64)
+    user = w.card_user[card]
+    for u in np.unique(user):
+        mine = np.flatnonzero(user == u)
+        merchant[mine], loc[mine], _ = _shop(w, p.rng, int(u), day[mine], _favourites(w, int(u)))
+    p.add(card, day, merchant, p.amounts(merchant, card, 1.0), fraud=True, loc=loc)
 
 
 def _keep_budget(day: np.ndarray, budget: int) -> np.ndarray:
@@ -562,25 +826,30 @@ def _fraud_at_hubs(p: _Planter, rng, card, day, hubs, hub_share: float, budget) 
     return keep.size
 
 
-def _ring(p: _Planter, rng, first, last, target, budget) -> int:
+def _hubs(p: _Planter, rng, k: int, year: int) -> np.ndarray:
+    """k fresh infrastructure merchants (mules, cash-out): in person early, online later."""
+    n_online = int((rng.random(k) < _online_share(year)).sum())
+    return np.concatenate([p.fresh(p.fresh_online, n_online, MULE_MCC),
+                           p.fresh(p.fresh_local, k - n_online, MULE_MCC)])
+
+
+def _ring(p: _Planter, rng, t0, last, budget, year) -> int:
     """Fraud ring: a group of stolen cards hits the same few mule merchants within days."""
-    t0 = _campaign_start(rng, target, first, last, span=5)
     per_card = 2 + rng.poisson(3.0, size=5 + rng.poisson(8.0))
     cards = p.victims(per_card.size, t0, min(t0 + 5, last), need=2)
     if cards.size == 0:
         return 0
     per_card = np.minimum(per_card[: cards.size], p.capacity[cards])
-    mules = p.fresh(p.fresh_any, 3 + int(rng.integers(0, 3)), MULE_MCC)
+    mules = _hubs(p, rng, 3 + int(rng.integers(0, 3)), year)
     card = np.repeat(cards, per_card)
     day = np.minimum(t0 + rng.integers(0, 1 + int(rng.integers(1, 5)), size=card.size), last)
     return _fraud_at_hubs(p, rng, card, day, mules, 0.85, budget)
 
 
-def _breach(p: _Planter, rng, first, last, target, budget) -> int:
+def _breach(p: _Planter, rng, t0, last, budget, year) -> int:
     """Compromised merchant: cards that shopped there in a window see fraud weeks later,
     much of it at the same few cash-out merchants."""
     span = 80
-    t0 = _campaign_start(rng, target, first, last, span=span)
     per_card = 1 + rng.poisson(4.0, size=5 + rng.poisson(10.0))
     cards = p.victims(per_card.size, t0, min(t0 + span, last), need=2)
     if cards.size == 0:
@@ -593,17 +862,16 @@ def _breach(p: _Planter, rng, first, last, target, budget) -> int:
     breached = p.fresh_local[rng.integers(0, p.fresh_local.size, size=1)]  # an ordinary shop
     visit_day = t0 + rng.integers(0, 14, size=cards.size)
     visit_merchant = np.repeat(breached, cards.size)
-    p.add(cards, visit_day, visit_merchant, p.amounts(visit_merchant, cards, 1.0), fraud=False)
-    cash_out = p.fresh(p.fresh_any, 3 + int(rng.integers(0, 4)), MULE_MCC)
+    p.add(cards, visit_day, visit_merchant, p.amounts(visit_merchant, cards, 1.0), fraud=False, room=p.capacity)
+    cash_out = _hubs(p, rng, 3 + int(rng.integers(0, 4)), year)
     burst = t0 + 14 + rng.integers(3, 60, size=cards.size)
     card = np.repeat(cards, per_card)
     day = np.minimum(np.repeat(burst, per_card) + rng.integers(0, 3, size=card.size), last)
     return _fraud_at_hubs(p, rng, card, day, cash_out, 0.7, budget)
 
 
-def _card_testing(p: _Planter, rng, first, last, target, budget) -> int:
+def _card_testing(p: _Planter, rng, t0, last, budget, year) -> int:
     """Card testing: small online charges at a few testing merchants, then large fraud elsewhere."""
-    t0 = _campaign_start(rng, target, first, last, span=10)
     n_tests = 1 + rng.integers(0, 3, size=6 + rng.poisson(12.0))
     n_large = 1 + rng.poisson(2.0, size=n_tests.size)
     cards = p.victims(n_tests.size, t0, min(t0 + 10, last), need=2)
@@ -628,6 +896,10 @@ def _card_testing(p: _Planter, rng, first, last, target, budget) -> int:
     keep = _keep_budget(day, budget)
     p.add(card[keep], day[keep], merchant[keep], cents[keep], fraud=True)
     return keep.size
+
+
+_MECHANISMS = {"compromised_merchant": (_breach, 80), "fraud_ring": (_ring, 5), "card_testing": (_card_testing, 10)}
+_MECHANISM_NAMES = tuple(_MECHANISMS)  # the order of _mechanism_mix
 
 
 # ---------------------------------------------------------------- row features
@@ -679,6 +951,36 @@ def _error_texts() -> list[str]:
 # ---------------------------------------------------------------- streaming rows
 
 
+def _favourites(w: _World, user: int) -> np.ndarray:
+    """The user's local merchants in the order of their preference (their own random stream)."""
+    city = w.user_home_city[user]
+    pool = w.city_local_ids[w.city_local_start[city]:w.city_local_start[city + 1]]
+    return np.random.default_rng([w.seed, 4, user]).permutation(pool)
+
+
+def _shop(w: _World, rng: np.random.Generator, user: int, day: np.ndarray, favourites: np.ndarray):
+    """Where ``user`` shops on ``day``: (merchant, location, online). Online grows over the years;
+    in person it is a chain (at home), a local favourite, or (travelling) any local merchant anywhere."""
+    n = day.size
+    year_frac = (_YEAR_OF_DAY[day] - 1991) / 29.0
+    r = rng.random(n)
+    p_online = w.user_p_online[user] * (0.4 + 1.2 * year_frac)
+    online = r < p_online
+    travel = ~online & (r < p_online + w.user_p_travel[user])
+    local = ~online & ~travel & (rng.random(n) < (0.75 if favourites.size else 0.0))
+    chain = ~online & ~travel & ~local
+    merchant = np.empty(n, dtype=np.int64)
+    merchant[online] = w.online_ids[np.searchsorted(w.online_cum, rng.random(int(online.sum())))]
+    merchant[chain] = w.chain_ids[np.searchsorted(w.chain_cum, rng.random(int(chain.sum())))]
+    merchant[travel] = w.local_ids[rng.integers(0, w.local_ids.size, size=int(travel.sum()))]
+    if favourites.size:
+        pick = np.searchsorted(_zipf_cum(favourites.size, 1.0), rng.random(int(local.sum())))
+        merchant[local] = favourites[pick]
+    loc = w.merchant_loc[merchant]
+    loc[chain] = w.user_home_loc[user]
+    return merchant, loc, online
+
+
 def _user_rows(world: _World, seed: int, user: int) -> dict[str, np.ndarray]:
     """All rows of one user, ordered by card then time, from the user's own random stream."""
     w = world
@@ -697,27 +999,7 @@ def _user_rows(world: _World, seed: int, user: int) -> dict[str, np.ndarray]:
     day = np.clip(day, w.card_open[card], w.card_close[card])
     minute = _hours(rng, np.full(n, w.user_hour[user])) * 60 + rng.integers(0, 60, size=n)
 
-    # Channel, then merchant: online grows over the years; in person it is a chain, a local
-    # favourite, or (travelling) any local merchant anywhere.
-    year_frac = (_YEAR_OF_DAY[day] - 1991) / 29.0
-    r = rng.random(n)
-    p_online = w.user_p_online[user] * (0.4 + 1.2 * year_frac)
-    online = r < p_online
-    travel = ~online & (r < p_online + w.user_p_travel[user])
-    city = w.user_home_city[user]
-    pool = w.city_local_ids[w.city_local_start[city]:w.city_local_start[city + 1]]
-    local = ~online & ~travel & (rng.random(n) < (0.75 if pool.size else 0.0))
-    chain = ~online & ~travel & ~local
-    merchant = np.empty(n, dtype=np.int64)
-    merchant[online] = w.online_ids[np.searchsorted(w.online_cum, rng.random(int(online.sum())))]
-    merchant[chain] = w.chain_ids[np.searchsorted(w.chain_cum, rng.random(int(chain.sum())))]
-    merchant[travel] = w.local_ids[rng.integers(0, w.local_ids.size, size=int(travel.sum()))]
-    if pool.size:
-        favourites = rng.permutation(pool)  # each user has their own favourites
-        pick = np.searchsorted(_zipf_cum(pool.size, 1.0), rng.random(int(local.sum())))
-        merchant[local] = favourites[pick]
-    loc = w.merchant_loc[merchant]
-    loc[chain] = w.user_home_loc[user]
+    merchant, loc, online = _shop(w, rng, user, day, _favourites(w, user))
 
     mu = w.mcc_mu[w.merchant_mcc[merchant]] + w.user_amount_shift[user]
     cents = np.maximum(1, np.round(np.exp(rng.normal(mu, 0.8)) * 100)).astype(np.int64)
@@ -833,10 +1115,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed and rows give the same bytes (default 0)")
     parser.add_argument("--chunk-rows", type=int, default=1_000_000,
                         help="rows generated per block; bounds memory, not the output (default 1000000)")
+    parser.add_argument("--regime", choices=REGIMES, default="default",
+                        help="which fraud the file holds: all mechanisms (default), one of them alone, "
+                             "or row_only, fraud rows without graph structure (a control)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
     try:
-        summary = generate(args.out, args.rows, seed=args.seed, chunk_rows=args.chunk_rows, progress=not args.quiet)
+        summary = generate(args.out, args.rows, seed=args.seed, chunk_rows=args.chunk_rows,
+                           progress=not args.quiet, regime=args.regime)
     except (ValueError, OSError) as exc:
         parser.exit(2, f"error: {exc}\n")
     print(f"wrote {summary.path}: {summary.rows:,} rows, {summary.users:,} users, {summary.cards:,} cards, "
