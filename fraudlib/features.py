@@ -1,0 +1,258 @@
+"""Causal graph and time features of transactions, computed from the stream in time order.
+
+A transaction's fraud signal lives in the graph *and in time*: a card's first visit to a
+merchant, many cards new to one merchant in the same week, a card hitting several new
+merchants in days, a merchant where fraud was reported before. Each feature of a row is
+computed from the rows strictly earlier in time (never the row itself, never a row of the
+same minute, never a later one), and the label-aware ones only from labels older than
+``label_delay_days`` (chargebacks arrive late). So the same code serves batch preprocessing
+(the full stream, before deduplication and undersampling: counts over a thinned stream
+would be wrong) and the scoring of new rows (a saved trailing history plus the new rows):
+a row's features depend only on the rows within ``history_days(label_delay_days)`` before it.
+
+How: one sort of the stream by (card, time), by (merchant, time) and by (card-merchant pair,
+time); a trailing window's count or sum at a row is a difference of prefix sums between two
+binary searches in the sorted keys. Rows are only ever *queried* where features are needed
+(the kept rows), so memory is a few arrays of the stream's length, not a table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+FEATURE_SETS = ("causal", "blueprint")
+DEFAULT_LABEL_DELAY_DAYS = 60
+DAY = 1440  # minutes
+WINDOWS_DAYS = (1, 7, 30)  # trailing count windows
+NOVELTY_DAYS = 365  # a visit is a first visit when the pair has no visit in this window before
+BASELINE_DAYS = 90  # the merchant's usual weekly count of new cards: over the 90 days before the week
+AMOUNT_DAYS = 90  # amount against the card's / merchant's amounts of this window
+LABEL_WINDOW_DAYS = 365  # label-aware counts: labels in this window before the delay cut
+PRIOR_RATE, PRIOR_WEIGHT = 0.002, 20.0
+_FIXED = 4096  # log-amount resolution (1/4096) of the amount statistics  # smoothing of the merchant fraud rate (fixed: stream-independent)
+
+NAMES = (
+    "card_tx_1d", "card_tx_7d", "card_tx_30d",
+    "card_new_merchants_1d", "card_new_merchants_7d",
+    "card_hours_since_last",
+    "pair_first_visit", "pair_days_since_last",
+    "merchant_tx_1d", "merchant_tx_7d", "merchant_tx_30d",
+    "merchant_new_cards_1d", "merchant_new_cards_7d", "merchant_new_cards_vs_usual",
+    "merchant_days_active",
+    "amount_vs_card", "amount_vs_merchant",
+    "merchant_known_frauds", "merchant_fraud_rate", "card_known_frauds",
+)
+
+
+def history_days(label_delay_days: int) -> int:
+    """How far back a row's features look: older rows never change them."""
+    return max(NOVELTY_DAYS, BASELINE_DAYS + 7, AMOUNT_DAYS, label_delay_days + LABEL_WINDOW_DAYS)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Transactions as plain arrays (any order): card id, merchant id, minute (since
+    1970-01-01), amount, and fraud label (1, 0, or -1 when not known, e.g. rows to score)."""
+
+    card: np.ndarray
+    merchant: np.ndarray
+    minute: np.ndarray
+    amount: np.ndarray
+    fraud: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.minute)
+
+    def take(self, rows: np.ndarray) -> "Stream":
+        return Stream(*(a[rows] for a in (self.card, self.merchant, self.minute, self.amount, self.fraud)))
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"card": self.card, "merchant": self.merchant, "minute": self.minute,
+                             "amount": self.amount, "fraud": self.fraud})
+
+    @staticmethod
+    def from_frame(frame: pd.DataFrame) -> "Stream":
+        return Stream(*(frame[c].to_numpy() for c in ("card", "merchant", "minute", "amount", "fraud")))
+
+    @staticmethod
+    def concat(*streams: "Stream") -> "Stream":
+        return Stream(*(np.concatenate([getattr(s, f) for s in streams])
+                        for f in ("card", "merchant", "minute", "amount", "fraud")))
+
+
+def minutes(year, month, day, time) -> np.ndarray:
+    """Minutes since 1970-01-01 of TabFormer's Year, Month, Day and Time (minutes after midnight)."""
+    months = (np.asarray(year, np.int64) - 1970) * 12 + np.asarray(month, np.int64) - 1
+    days = months.astype("datetime64[M]").astype("datetime64[D]").astype(np.int64) + np.asarray(day, np.int64) - 1
+    return days * DAY + np.asarray(time, np.int64)
+
+
+def stream_of(frame: pd.DataFrame, max_cards: int, fraud: np.ndarray | None = None) -> Stream:
+    """The stream of raw rows as ``tabformer.read_transactions`` returns them; card id =
+    User * max_cards + Card (the graph's user node). ``fraud`` overrides the labels (-1: unknown)."""
+    merchant = frame["Merchant Name"]
+    merchant = merchant.array.categories.to_numpy()[merchant.array.codes] if isinstance(
+        merchant.dtype, pd.CategoricalDtype) else merchant.to_numpy()
+    return Stream(
+        card=frame["User"].to_numpy(np.int64) * max_cards + frame["Card"].to_numpy(np.int64),
+        merchant=np.asarray(merchant, dtype=np.int64),
+        minute=minutes(frame["Year"], frame["Month"], frame["Day"], frame["Time"]),
+        amount=frame["Amount"].to_numpy(np.float64),
+        fraud=(frame["Is Fraud?"].to_numpy() if fraud is None else fraud).astype(np.int8))
+
+
+class _Sorted:
+    """The stream sorted by (group, minute) as keys ``group * span + minute``, with the query
+    rows' keys; windows are prefix-sum differences between two binary searches. Queries are
+    searched in sorted order (numpy narrows each search from the last one: several times faster
+    than in row order) and answers come back in row order."""
+
+    def __init__(self, group: np.ndarray, t: np.ndarray, span: int, rows: np.ndarray):
+        key = group * span + t
+        self.order = np.argsort(key, kind="stable")
+        self.key = key[self.order]
+        del key
+        qkey = group[rows] * span + t[rows]
+        self.qorder = np.argsort(qkey, kind="stable")
+        self.q = qkey[self.qorder]
+        self.back = np.empty_like(self.qorder)
+        self.back[self.qorder] = np.arange(len(self.qorder))
+
+    def prefix(self, values: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(values) + 1, dtype=np.int64)
+        np.cumsum(values[self.order], out=out[1:])
+        return out
+
+    def bounds(self, start_days: float, end_days: float = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted positions of the rows in [t - start, t - end) of each query's group (row order)."""
+        lo = np.searchsorted(self.key, self.q - int(start_days * DAY), "left")
+        hi = np.searchsorted(self.key, self.q - int(end_days * DAY), "left")
+        return lo[self.back], hi[self.back]
+
+    def previous(self, within_days: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per query: (the group has an earlier row within the window, minutes since the latest
+        one, else the window's length)."""
+        j = np.searchsorted(self.key, self.q, "left")[self.back] - 1
+        q = self.q[self.back]
+        before = self.key[np.maximum(j, 0)]
+        found = (j >= 0) & (before >= q - within_days * DAY)
+        return found, np.where(found, q - before, within_days * DAY)
+
+    def query_keys(self) -> np.ndarray:
+        return self.q[self.back]
+
+
+def _first_visits(by_pair: _Sorted) -> np.ndarray:
+    """Per row: the card-merchant pair has no visit in the NOVELTY_DAYS strictly before it."""
+    key = by_pair.key
+    n = len(key)
+    # In sorted keys, the latest strictly earlier row of the pair is just before the row's run
+    # of equal keys (same pair, same minute).
+    run_start = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    before = np.repeat(run_start, np.diff(np.r_[run_start, n])) - 1
+    revisit = (before >= 0) & (key[np.maximum(before, 0)] >= key - NOVELTY_DAYS * DAY)
+    first = np.empty(n, dtype=np.int64)
+    first[by_pair.order] = ~revisit
+    return first
+
+
+def compute(stream: Stream, rows: np.ndarray | None = None,
+            label_delay_days: int = DEFAULT_LABEL_DELAY_DAYS) -> np.ndarray:
+    """Features (float32 [len(rows), len(NAMES)], columns as ``NAMES``) of ``stream``'s rows
+    ``rows`` (all when None), each from the stream's rows strictly before it in time."""
+    if label_delay_days < 0:
+        raise ValueError(f"label_delay_days must be >= 0, got {label_delay_days!r}")
+    n = len(stream)
+    rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+    if n == 0 or len(rows) == 0:
+        return np.zeros((len(rows), len(NAMES)), dtype=np.float32)
+    horizon = history_days(label_delay_days)
+    pad = (horizon + 1) * DAY
+    t = stream.minute.astype(np.int64) - int(stream.minute.min()) + pad  # keys never reach a lower group
+    span = int(t.max()) + 1
+    card = pd.factorize(stream.card)[0].astype(np.int64)
+    merchant, merchants = pd.factorize(stream.merchant)
+    merchant = merchant.astype(np.int64)
+    out = {}
+
+    pair = card * len(merchants) + merchant
+    by_pair = _Sorted(pair, t, span, rows)
+    del pair
+    first = _first_visits(by_pair)
+    seen, gap = by_pair.previous(NOVELTY_DAYS)
+    out["pair_first_visit"] = (~seen).astype(np.float64)
+    out["pair_days_since_last"] = np.log1p(gap / DAY)
+    del by_pair
+
+    # Log amounts in fixed point: integer prefix sums are exact, so a row's statistics do not
+    # depend on which other rows (groups, later rows) the stream holds; the squares' sums
+    # stay below 2**63 up to ~10**9 rows.
+    log_amount = np.rint(np.sign(stream.amount) * np.log1p(np.abs(stream.amount)) * _FIXED).astype(np.int64)
+    own = log_amount[rows] / _FIXED
+    fraud = (stream.fraud == 1).astype(np.int32)
+    for kind, codes, counterparts in (("card", card, "merchants"), ("merchant", merchant, "cards")):
+        s = _Sorted(codes, t, span, rows)
+        new = s.prefix(first)
+        for days in WINDOWS_DAYS:
+            lo, hi = s.bounds(days)
+            out[f"{kind}_tx_{days}d"] = np.log1p(hi - lo)
+            if days <= 7:
+                out[f"{kind}_new_{counterparts}_{days}d"] = np.log1p(new[hi] - new[lo])
+        total, squares = s.prefix(log_amount), s.prefix(log_amount ** 2)
+        lo, hi = s.bounds(AMOUNT_DAYS)
+        count = hi - lo
+        mean = np.divide(total[hi] - total[lo], count * _FIXED, out=np.zeros(len(rows)), where=count > 0)
+        var = np.divide(squares[hi] - squares[lo], count * _FIXED**2, out=np.zeros(len(rows)),
+                        where=count > 0) - mean ** 2
+        out[f"amount_vs_{kind}"] = np.where(count > 0, (own - mean) / (np.sqrt(np.maximum(var, 0.0)) + 0.25), 0.0)
+        del total, squares
+        # Label-aware: only labels of rows older than the delay, over the window before that cut.
+        lo, hi = s.bounds(label_delay_days + LABEL_WINDOW_DAYS, label_delay_days)
+        frauds = s.prefix(fraud)
+        out[f"{kind}_known_frauds"] = np.log1p(frauds[hi] - frauds[lo])
+        if kind == "card":
+            _, gap = s.previous(horizon)
+            out["card_hours_since_last"] = np.log1p(gap / 60.0)
+            continue
+        known = s.prefix(stream.fraud >= 0)
+        out["merchant_fraud_rate"] = ((frauds[hi] - frauds[lo] + PRIOR_RATE * PRIOR_WEIGHT)
+                                      / (known[hi] - known[lo] + PRIOR_WEIGHT))
+        lo, hi = s.bounds(7)
+        week = new[hi] - new[lo]
+        lo, hi = s.bounds(BASELINE_DAYS + 7, 7)
+        usual = (new[hi] - new[lo]) * 7.0 / BASELINE_DAYS
+        out["merchant_new_cards_vs_usual"] = np.log((week + 1.0) / (usual + 1.0))
+        lo, hi = s.bounds(horizon)
+        oldest = s.key[np.minimum(lo, n - 1)]
+        out["merchant_days_active"] = np.log1p(np.where(hi > lo, s.query_keys() - oldest, 0) / DAY)
+    return np.column_stack([out[name] for name in NAMES]).astype(np.float32)
+
+
+def history(stream: Stream, since_minute: int, label_delay_days: int) -> Stream:
+    """The rows a scorer needs to compute the features of rows from ``since_minute`` on:
+    those within ``history_days`` before it, and every later one."""
+    keep = stream.minute >= since_minute - history_days(label_delay_days) * DAY
+    return stream.take(np.flatnonzero(keep))
+
+
+def for_new_rows(history_stream: Stream, new: Stream, label_delay_days: int = DEFAULT_LABEL_DELAY_DAYS) -> np.ndarray:
+    """Features of ``new`` rows (their labels unknown) from a saved history and each other.
+
+    A new row with the same card, merchant, minute and amount as a history row is that
+    transaction (e.g. a row of the history's own period scored again): it is counted once,
+    with the label the history holds, so it gets exactly its batch features.
+    """
+    key = ["card", "merchant", "minute", "amount"]
+    held = history_stream.frame()[key].reset_index(drop=True)
+    held["position"] = np.arange(len(held))
+    held = held.drop_duplicates(key, keep="first")
+    position = new.frame()[key].merge(held, on=key, how="left")["position"].to_numpy()
+    fresh = np.isnan(position)
+    appended = new.take(np.flatnonzero(fresh))
+    both = Stream.concat(history_stream, Stream(appended.card, appended.merchant, appended.minute,
+                                                appended.amount, np.full(len(appended), -1, np.int8)))
+    position[fresh] = len(history_stream) + np.arange(len(appended))
+    return compute(both, position.astype(np.int64), label_delay_days)
