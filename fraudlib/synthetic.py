@@ -205,7 +205,7 @@ class _World:
     user_home_state: np.ndarray
     planted: dict[str, np.ndarray]  # planted rows (fraud and look-alikes), sorted by card
     planted_start: np.ndarray  # CSR over cards into `planted`
-    stats: dict[str, int]  # what the plan holds: look-alike events, campaigns per mechanism
+    stats: dict[str, np.ndarray]  # start days of the plan's look-alikes and campaigns, by kind
 
 
 # ---------------------------------------------------------------- public API
@@ -634,7 +634,7 @@ def _plan(world: _World, n_rows: int, seed: int, regime: str) -> None:
 # -------------------------------- look-alikes: legitimate crowding and bursts
 
 
-def _plan_lookalikes(p: _Planter, total_fraud: int) -> dict[str, int]:
+def _plan_lookalikes(p: _Planter, total_fraud: int) -> dict[str, np.ndarray]:
     """Legitimate events that crowd like fraud does, as many as the fraud plan's campaigns or more:
     promotions and store openings (many cards new to one merchant within a week), trips (a card
     hits several new merchants in another city within days) and events (a group of cards in one
@@ -644,12 +644,13 @@ def _plan_lookalikes(p: _Planter, total_fraud: int) -> dict[str, int]:
     n_events = max(1, round(EVENTS_PER_CAMPAIGN * campaigns))
     n_trips = max(4, round(TRIPS_PER_FRAUD_ROW * total_fraud))
     last = N_DAYS - 1
-    for t0 in np.sort(p.days_like_activity(n_promotions, 0, last - 7)):
-        _promotion(p, int(t0))
-    for t0 in np.sort(p.days_like_activity(n_events, 0, last - 4)):
-        _event(p, int(t0))
-    trips = _trips(p, n_trips)
-    return dict(promotions=n_promotions, events=n_events, trips=trips)
+    promotions = np.sort(p.days_like_activity(n_promotions, 0, last - 7))
+    events = np.sort(p.days_like_activity(n_events, 0, last - 4))
+    for t0 in promotions.tolist():
+        _promotion(p, t0)
+    for t0 in events.tolist():
+        _event(p, t0)
+    return dict(promotion=promotions, event=events, trip=_trips(p, n_trips))
 
 
 def _promotion(p: _Planter, t0: int) -> None:
@@ -708,7 +709,7 @@ def _event(p: _Planter, t0: int) -> None:
     p.add(card, day, merchant, p.amounts(merchant, card, 1.0), fraud=False)
 
 
-def _trips(p: _Planter, n: int) -> int:
+def _trips(p: _Planter, n: int) -> np.ndarray:
     """Trips (vectorised, they are many): a card hits 3-8 merchants new to it within 1-3 days in
     another city, a quarter of them abroad, amounts as usual for the merchants' categories;
     some trips abroad change money at a bureau (quasi-cash, like cash-out merchants)."""
@@ -742,7 +743,7 @@ def _trips(p: _Planter, n: int) -> int:
     day = first[trip] + (rng.random(trip.size) * span[trip]).astype(np.int64)
     tcard = card[trip]
     p.add(tcard, day, merchant, p.amounts(merchant, tcard, 1.0), fraud=False, loc=loc)
-    return n
+    return first
 
 
 # -------------------------------- fraud
@@ -767,7 +768,7 @@ def _plan_fraud(p: _Planter, n_rows: int, total: int, regime: str) -> None:
     w, rng = p.w, p.rng
     periods = [(_day_index(a), _day_index(b)) for a, b in FRAUD_PERIODS]
     mass = np.array([w.target[a:b + 1].sum() for a, b in periods])
-    campaigns = {name: 0 for name in _MECHANISMS}
+    campaigns: dict[str, list[int]] = {name: [] for name in _MECHANISMS}
     year_start = np.searchsorted(_YEAR_OF_DAY, np.arange(1991, 2022))
     for (first, last), share in zip(periods, mass / mass.sum()):
         budget = max(round(total * share), min(FRAUD_FLOOR_PER_PERIOD, n_rows // 300))
@@ -789,8 +790,9 @@ def _plan_fraud(p: _Planter, n_rows: int, total: int, regime: str) -> None:
             got = campaign(p, rng, t0, last, budget, year)
             budget -= got
             failures = failures + 1 if got == 0 else 0
-            campaigns[name] += got > 0
-    w.stats.update({f"campaigns_{k}": v for k, v in campaigns.items()})
+            if got:
+                campaigns[name].append(t0)
+    w.stats.update({name: np.array(days, dtype=np.int64) for name, days in campaigns.items()})
 
 
 def _lone_rows(p: _Planter, first: int, last: int, budget: int) -> None:

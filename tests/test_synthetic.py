@@ -175,9 +175,8 @@ def test_a_few_thousand_rows_still_have_fraud_in_every_split(tmp_path):
     assert not (fraud_years == 2020).any()
 
 
-def test_full_scale_plan_matches_the_real_file_marginals():
-    # The plan only (users, cards, merchants, fraud rows): no 24M-row file is written.
-    world = synthetic._build_world(synthetic.ROWS_FULL, seed=0)
+def test_full_scale_plan_matches_the_real_file_marginals(full_world):
+    world = full_world
     fraud = world.planted["fraud"]
 
     assert world.user_card_start.size - 1 == 2_000
@@ -287,3 +286,200 @@ def test_command_line_rejects_a_bad_row_count_with_a_message(tmp_path):
     assert result.returncode == 2
     assert "n_rows must be an integer >= 1" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- regimes, look-alikes, drift
+
+REGIME_ROWS = 300_000
+
+
+def _frame(path: Path) -> pd.DataFrame:
+    """card, day, week, merchant, fraud, first (the card's first visit to the merchant), amount, online."""
+    f = read_transactions(path)
+    day = pd.to_datetime(f[["Year", "Month", "Day"]]).to_numpy().astype("datetime64[D]").astype(np.int64)
+    out = pd.DataFrame({"card": f["User"].astype(np.int64).to_numpy() * 10 + f["Card"].astype(np.int64).to_numpy(),
+                        "day": day, "merchant": f["Merchant Name"].to_numpy(),
+                        "fraud": f["Is Fraud?"].astype(bool).to_numpy(), "year": f["Year"].to_numpy(),
+                        "amount": f["Amount"].to_numpy(),
+                        "online": (f["Use Chip"] == "Online Transaction").to_numpy(),
+                        "city": f["Merchant City"].astype(str).to_numpy()})
+    out["week"] = out["day"] // 7
+    out["first"] = ~out.duplicated(["card", "merchant"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def regime_files(tmp_path_factory) -> dict[str, tuple[synthetic.SyntheticSummary, pd.DataFrame]]:
+    where = tmp_path_factory.mktemp("regimes")
+    out = {}
+    for regime in synthetic.REGIMES:
+        summary = synthetic.generate(where / f"{regime}.csv", REGIME_ROWS, seed=1, regime=regime)
+        out[regime] = (summary, _frame(summary.path))
+    return out
+
+
+def _fraud_cards_per_merchant_week(frame: pd.DataFrame) -> pd.Series:
+    fraud = frame[frame["fraud"]]
+    return fraud.groupby(["merchant", "week"])["card"].nunique()
+
+
+def _share_at_crowded_fraud_merchants(frame: pd.DataFrame, cards: int = 3) -> float:
+    """Share of fraud rows at a merchant where at least `cards` cards commit fraud the same week."""
+    fraud = frame[frame["fraud"]]
+    per = _fraud_cards_per_merchant_week(frame)
+    return float((fraud.set_index(["merchant", "week"]).index.map(per).to_numpy() >= cards).mean())
+
+
+def _crowded_legit_merchants(frame: pd.DataFrame, cards: int = 10) -> np.ndarray:
+    """Merchants without any fraud where at least `cards` cards came for the first time in one week."""
+    new = frame[frame["first"]].groupby(["merchant", "week"])["card"].nunique()
+    crowded = new[new >= cards].index.get_level_values("merchant").unique()
+    return np.setdiff1d(crowded.to_numpy(), frame.loc[frame["fraud"], "merchant"].unique())
+
+
+def _legit_bursts(frame: pd.DataFrame, merchants: int = 3) -> int:
+    """Legitimate bursts: a card hits `merchants` merchants new to it within 3 days (no fraud among
+    those rows), in person away from its home city."""
+    home = frame[~frame["online"]].groupby("card")["city"].agg(lambda c: c.mode().iloc[0])
+    away = frame[frame["first"] & ~frame["online"] & (frame["city"] != frame["card"].map(home))]
+    window = [away["card"], away["day"] // 3]
+    new = away.groupby(window)["merchant"].nunique()
+    clean = ~away.groupby(window)["fraud"].any()
+    return int(((new >= merchants) & clean).sum())
+
+
+def test_regimes_are_named_and_an_unknown_one_is_a_clear_error(tmp_path):
+    assert synthetic.REGIMES == ("default", "compromised_merchant", "fraud_ring", "card_testing", "row_only")
+    with pytest.raises(ValueError, match="unknown regime 'rings'.*default, compromised_merchant, fraud_ring, "
+                                         "card_testing, row_only"):
+        synthetic.generate(tmp_path / "tx.csv", 1000, regime="rings")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("regime", synthetic.REGIMES)
+def test_each_regime_is_deterministic_whatever_the_chunk_size(tmp_path, regime):
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    synthetic.generate(a, ROWS, seed=5, regime=regime)
+    synthetic.generate(b, ROWS, seed=5, regime=regime, chunk_rows=700)
+
+    assert a.read_bytes() == b.read_bytes()
+    assert read_transactions(a)["Is Fraud?"].sum() > 0
+
+
+def test_the_regime_determines_the_file(tmp_path):
+    contents = set()
+    for regime in synthetic.REGIMES:
+        synthetic.generate(tmp_path / f"{regime}.csv", ROWS, seed=5, regime=regime)
+        contents.add((tmp_path / f"{regime}.csv").read_bytes())
+
+    assert len(contents) == len(synthetic.REGIMES)
+    synthetic.generate(tmp_path / "plain.csv", ROWS, seed=5)
+    assert (tmp_path / "plain.csv").read_bytes() == (tmp_path / "default.csv").read_bytes()
+
+
+def test_every_regime_keeps_the_fraud_budget_of_each_period(regime_files):
+    periods = {}
+    for regime, (summary, frame) in regime_files.items():
+        years = frame.loc[frame["fraud"], "year"]
+        periods[regime] = ((years < 2018).sum(), (years == 2018).sum(), (years == 2019).sum(), (years == 2020).sum())
+        assert summary.rows == REGIME_ROWS
+
+    expected = periods["default"]
+    assert expected[1] >= 15 and expected[2] >= 15 and expected[3] == 0
+    assert all(p == expected for p in periods.values()), periods
+
+
+def test_row_only_fraud_has_no_graph_structure(regime_files):
+    frame = regime_files["row_only"][1]
+    fraud = frame[frame["fraud"]].sort_values(["card", "day"])
+
+    # No merchant sees fraud from more than a couple of cards in a week, and no card gets a burst.
+    assert _fraud_cards_per_merchant_week(frame).max() <= 2
+    gaps = fraud.groupby("card")["day"].diff()
+    assert (gaps <= 3).mean() < 0.05
+    # Fraud goes where the card's holder shops anyway: mostly merchants the card already knows.
+    assert fraud["first"].mean() < 0.25
+
+
+def test_fraud_ring_fraud_concentrates_on_few_merchants_shared_by_several_cards(regime_files):
+    frame = regime_files["fraud_ring"][1]
+    fraud = frame[frame["fraud"]]
+
+    assert _share_at_crowded_fraud_merchants(frame) > 0.6
+    assert fraud["merchant"].nunique() < 0.5 * len(fraud)
+    assert _share_at_crowded_fraud_merchants(regime_files["row_only"][1]) == 0.0
+
+
+def test_card_testing_starts_with_small_online_charges_at_shared_merchants(regime_files):
+    frame = regime_files["card_testing"][1]
+    fraud = frame[frame["fraud"]]
+    dollars = fraud["amount"].astype(float)
+    tests = fraud[fraud["online"] & (dollars < 10)]
+
+    assert len(tests) > 0.15 * len(fraud)
+    assert tests.groupby("merchant")["card"].nunique().max() >= 3
+    # Each tested card goes on to larger fraud.
+    later = fraud[dollars >= 10].groupby("card")["day"].max()
+    tested = tests.groupby("card")["day"].min()
+    assert (later.reindex(tested.index) >= tested).mean() > 0.7
+
+
+def test_compromised_merchant_victims_share_an_earlier_legitimate_merchant(regime_files):
+    def shared_share(frame: pd.DataFrame) -> float:
+        """Share of fraud cards that, in the 90 days before their first fraud, first visited a
+        merchant that at least 3 other fraud cards also first visited within the same two weeks."""
+        fraud = frame[frame["fraud"]]
+        first_fraud = fraud.groupby("card")["day"].min()
+        before = frame[~frame["fraud"] & frame["first"] & frame["card"].isin(first_fraud.index)]
+        start = before["card"].map(first_fraud)
+        before = before[(before["day"] < start) & (before["day"] >= start - 90)]
+        key = [before["merchant"], before["day"] // 14]
+        victims = before.groupby(key)["card"].transform("nunique")
+        return before.loc[victims >= 4, "card"].nunique() / first_fraud.size
+
+    assert shared_share(regime_files["compromised_merchant"][1]) > 0.5
+    assert shared_share(regime_files["row_only"][1]) < 0.1
+
+
+@pytest.mark.parametrize("regime", synthetic.REGIMES)
+def test_legitimate_look_alikes_crowd_like_fraud_in_every_regime(regime_files, regime):
+    frame = regime_files[regime][1]
+
+    # Promotions and openings: merchants without fraud that many cards visit for the first time
+    # in one week; trips: cards without fraud that hit several new merchants away from home in days.
+    assert _crowded_legit_merchants(frame).size >= 3
+    assert _legit_bursts(frame) >= 10
+
+
+@pytest.fixture(scope="module")
+def full_world():
+    # The plan only (users, cards, merchants, planted rows): no 24M-row file is written.
+    return synthetic._build_world(synthetic.ROWS_FULL, seed=0)
+
+
+def test_look_alike_events_outnumber_fraud_campaigns_every_year(full_world):
+    year = synthetic._YEAR_OF_DAY
+    stats = full_world.stats
+    campaigns = np.concatenate([stats[name] for name in ("compromised_merchant", "fraud_ring", "card_testing")])
+    crowds = np.concatenate([stats["promotion"], stats["event"]])
+
+    for y in range(2000, 2020):
+        assert (year[crowds] == y).sum() >= (year[campaigns] == y).sum(), y
+        assert (year[stats["trip"]] == y).sum() >= 10 * (year[campaigns] == y).sum(), y
+
+
+def test_fraud_mechanisms_drift_over_the_years(full_world):
+    year = synthetic._YEAR_OF_DAY
+    stats = full_world.stats
+    counts = {name: np.bincount(year[stats[name]] - 1991, minlength=30)
+              for name in ("compromised_merchant", "fraud_ring", "card_testing")}
+    total = sum(counts.values())
+    early, late = slice(0, 2010 - 1991), slice(2015 - 1991, 2020 - 1991)
+    testing = counts["card_testing"]
+    assert testing[late].sum() / total[late].sum() > 2 * testing[early].sum() / total[early].sum()
+
+    # Fraud moves online: the share of fraud rows at online merchants grows.
+    planted = full_world.planted
+    fraud_year = year[planted["day"][planted["fraud"]]]
+    online = full_world.merchant_kind[planted["merchant"][planted["fraud"]]] == synthetic.KIND_ONLINE
+    assert online[fraud_year >= 2015].mean() > online[fraud_year < 2010].mean() + 0.15
