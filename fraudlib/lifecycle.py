@@ -9,6 +9,7 @@ then the registry.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,13 +32,15 @@ class Evaluation:
     challenger_metrics: dict
     champion_metrics: dict | None
     decision: promotion.Decision
-    threshold: float
+    thresholds: dict  # each model's own operating threshold ("challenger", "champion")
     labels: np.ndarray = field(repr=False)
     challenger_scores: np.ndarray = field(repr=False)
     champion_scores: np.ndarray | None = field(repr=False)
     champion_unusable: str | None = None  # why the champion could not score this graph
     # How the two were compared when the champion was preprocessed with other encoders.
     comparison: str | None = None
+    # Where a model's threshold did not come from its meta.json (a package without one).
+    threshold_notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -84,19 +87,31 @@ def find_training_run(model_dir: Path | str) -> str:
     return runs[0].info.run_id
 
 
-THRESHOLD_METRICS = ("precision", "recall", "f1", "accuracy")
+def operating_threshold(version_dir: Path | str, role: str) -> tuple[float, str | None]:
+    """(threshold, note) of a model version: ``threshold`` from its own ``meta.json``, chosen on
+    its validation set at training. A version whose meta.json has none (a package from outside
+    the train stage) gets 0.5, and the note says so; a threshold that is not a finite number is
+    a ValueError."""
+    path = Path(version_dir) / "meta.json"
+    meta = json.loads(path.read_text())
+    value = meta.get("threshold")
+    if value is None:
+        return metrics.DEFAULT_THRESHOLD, (f"the {role}'s {path} has no threshold: its threshold metrics are "
+                                           f"at {metrics.DEFAULT_THRESHOLD}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise ValueError(f"the {role}'s {path} has threshold {value!r}: not a finite number")
+    return float(value), None
 
 
-def metric_function(metric: str, threshold: float):
-    """``f(labels, scores) -> float`` for a promotion metric (for bootstrap intervals)."""
-    if metric in THRESHOLD_METRICS:
-        return lambda y, s: metrics.at_threshold(y, s, threshold)[metric]
-    if metric == "auprc":
-        return metrics.auprc
-    if metric == "roc_auc":
-        return metrics.roc_auc
-    raise KeyError(f"unknown promotion metric {metric!r}: use one of "
-                   f"{', '.join((*THRESHOLD_METRICS, 'auprc', 'roc_auc'))}")
+def _package_version_dir(model_dir: Path) -> Path:
+    """The one version folder of a model package (or the folder itself when it holds meta.json)."""
+    if (model_dir / "meta.json").is_file():
+        return model_dir
+    versions = [p for p in model_dir.iterdir() if p.name.isdigit() and (p / "meta.json").is_file()] \
+        if model_dir.is_dir() else []
+    if len(versions) != 1:
+        raise FileNotFoundError(f"{model_dir} is not a model package with one version folder holding meta.json")
+    return versions[0]
 
 
 def _prediction(out: dict) -> np.ndarray:
@@ -144,10 +159,25 @@ def _reject_own_earlier_challenger(repo: TritonRepository, mlflow_run_id: str) -
 
 
 def evaluate(model_dir: Path | str, graph_dir: Path | str, client: TritonClient, mlflow_run_id: str,
-             threshold: float = 0.5, metric: str = "f1", min_improvement: float = 0.0,
+             metric: str = promotion.DEFAULT_METRIC, min_improvement: float = 0.0, bootstrap_samples: int = 1000,
+             confidence_level: float = 0.95, bootstrap_seed: int = 0,
              repo_root: Path | str | None = None) -> Evaluation:
     """Stage the model as the challenger, score it and the champion on the test graph with
-    explicit versions, and decide. The challenger is registered with alias ``challenger``."""
+    explicit versions, and decide (``promotion.decide``: paired bootstrap of ``metric``, promote
+    when the interval's lower bound is above ``min_improvement``). Each model's threshold
+    metrics are at its own threshold (its meta.json). The challenger is registered with alias
+    ``challenger``."""
+    promotion.check_settings(metric, min_improvement, bootstrap_samples, confidence_level, bootstrap_seed)
+    challenger_threshold, note = operating_threshold(_package_version_dir(Path(model_dir)), "challenger")
+    notes = [note] if note else []
+    test: Graph = read_part(graph_dir, "test")
+    fraud = int(test.label.sum())
+    if not 0 < fraud < test.label.size:
+        raise ValueError(f"the test period of {graph_dir} has {fraud:,} fraud among {test.label.size:,} transactions: "
+                         "both classes are needed to compare models")
+    settings_ = dict(metric=metric, min_improvement=min_improvement, n_boot=bootstrap_samples,
+                     level=confidence_level, seed=bootstrap_seed)
+
     repo = repository(client, repo_root)
     reconcile(client, repo_root)
     _reject_own_earlier_challenger(repo, mlflow_run_id)
@@ -155,16 +185,18 @@ def evaluate(model_dir: Path | str, graph_dir: Path | str, client: TritonClient,
     registered = registry.register(mlflow_run_id, version, manifest_hash(graph_dir))
     registry.mark_challenger(registered.version)
 
-    test: Graph = read_part(graph_dir, "test")
-    inputs = graph_inputs(test)
-    challenger_scores = _prediction(repo.score(version, inputs))
-    challenger_metrics = metrics.report(test.label, challenger_scores, threshold)
+    challenger_scores = _prediction(repo.score(version, graph_inputs(test)))
+    challenger_metrics = metrics.report(test.label, challenger_scores, challenger_threshold)
+    thresholds = {"challenger": challenger_threshold}
+    all_scores, all_metrics = challenger_scores, challenger_metrics
 
     champion_version = repo.state().champion
     labels = test.label
     champion_scores = champion_metrics = unusable = comparison = None
+    decision = champion_note = None
     if champion_version is not None:
         try:
+            champion_threshold, note = operating_threshold(repo.version_dir(champion_version), "champion")
             champion_test, known = champion_view(test, graph_dir, registry.graph_dir_of(registry.champion()))
             if known is not None and not known.any():
                 raise ValueError(f"none of the {known.size:,} test transactions has a card and a merchant "
@@ -175,23 +207,36 @@ def evaluate(model_dir: Path | str, graph_dir: Path | str, client: TritonClient,
                               f"re-encoded with them; compared on {int(known.sum()):,} of {known.size:,} test "
                               f"transactions (the others have a card or merchant the champion never saw)")
                 labels, challenger_scores = labels[known], challenger_scores[known]
-                challenger_metrics = metrics.report(labels, challenger_scores, threshold)
-            champion_metrics = metrics.report(labels, champion_scores, threshold)
+                challenger_metrics = metrics.report(labels, challenger_scores, challenger_threshold)
+            champion_metrics = metrics.report(labels, champion_scores, champion_threshold)
+            thresholds["champion"] = champion_threshold
+            champion_note = note
+            # A metric undefined on the compared rows (no fraud left among them) is a ValueError.
+            decision = promotion.decide(labels, challenger_scores, champion_scores, **settings_,
+                                        challenger_threshold=challenger_threshold,
+                                        champion_threshold=champion_threshold)
         except (TritonError, OSError, ValueError) as e:
             unusable = f"the champion (version {champion_version}) cannot score this test set: {e}"
+            labels, challenger_scores, challenger_metrics = test.label, all_scores, all_metrics
+            champion_scores = champion_metrics = comparison = None
+            thresholds.pop("champion", None)
 
     if unusable:
+        key = metric if metric in metrics.RANKING_METRICS else f"{metric}_at_threshold"
         decision = promotion.Decision(
             promotion.REJECT, unusable + "; compare on a common test set or promote explicitly",
-            metric, float(challenger_metrics[metric]), None, min_improvement)
+            metric, float(challenger_metrics[key]), None, float(min_improvement))
+    elif decision is None:  # no champion: the first model
+        decision = promotion.decide(labels, challenger_scores, None, **settings_,
+                                    challenger_threshold=challenger_threshold)
     else:
-        decision = promotion.decide(challenger_metrics, champion_metrics, metric, min_improvement)
+        notes += [champion_note] if champion_note else []
         if comparison:
             decision = dataclasses.replace(decision, reason=f"{decision.reason} ({comparison})")
     registry.log_evaluation(mlflow_run_id, challenger_metrics, champion_metrics,
-                            decision.decision, decision.reason)
+                            decision.decision, decision.reason, detail=decision)
     return Evaluation(version, champion_version, registered.version, challenger_metrics, champion_metrics,
-                      decision, threshold, labels, challenger_scores, champion_scores, unusable, comparison)
+                      decision, thresholds, labels, challenger_scores, champion_scores, unusable, comparison, notes)
 
 
 def pending_decision(client: TritonClient | None, root: Path | str | None = None) -> tuple[str, int, int] | None:

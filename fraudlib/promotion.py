@@ -1,19 +1,26 @@
-"""The promotion rule, and the statistics that explain a decision.
+"""The promotion rule: a paired bootstrap of (challenger - champion) on the same test transactions.
 
-A challenger replaces the champion when it is better on the promotion metric by more than
-``min_improvement``; the first model of a project is promoted because there is nothing
-to compare it with.
+The challenger replaces the champion only when the lower bound of the ``level`` paired
+bootstrap interval of ``metric(challenger) - metric(champion)`` is above ``min_improvement``:
+a difference that the test set cannot tell from noise does not promote, and an identical
+retrain (interval [0, 0]) is rejected. The default metric, AUPRC, needs no threshold; the
+threshold metrics (precision, recall, f1) are taken at each model's own operating threshold.
+The first model of a project is promoted because there is nothing to compare it with.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 
+from fraudlib import metrics
+
 PROMOTE = "promote"
 REJECT = "reject"
+DEFAULT_METRIC = "auprc"
+# Metrics a decision can use; alert_rate is reported, never a goal (flagging more is not better).
+METRICS = ("auprc", "roc_auc", "precision", "recall", "f1")
 
 
 @dataclass(frozen=True)
@@ -21,46 +28,80 @@ class Decision:
     decision: str  # PROMOTE or REJECT
     reason: str
     metric: str
-    challenger_value: float
+    challenger_value: float | None
     champion_value: float | None
     min_improvement: float
+    delta: float | None = None  # challenger_value - champion_value
+    delta_low: float | None = None  # paired bootstrap interval of the delta
+    delta_high: float | None = None
+    level: float | None = None  # of the interval, e.g. 0.95
+    n_boot: int | None = None  # resamples behind the interval
+    n_transactions: int | None = None  # test transactions resampled
+    seed: int | None = None
+    challenger_interval: tuple[float, float] | None = None  # each model's own interval
+    champion_interval: tuple[float, float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def decide(challenger: dict[str, float], champion: dict[str, float] | None,
-           metric: str = "f1", min_improvement: float = 0.0) -> Decision:
-    """Promote when ``challenger[metric] > champion[metric] + min_improvement``."""
-    if metric not in challenger:
-        raise KeyError(f"promotion metric {metric!r} is not among the challenger's metrics "
-                       f"({', '.join(sorted(challenger))})")
-    new = float(challenger[metric])
-    if champion is None:
-        return Decision(PROMOTE, "no champion yet: the first model is promoted",
-                        metric, new, None, min_improvement)
-    old = float(champion[metric])
-    if new > old + min_improvement:
-        verdict, relation = PROMOTE, "beats"
-    else:
-        verdict, relation = REJECT, "does not beat"
-    reason = (f"challenger {metric} {new:.4f} {relation} champion {old:.4f} "
-              f"+ min_improvement {min_improvement:g}")
-    return Decision(verdict, reason, metric, new, old, min_improvement)
+def check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise KeyError(f"unknown promotion metric {metric!r}: use one of {', '.join(METRICS)}")
+    return metric
 
 
-def bootstrap_delta_ci(labels: np.ndarray, challenger_scores: np.ndarray, champion_scores: np.ndarray,
-                       metric_fn: Callable[[np.ndarray, np.ndarray], float], n_boot: int = 500,
-                       level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
-    """(delta, low, high): paired bootstrap over edges of metric(challenger) - metric(champion)."""
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    delta = metric_fn(labels, challenger_scores) - metric_fn(labels, champion_scores)
-    deltas = np.empty(n_boot)
-    for i in range(n_boot):
-        idx = rng.integers(0, n, n)
-        deltas[i] = metric_fn(labels[idx], challenger_scores[idx]) - metric_fn(labels[idx], champion_scores[idx])
-    alpha = (1 - level) / 2
-    low, high = np.quantile(deltas, [alpha, 1 - alpha])
-    return float(delta), float(low), float(high)
+def check_settings(metric: str = DEFAULT_METRIC, min_improvement: float = 0.0, n_boot: int = 1000,
+                   level: float = 0.95, seed: int = 0) -> None:
+    """Fails early (KeyError/ValueError) on settings that ``decide`` would refuse."""
+    check_metric(metric)
+    if isinstance(min_improvement, bool) or not isinstance(min_improvement, (int, float)) \
+            or not np.isfinite(min_improvement):
+        raise ValueError(f"min_improvement must be a finite number, got {min_improvement!r}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise ValueError(f"bootstrap_samples must be a positive integer, got {n_boot!r}")
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 < level < 1.0:
+        raise ValueError(f"confidence_level must be strictly between 0 and 1, got {level!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"bootstrap_seed must be a non-negative integer, got {seed!r}")
+
+
+def decide(labels, challenger_scores, champion_scores=None, metric: str = DEFAULT_METRIC,
+           min_improvement: float = 0.0, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+           challenger_threshold: float | None = None, champion_threshold: float | None = None) -> Decision:
+    """Promote when the lower bound of the paired bootstrap interval of
+    ``metric(challenger) - metric(champion)`` over the test transactions is > ``min_improvement``.
+
+    ``champion_scores`` None: no champion, the challenger is promoted (its own interval is still
+    reported). The thresholds are each model's operating threshold (threshold metrics only).
+    """
+    check_settings(metric, min_improvement, n_boot, level, seed)
+    scores = {"challenger": challenger_scores}
+    thresholds = {"challenger": challenger_threshold}
+    if champion_scores is not None:
+        scores["champion"], thresholds["champion"] = champion_scores, champion_threshold
+    if metric in metrics.THRESHOLD_METRICS:
+        missing = [name for name, t in thresholds.items() if t is None]
+        if missing:
+            raise ValueError(f"promotion metric {metric!r} needs the operating threshold of the {' and '.join(missing)}")
+    b = metrics.bootstrap(labels, scores, metric, n_boot, level, seed, thresholds)
+    new = b.values["challenger"]
+    common = dict(metric=metric, challenger_value=new, min_improvement=float(min_improvement), level=b.level,
+                  n_boot=b.n_boot, n_transactions=b.n_rows, seed=b.seed,
+                  challenger_interval=b.intervals["challenger"])
+    if champion_scores is None:
+        low, high = b.intervals["challenger"]
+        return Decision(PROMOTE, f"no champion yet: the first model is promoted (challenger {metric} {new:.4f}, "
+                                 f"{b.level * 100:g}% bootstrap interval [{low:.4f}, {high:.4f}] over "
+                                 f"{b.n_rows:,} test transactions, {b.n_boot:,} resamples)",
+                        champion_value=None, **common)
+    old = b.values["champion"]
+    low, high = b.delta_interval
+    verdict = PROMOTE if low > min_improvement else REJECT
+    rule = (f"lower bound > min_improvement {min_improvement:g}: promote" if verdict == PROMOTE
+            else f"lower bound not > min_improvement {min_improvement:g}: reject")
+    reason = (f"challenger {metric} {new:.4f} vs champion {old:.4f}: delta {b.delta:+.4f}, "
+              f"{b.level * 100:g}% paired bootstrap interval [{low:+.4f}, {high:+.4f}] over {b.n_rows:,} test "
+              f"transactions ({b.n_boot:,} resamples); {rule}")
+    return Decision(verdict, reason, champion_value=old, delta=b.delta, delta_low=low, delta_high=high,
+                    champion_interval=b.intervals["champion"], **common)

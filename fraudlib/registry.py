@@ -131,15 +131,32 @@ def restore_champion(version: int, name: str = settings.REGISTERED_MODEL_NAME) -
 
 
 def log_evaluation(run_id: str, challenger: dict[str, float], champion_metrics: dict[str, float] | None,
-                   decision: str, reason: str) -> None:
-    """Evaluation metrics and the promotion decision, on the challenger's training run."""
+                   decision: str, reason: str, detail=None) -> None:
+    """Evaluation metrics and the promotion decision, on the challenger's training run.
+
+    ``detail`` (a ``promotion.Decision``) adds the decision's statistics: the promotion metric,
+    ``promotion_delta`` with its paired bootstrap interval ``promotion_delta_low``/``_high``, each
+    model's interval (``challenger_<metric>_low``/``_high``, ``champion_...``), and as tags the
+    metric, level, resamples and min_improvement.
+    """
     metrics = {f"challenger_{k}": v for k, v in challenger.items()}
     if champion_metrics:
         metrics.update({f"champion_{k}": v for k, v in champion_metrics.items()})
         metrics.update({f"{k}_delta": challenger[k] - champion_metrics[k]
                         for k in challenger if k in champion_metrics})
+    tags = {"promotion_decision": decision, "promotion_reason": reason}
+    if detail is not None:
+        metrics.update({"promotion_delta": detail.delta, "promotion_delta_low": detail.delta_low,
+                        "promotion_delta_high": detail.delta_high})
+        for role, interval in (("challenger", detail.challenger_interval), ("champion", detail.champion_interval)):
+            if interval is not None:
+                metrics[f"{role}_{detail.metric}_low"], metrics[f"{role}_{detail.metric}_high"] = interval
+        tags.update({"promotion_metric": detail.metric, "promotion_min_improvement": detail.min_improvement})
+        if detail.n_boot is not None:
+            tags.update({"promotion_level": detail.level, "promotion_resamples": detail.n_boot,
+                         "promotion_seed": detail.seed})
     tracking.log_metrics(run_id, metrics)
-    tracking.set_tags(run_id, {"promotion_decision": decision, "promotion_reason": reason})
+    tracking.set_tags(run_id, tags)
 
 
 def tag_version(version: int, key: str, value: str, name: str = settings.REGISTERED_MODEL_NAME) -> None:

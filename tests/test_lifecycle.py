@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from fraudlib import graph_store, lifecycle, promotion, registry, settings, synthetic, tracking
+from fraudlib import graph_store, lifecycle, metrics, promotion, registry, settings, synthetic, tracking
 from fraudlib.preprocess import encode_graph, preprocess, read_test_rows
 from fraudlib.graph_store import Graph
 from fraudlib.triton_repo import PUBLIC_MODEL, RepositoryError, graph_inputs
@@ -55,6 +55,16 @@ def graph_dir(env, tmp_path_factory):
     return out
 
 
+TRUE_WEIGHTS = np.asarray(json.loads((TINY_MODEL / "1" / "meta.json").read_text())["weights"])
+
+
+def noisy_package(where, noise: float, seed: int = 0, **knobs):
+    """The tiny model with its weights perturbed: it ranks the test graph worse than the true
+    weights do (a perfect ranking, whatever the bias)."""
+    weights = TRUE_WEIGHTS + np.random.default_rng(seed).normal(0, noise, TRUE_WEIGHTS.size)
+    return make_package(where / f"noisy_{noise}_{seed}", 0.0, weights=weights.tolist(), **knobs)
+
+
 def training_run(graph_dir=None) -> str:
     import mlflow
 
@@ -81,8 +91,9 @@ def consistent(client) -> int:
 
 
 def test_the_first_model_is_promoted_in_triton_and_in_the_registry(env, graph_dir, tmp_path):
-    evaluation, deployment = evaluate_and_deploy(env, graph_dir, make_package(tmp_path, -1.0))
+    evaluation, deployment = evaluate_and_deploy(env, graph_dir, noisy_package(tmp_path, 0.6))
     assert evaluation.champion_version is None and evaluation.decision.decision == promotion.PROMOTE
+    assert "first model" in evaluation.decision.reason and evaluation.decision.metric == "auprc"
     assert deployment.action == promotion.PROMOTE and deployment.champion_version == 1
     assert consistent(env[1]) == 1
     assert registry.champion().version == evaluation.registry_version
@@ -91,7 +102,12 @@ def test_the_first_model_is_promoted_in_triton_and_in_the_registry(env, graph_di
 def test_a_better_challenger_is_promoted_and_the_old_champion_becomes_previous(env, graph_dir, tmp_path):
     old = registry.champion()
     evaluation, deployment = evaluate_and_deploy(env, graph_dir, make_package(tmp_path, 0.0))
-    assert evaluation.challenger_metrics["f1"] == 1.0 > evaluation.champion_metrics["f1"]
+    assert evaluation.challenger_metrics["auprc"] == pytest.approx(1.0)
+    assert evaluation.champion_metrics["auprc"] < 0.95
+    d = evaluation.decision
+    assert d.decision == promotion.PROMOTE and 0 < d.delta_low <= d.delta <= d.delta_high
+    assert d.reason.startswith(f"challenger auprc 1.0000 vs champion {evaluation.champion_metrics['auprc']:.4f}")
+    assert f"over {len(evaluation.labels):,} test transactions (1,000 resamples)" in d.reason
     assert deployment.action == promotion.PROMOTE
     assert consistent(env[1]) == evaluation.challenger_version
     assert registry.by_alias(settings.PREVIOUS_CHAMPION_ALIAS).version == old.version
@@ -101,13 +117,114 @@ def test_a_worse_challenger_is_rejected_and_the_champion_keeps_serving(env, grap
     _, client = env
     champion = consistent(client)
     before = client.infer(PUBLIC_MODEL, graph_inputs(graph_store.read_part(graph_dir, "test")))["PREDICTION"]
-    evaluation, deployment = evaluate_and_deploy(env, graph_dir, make_package(tmp_path, 1.0))
-    assert evaluation.decision.decision == promotion.REJECT and "does not beat" in evaluation.decision.reason
+    evaluation, deployment = evaluate_and_deploy(env, graph_dir, noisy_package(tmp_path, 0.6, seed=1))
+    d = evaluation.decision
+    assert d.decision == promotion.REJECT and d.delta_high < 0 and "not > min_improvement 0: reject" in d.reason
     assert deployment.action == promotion.REJECT
     assert consistent(client) == champion
     after = client.infer(PUBLIC_MODEL, graph_inputs(graph_store.read_part(graph_dir, "test")))["PREDICTION"]
     np.testing.assert_array_equal(before, after)
     assert registry.by_alias(settings.CHALLENGER_ALIAS) is None
+
+
+def test_a_retrain_that_ranks_the_same_is_rejected_on_an_interval_of_exactly_zero(env, graph_dir, tmp_path):
+    _, client = env
+    champion = consistent(client)
+    # Another bias moves every score (and every metric at 0.5) but not the ranking.
+    evaluation, deployment = evaluate_and_deploy(env, graph_dir, make_package(tmp_path, 1.0))
+    assert not np.allclose(evaluation.challenger_scores, evaluation.champion_scores)
+    d = evaluation.decision
+    assert (d.delta, d.delta_low, d.delta_high) == (0.0, 0.0, 0.0) and d.decision == promotion.REJECT
+    assert "[+0.0000, +0.0000]" in d.reason
+    assert deployment.action == promotion.REJECT and consistent(client) == champion
+
+
+def test_each_model_is_measured_at_its_own_threshold_from_its_meta_json(env, graph_dir, tmp_path):
+    _, client = env
+    champion = consistent(client)
+    champion_meta = lifecycle.repository(client).version_dir(champion) / "meta.json"
+    meta = json.loads(champion_meta.read_text())
+    champion_meta.write_text(json.dumps({**meta, "threshold": 0.7}))
+    try:
+        evaluation = lifecycle.evaluate(make_package(tmp_path, 1.0, threshold=0.3), graph_dir, client,
+                                        training_run())
+    finally:
+        champion_meta.write_text(json.dumps(meta))
+    assert evaluation.thresholds == {"challenger": 0.3, "champion": 0.7} and evaluation.threshold_notes == []
+    for role, scores, threshold in (("challenger", evaluation.challenger_scores, 0.3),
+                                    ("champion", evaluation.champion_scores, 0.7)):
+        reported = getattr(evaluation, f"{role}_metrics")
+        expected = metrics.at_threshold(evaluation.labels, scores, threshold)
+        assert reported["threshold"] == threshold
+        assert {k: reported[f"{k}_at_threshold"] for k in expected} == pytest.approx(expected)
+    assert evaluation.challenger_metrics["alert_rate_at_threshold"] > evaluation.champion_metrics["alert_rate_at_threshold"]
+    lifecycle.deploy(promotion.REJECT, evaluation.challenger_version, evaluation.registry_version, client)
+
+    # A package without a threshold (from outside the train stage) is measured at 0.5, and told so.
+    evaluation = lifecycle.evaluate(make_package(tmp_path, 1.0), graph_dir, client, training_run())
+    assert evaluation.thresholds == {"challenger": 0.5, "champion": 0.5}
+    assert len(evaluation.threshold_notes) == 2 and all("has no threshold" in n for n in evaluation.threshold_notes)
+    lifecycle.deploy(promotion.REJECT, evaluation.challenger_version, evaluation.registry_version, client)
+    with pytest.raises(ValueError, match="not a finite number"):
+        lifecycle.evaluate(make_package(tmp_path / "bad", 1.0, threshold="high"), graph_dir, client, training_run())
+    assert lifecycle.repository(client).state().challenger is None  # refused before staging
+    assert consistent(client) == champion
+
+
+def test_every_evaluate_parameter_reaches_the_decision_and_the_mlflow_run(env, graph_dir, tmp_path):
+    _, client = env
+    champion = consistent(client)
+    package = noisy_package(tmp_path, 0.2, seed=2, threshold=0.4)
+
+    def evaluate(**parameters):
+        run = training_run()
+        evaluation = lifecycle.evaluate(package, graph_dir, client, run, **parameters)
+        lifecycle.deploy(promotion.REJECT, evaluation.challenger_version, evaluation.registry_version, client)
+        return evaluation, run
+
+    base, run = evaluate(bootstrap_samples=200)
+    d = base.decision
+    assert (d.metric, d.min_improvement, d.n_boot, d.level, d.seed) == ("auprc", 0.0, 200, 0.95, 0)
+    assert d.challenger_value == pytest.approx(metrics.auprc(base.labels, base.challenger_scores))
+    assert "(200 resamples)" in d.reason and "95% paired" in d.reason
+    logged = tracking.configure().get_run(run)
+    assert logged.data.metrics["promotion_delta_low"] == pytest.approx(d.delta_low)
+    assert logged.data.metrics["promotion_delta_high"] == pytest.approx(d.delta_high)
+    assert logged.data.metrics["challenger_auprc_low"] == pytest.approx(d.challenger_interval[0])
+    assert logged.data.tags["promotion_metric"] == "auprc" and logged.data.tags["promotion_resamples"] == "200"
+    assert logged.data.tags["promotion_reason"] == d.reason
+
+    by_auc, _ = evaluate(metric="roc_auc", bootstrap_samples=200)
+    assert by_auc.decision.metric == "roc_auc" and "challenger roc_auc" in by_auc.decision.reason
+    assert by_auc.decision.challenger_value == pytest.approx(metrics.roc_auc(base.labels, base.challenger_scores))
+    by_f1, _ = evaluate(metric="f1", bootstrap_samples=200)  # at each model's own threshold
+    assert by_f1.decision.challenger_value == pytest.approx(
+        metrics.at_threshold(base.labels, base.challenger_scores, 0.4)["f1"])
+    assert by_f1.decision.champion_value == pytest.approx(
+        metrics.at_threshold(base.labels, base.champion_scores, 0.5)["f1"])
+
+    lenient, _ = evaluate(bootstrap_samples=200, min_improvement=d.delta_low - 0.01)
+    strict, _ = evaluate(bootstrap_samples=200, min_improvement=d.delta_low + 0.01)
+    assert lenient.decision.decision == promotion.PROMOTE and strict.decision.decision == promotion.REJECT
+    assert f"min_improvement {d.delta_low + 0.01:g}" in strict.decision.reason
+
+    more, _ = evaluate(bootstrap_samples=400)
+    assert more.decision.n_boot == 400 and (more.decision.delta_low, more.decision.delta_high) != (d.delta_low, d.delta_high)
+    narrow, _ = evaluate(bootstrap_samples=200, confidence_level=0.5)
+    assert narrow.decision.level == 0.5 and "50% paired" in narrow.decision.reason
+    assert d.delta_low < narrow.decision.delta_low <= narrow.decision.delta_high < d.delta_high
+    reseeded, _ = evaluate(bootstrap_samples=200, bootstrap_seed=3)
+    assert reseeded.decision.seed == 3 and reseeded.decision.delta == d.delta
+    assert (reseeded.decision.delta_low, reseeded.decision.delta_high) != (d.delta_low, d.delta_high)
+    again, _ = evaluate(bootstrap_samples=200)
+    assert again.decision == d  # seeded: the same decision, interval and reason
+
+    for bad, message in (({"metric": "accuracy"}, "accuracy"), ({"bootstrap_samples": 0}, "bootstrap_samples"),
+                         ({"confidence_level": 95.0}, "confidence_level"), ({"bootstrap_seed": -1}, "bootstrap_seed")):
+        with pytest.raises((KeyError, ValueError), match=message):
+            lifecycle.evaluate(package, graph_dir, client, training_run(), **bad)
+        assert lifecycle.repository(client).state().challenger is None  # refused before staging
+    assert consistent(client) == champion
 
 
 def test_a_failed_health_check_after_promotion_rolls_back_in_triton_and_registry(env, graph_dir, tmp_path):
