@@ -50,11 +50,11 @@ import numpy as np
 import pandas as pd
 import xxhash
 
-from fraudlib import graph_store, settings, synthetic
+from fraudlib import features, graph_store, settings, synthetic
 from fraudlib.graph_store import Graph
 from fraudlib.tabformer import read_transactions
 
-USED_COLUMNS = ("User", "Card", "Year", "Time", "Amount", "Use Chip", "Merchant Name",
+USED_COLUMNS = ("User", "Card", "Year", "Month", "Day", "Time", "Amount", "Use Chip", "Merchant Name",
                 "Merchant City", "Zip", "MCC", "Errors?", "Is Fraud?")
 TRAIN_BEFORE_YEAR = 2018  # train < 2018, validation == 2018, test > 2018
 MISSING_STRING = "XX"
@@ -66,6 +66,10 @@ FORMAT = 1  # of manifest.json and encoders.json
 # The test edges' raw rows (USED_COLUMNS, in edge order): a champion preprocessed with other
 # encoders re-encodes them to score the same transactions (lifecycle.champion_view).
 TEST_ROWS = "test_rows.parquet"
+# The trailing transaction history (features.Stream columns) that scoring new rows needs to
+# compute their causal features exactly as preprocessing did: the rows within
+# features.history_days before the test period, and all later ones.
+HISTORY = "history.parquet"
 _HASH_CHUNK = 16 << 20
 
 
@@ -88,8 +92,13 @@ class PreprocessSummary:
 
 
 def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0.1,
-               under_sample: bool = True, seed: int = 42) -> PreprocessSummary:
+               under_sample: bool = True, seed: int = 42, feature_set: str = "causal",
+               label_delay_days: int = features.DEFAULT_LABEL_DELAY_DAYS) -> PreprocessSummary:
     """Build the graph directory ``out_dir`` from the TabFormer file ``raw_path``.
+
+    ``feature_set="causal"`` adds ``features.NAMES`` to the edge features, computed on the
+    whole stream (before deduplication and undersampling) with labels older than
+    ``label_delay_days``; ``"blueprint"`` gives the blueprint's features exactly.
 
     ``out_dir`` appears only when complete (written next to it, then renamed); on any error
     nothing appears there and an existing ``out_dir`` is left as it was.
@@ -97,19 +106,36 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
     started = time.perf_counter()
     if not fraud_ratio > 0:
         raise ValueError(f"fraud_ratio must be > 0 (fraud / non-fraud after undersampling), got {fraud_ratio!r}")
+    if feature_set not in features.FEATURE_SETS:
+        raise ValueError(f"feature_set must be one of {features.FEATURE_SETS}, got {feature_set!r}")
+    if isinstance(label_delay_days, bool) or not isinstance(label_delay_days, int) or label_delay_days < 0:
+        raise ValueError(f"label_delay_days must be an integer >= 0 (days before a label is known), "
+                         f"got {label_delay_days!r}")
     raw_path, out_dir = Path(raw_path).resolve(), Path(out_dir).resolve()
     frame = read_transactions(raw_path, USED_COLUMNS)
     nodes, card_codes, mcc_codes = _fit_node_encoders(frame)
     rows, counts = _select_rows(frame, card_codes, mcc_codes, fraud_ratio, under_sample, seed)
     del card_codes, mcc_codes
     kept = frame.take(rows).reset_index(drop=True)
-    del frame
+    history = None
+    if feature_set == "causal":
+        stream = features.stream_of(frame, nodes["max_cards"])
+        del frame
+        values = features.compute(stream, rows, label_delay_days)
+        for i, name in enumerate(features.NAMES):
+            kept[name] = values[:, i]
+        test_start = int(features.minutes(TRAIN_BEFORE_YEAR + 1, 1, 1, 0))
+        history = features.history(stream, test_start, label_delay_days).frame()
+        del stream, values
+    else:
+        del frame
     split = _split(kept["Year"].to_numpy())
     if not (split == "train").any():
         raise ValueError(f"{raw_path}: no transactions before {TRAIN_BEFORE_YEAR} are left to train on "
                          "(train = Year < 2018); use a file that spans the years before 2018")
     encoders = {"format": FORMAT, **nodes,
-                "edge": _fit_edge_encoders(kept[split == "train"])}
+                "edge": _fit_edge_encoders(kept[split == "train"], feature_set),
+                "features": {"set": feature_set, "label_delay_days": label_delay_days}}
     whole, known = encode_graph(kept, encoders, split)
     assert known.all(), "the node encoders are fitted on every card and merchant of the file"
     names, masks = feature_names(encoders), feature_masks(encoders)
@@ -122,7 +148,11 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
         "format": FORMAT,
         "source": {"path": str(raw_path), "bytes": raw_path.stat().st_size, "xxh3_128": _fast_hash(raw_path)},
         "parameters": {"fraud_ratio": fraud_ratio, "under_sample": under_sample, "seed": seed,
-                       "fraud_ratio_means": "fraud / non-fraud after undersampling (blueprint)"},
+                       "fraud_ratio_means": "fraud / non-fraud after undersampling (blueprint)",
+                       "feature_set": feature_set, "label_delay_days": label_delay_days},
+        "causal_features": list(features.NAMES) if feature_set == "causal" else [],
+        "history": None if history is None else {
+            "file": HISTORY, "rows": len(history), "days_before_test": features.history_days(label_delay_days)},
         "rows": counts,
         "splits": {s: {"edges": edges[s], "fraud": fraud_edges[s]} for s in graph_store.SPLITS},
         "split_rule": {"train": f"Year < {TRAIN_BEFORE_YEAR}", "validation": f"Year == {TRAIN_BEFORE_YEAR}",
@@ -138,6 +168,8 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
         test = np.flatnonzero(split == "test")
         graph_store.write_part(tmp, "test", whole.edges(test))
         kept.take(test).reset_index(drop=True).to_parquet(tmp / TEST_ROWS, index=False)
+        if history is not None:
+            history.to_parquet(tmp / HISTORY, index=False)
         graph_store.write_json(tmp / graph_store.MANIFEST, manifest)
         # Compact: json's C encoder only runs without indent (100k merchant ids).
         (tmp / graph_store.ENCODERS).write_text(json.dumps(encoders, sort_keys=True))
@@ -191,6 +223,12 @@ def encode_transactions(frame: pd.DataFrame, encoders: dict) -> tuple[np.ndarray
     merchant_ids = _category_positions(frame["Merchant Name"], encoders["merchant"]["categories"])
     blocks = []
     for encoder in encoders["edge"]:
+        if encoder["kind"] == "raw":  # a causal feature, computed before encoding (features.py)
+            if encoder["column"] not in frame.columns:
+                raise ValueError(f"the rows lack the causal feature column {encoder['column']!r} that these encoders "
+                                 "expect: compute them first (features.compute over the transaction history)")
+            blocks.append(frame[encoder["column"]].to_numpy(dtype=np.float32)[:, None])
+            continue
         if encoder["kind"] == "robust":
             amount = frame[encoder["column"]].to_numpy(dtype=np.float64)
             amount = np.where(np.isnan(amount), encoder["impute_median"], amount)
@@ -309,7 +347,7 @@ def _fit_node_encoders(frame: pd.DataFrame) -> tuple[dict, np.ndarray, np.ndarra
     return nodes, card_codes, mcc_codes
 
 
-def _fit_edge_encoders(train: pd.DataFrame) -> list[dict]:
+def _fit_edge_encoders(train: pd.DataFrame, feature_set: str) -> list[dict]:
     encoders = []
     for column, name in EDGE_NOMINAL:
         missing = MISSING_ZIP if column == "Zip" else MISSING_STRING
@@ -325,6 +363,8 @@ def _fit_edge_encoders(train: pd.DataFrame) -> list[dict]:
     q25, q75 = np.percentile(np.where(np.isnan(amount), median, amount), [25, 75])
     encoders.append({"column": "Amount", "name": "Amount", "kind": "robust", "impute_median": median,
                      "center": median, "scale": float(q75 - q25) or 1.0})
+    if feature_set == "causal":
+        encoders += [{"column": name, "name": name, "kind": "raw"} for name in features.NAMES]
     return encoders
 
 

@@ -16,7 +16,10 @@ Phases (each timed in ``TrainResult.seconds``):
    on the validation edges; the model keeps the best iteration only. One tree is grown per
    round: without row or column sampling the ``num_parallel_tree`` trees of a round would be
    identical, and XGBoost averages them.
-5. baseline: the same XGBoost on [user x | merchant x | edge x] (no GNN).
+5. baseline: the same XGBoost on the row alone: [user x | merchant x | edge x] without the
+   causal graph/time features (the row-only control); and, when the graph has causal
+   features, ``graph_features``: XGBoost on the row plus those features, without embeddings.
+   Together they show what the features and what the GNN add (benchmarks/bench_quality.py).
 6. export: the self-contained Triton model package (``fraudlib.model_export``).
 
 Hyperparameters use the NVIDIA training container's names and defaults (``GNNSettings``,
@@ -40,7 +43,7 @@ import torch
 import torch.nn.functional as F
 import xgboost as xgb
 
-from fraudlib import gnn, metrics, model_export
+from fraudlib import features, gnn, metrics, model_export
 from fraudlib.graph_store import MANIFEST, Graph, compact, read_part
 
 # Not container hyperparameters: fixed here so that a run is described by the container's names.
@@ -120,15 +123,15 @@ def _coerce(value: Any, kind: type, where: str):
 @dataclass
 class TrainResult:
     model_dir: Path  # <out_dir>/prediction_and_shapley
-    metrics: dict  # {"gnn_xgboost" | "baseline": {"validation" | "test": metrics.report(...)}}
+    metrics: dict  # {"gnn_xgboost" | "baseline" [| "graph_features"]: {"validation" | "test": metrics.report(...)}}
     seconds: dict  # per phase: load, gnn, embed, xgboost, baseline, export
     curve: dict  # {"epoch": [...], "loss": [...], "val_auprc": [...]} of the GNN's own head
     test_labels: np.ndarray
-    test_scores: dict  # {"gnn_xgboost": [E], "baseline": [E]} fraud probabilities on the test edges
-    feature_importance: dict  # {"gnn_xgboost" | "baseline": {feature name: total gain}}, largest first
+    test_scores: dict  # model -> [E] fraud probabilities on the test edges (keys as ``metrics``)
+    feature_importance: dict  # model -> {feature name: total gain}, largest first
     gnn_settings: GNNSettings
     xgb_settings: XGBSettings
-    xgboost_rounds: dict  # {"gnn_xgboost": n, "baseline": n} boosting rounds kept by early stopping
+    xgboost_rounds: dict  # model -> boosting rounds kept by early stopping
     device: str
 
 
@@ -337,15 +340,20 @@ def _importance(booster: xgb.Booster, names: list[str]) -> dict[str, float]:
     return dict(sorted(named.items(), key=lambda kv: -kv[1]))
 
 
-def _evaluate(y: dict, scores: dict) -> dict:
-    threshold = metrics.best_f1_threshold(y["validation"], scores["validation"])
+def _evaluate(y: dict, scores: dict, alert_rate: float | None) -> dict:
+    threshold = metrics.choose_threshold(y["validation"], scores["validation"], alert_rate)
     return {split: metrics.report(y[split], scores[split], threshold) for split in ("validation", "test")}
 
 
 def train(graph_dir: Path | str, out_dir: Path | str, gnn_params: dict | None = None,
           xgb_params: dict | None = None, device: str = "auto", seed: int = 42,
-          progress: bool = True) -> TrainResult:
-    """Train on ``graph_dir`` and write the model package under ``out_dir``; see the module doc."""
+          progress: bool = True, alert_rate: float | None = None) -> TrainResult:
+    """Train on ``graph_dir`` and write the model package under ``out_dir``; see the module doc.
+
+    Each model's operating threshold is chosen on the validation edges: F1-max, or the
+    threshold that flags ``alert_rate`` of them (``metrics.choose_threshold``)."""
+    if alert_rate is not None and not (isinstance(alert_rate, (int, float)) and 0 < alert_rate < 1):
+        raise HyperparameterError(f"alert_rate = {alert_rate!r} must be a fraction in (0, 1), or None for F1-max")
     gnn_s = parse_settings(GNNSettings, gnn_params, "gnn_params")
     xgb_s = parse_settings(XGBSettings, xgb_params, "xgb_params")
     device = resolve_device(device)
@@ -390,12 +398,19 @@ def train(graph_dir: Path | str, out_dir: Path | str, gnn_params: dict | None = 
     say(f"XGBoost on GNN embeddings: {booster.num_boosted_rounds()} rounds kept (early stopping)", flush=True)
 
     t = time.perf_counter()
-    x_tab = {split: np.hstack([g.x_user[g.edge_index[0]], g.x_merchant[g.edge_index[1]], g.edge_attr])
-             for split, g in graphs.items()}
-    base_booster, base_scores = _fit_xgboost(x_tab, y, xgb_s, device, seed)
+    row_only = ~np.isin(test.edge_features, features.NAMES)
+    controls = {"baseline": row_only}
+    if not row_only.all():
+        controls["graph_features"] = np.ones_like(row_only)
+    boosters, all_scores = {"gnn_xgboost": booster}, {"gnn_xgboost": scores}
+    for control, columns in controls.items():
+        x_tab = {split: np.hstack([g.x_user[g.edge_index[0]], g.x_merchant[g.edge_index[1]], g.edge_attr[:, columns]])
+                 for split, g in graphs.items()}
+        boosters[control], all_scores[control] = _fit_xgboost(x_tab, y, xgb_s, device, seed)
+        del x_tab
     seconds["baseline"] = time.perf_counter() - t
 
-    result_metrics = {"gnn_xgboost": _evaluate(y, scores), "baseline": _evaluate(y, base_scores)}
+    result_metrics = {name: _evaluate(y, s, alert_rate) for name, s in all_scores.items()}
     threshold = result_metrics["gnn_xgboost"]["validation"]["threshold"]
     t = time.perf_counter()
     meta = {
@@ -411,6 +426,7 @@ def train(graph_dir: Path | str, out_dir: Path | str, gnn_params: dict | None = 
         "xgboost_rounds": booster.num_boosted_rounds(),
         "xgboost_trees_per_round": 1,  # the num_parallel_tree trees would be identical (_xgb_params)
         "threshold": threshold,
+        "threshold_rule": "F1-max on validation" if alert_rate is None else f"alert rate {alert_rate:g} on validation",
         "manifest_hash": manifest_hash(graph_dir),
         "metrics": result_metrics["gnn_xgboost"],
     }
@@ -420,12 +436,10 @@ def train(graph_dir: Path | str, out_dir: Path | str, gnn_params: dict | None = 
 
     return TrainResult(
         model_dir=model_dir, metrics=result_metrics, seconds=seconds, curve=curve,
-        test_labels=y["test"], test_scores={"gnn_xgboost": scores["test"], "baseline": base_scores["test"]},
-        feature_importance={"gnn_xgboost": _importance(booster, names["gnn_xgboost"]),
-                            "baseline": _importance(base_booster, names["baseline"])},
+        test_labels=y["test"], test_scores={m: s["test"] for m, s in all_scores.items()},
+        feature_importance={m: _importance(b, names[m]) for m, b in boosters.items()},
         gnn_settings=gnn_s, xgb_settings=xgb_s,
-        xgboost_rounds={"gnn_xgboost": booster.num_boosted_rounds(),
-                        "baseline": base_booster.num_boosted_rounds()},
+        xgboost_rounds={m: b.num_boosted_rounds() for m, b in boosters.items()},
         device=device,
     )
 
@@ -436,4 +450,6 @@ def _feature_names(graph: Graph, hidden: int) -> dict[str, list[str]]:
     edge = [f"edge:{n}" for n in graph.edge_features]
     h_user = [f"user:h{i}" for i in range(hidden)]
     h_merchant = [f"merchant:h{i}" for i in range(hidden)]
-    return {"gnn_xgboost": user + h_user + merchant + h_merchant + edge, "baseline": user + merchant + edge}
+    row_edge = [f"edge:{n}" for n in graph.edge_features if n not in features.NAMES]
+    return {"gnn_xgboost": user + h_user + merchant + h_merchant + edge, "baseline": user + merchant + row_edge,
+            "graph_features": user + merchant + edge}

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fraudlib import backend, graph_store
+from fraudlib import backend, features, graph_store
 from fraudlib import synthetic
 from fraudlib.preprocess import encode_graph, encode_transactions, preprocess, read_test_rows
 from fraudlib.tabformer import TabFormerFormatError, read_transactions
@@ -38,8 +38,16 @@ def blueprint_rows(raw: Path, fraud_ratio=0.1, under_sample=True, seed=42) -> pd
 
 @pytest.fixture(scope="module")
 def graph_dir(synthetic_csv, tmp_path_factory) -> Path:
+    """The blueprint's features (parity); ``causal_dir`` adds the causal ones."""
     out = tmp_path_factory.mktemp("graph") / "graph"
-    preprocess(synthetic_csv, out)
+    preprocess(synthetic_csv, out, feature_set="blueprint")
+    return out
+
+
+@pytest.fixture(scope="module")
+def causal_dir(synthetic_csv, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("causal") / "graph"
+    preprocess(synthetic_csv, out)  # the default feature set
     return out
 
 
@@ -164,7 +172,7 @@ def test_the_test_edges_raw_rows_are_kept_and_encode_to_the_test_graph(graph_dir
 def test_test_rows_encode_with_another_preprocessings_encoders_dropping_rows_it_cannot_place(graph_dir, tmp_path):
     # Another file (fewer cards, so narrower codes) stands for the champion's preprocessing.
     synthetic.generate(tmp_path / "other.csv", 12_000, seed=0)
-    other = preprocess(tmp_path / "other.csv", tmp_path / "other")
+    other = preprocess(tmp_path / "other.csv", tmp_path / "other", feature_set="blueprint")
     encoders = graph_store.read_encoders(tmp_path / "other")
     rows = read_test_rows(graph_dir)
 
@@ -206,7 +214,7 @@ def test_same_seed_gives_byte_identical_output(synthetic_csv, tmp_path):
     other = preprocess(synthetic_csv, tmp_path / "c", seed=8)
 
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 3 + 2 * 9
+    assert len(files) == 4 + 2 * 9  # with history.parquet
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert first.manifest_hash == second.manifest_hash != other.manifest_hash
@@ -218,7 +226,9 @@ def test_manifest_records_source_counts_features_and_parameters(graph_dir, synth
 
     assert manifest["source"]["bytes"] == synthetic_csv.stat().st_size and manifest["source"]["xxh3_128"]
     assert manifest["parameters"] == {"fraud_ratio": 0.1, "under_sample": True, "seed": 42,
-                                      "fraud_ratio_means": manifest["parameters"]["fraud_ratio_means"]}
+                                      "fraud_ratio_means": manifest["parameters"]["fraud_ratio_means"],
+                                      "feature_set": "blueprint", "label_delay_days": 60}
+    assert manifest["causal_features"] == [] and manifest["history"] is None
     assert manifest["rows"]["read"] == 30_000
     assert {k: len(v) for k, v in manifest["features"].items()} == manifest["dims"]
     assert len(summary_hash) == 64
@@ -311,3 +321,61 @@ def test_backend_with_a_fake_nvidia_smi_detects_the_gpu_and_falls_back_without_c
     assert choice.name == "pandas" and "cuDF is not installed" in choice.reason
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert not backend.gpu_available()
+
+
+# --- the causal feature set (the default) ---------------------------------------------------
+
+def test_causal_features_follow_the_blueprint_features_and_are_named_in_the_manifest(graph_dir, causal_dir):
+    blueprint, causal = graph_store.read_manifest(graph_dir), graph_store.read_manifest(causal_dir)
+
+    assert causal["features"]["edge"] == blueprint["features"]["edge"] + list(features.NAMES)
+    assert causal["causal_features"] == list(features.NAMES)
+    assert causal["dims"]["edge"] == blueprint["dims"]["edge"] + len(features.NAMES)
+    for part in ("train", "test"):  # the same edges in the same order, the same blueprint columns
+        b, c = graph_store.read_part(graph_dir, part), graph_store.read_part(causal_dir, part)
+        assert np.array_equal(b.edge_index, c.edge_index)
+        np.testing.assert_array_equal(c.edge_attr[:, :b.edge_attr.shape[1]], b.edge_attr)
+
+
+def test_causal_features_are_computed_on_the_whole_stream_before_rows_are_dropped(causal_dir, synthetic_csv):
+    frame = read_transactions(synthetic_csv)
+    encoders = graph_store.read_encoders(causal_dir)
+    stream = features.stream_of(frame, encoders["max_cards"])
+    test_rows = read_test_rows(causal_dir)
+    # Each kept test row found in the file (its first occurrence: rows are unique here).
+    key = ["User", "Card", "Year", "Month", "Day", "Time", "Amount"]
+    position = test_rows[key].merge(frame[key].reset_index(), on=key, how="left")["index"].to_numpy()
+    assert len(position) == len(test_rows)
+
+    expected = features.compute(stream, position, 60)
+    test = graph_store.read_part(causal_dir, "test")
+    np.testing.assert_allclose(test.edge_attr[:, -len(features.NAMES):], expected, rtol=1e-6)
+    thinned = features.compute(stream.take(position), None, 60)  # what a thinned stream would say
+    assert not np.allclose(thinned, expected)
+
+
+def test_the_saved_history_is_bounded_and_starts_before_the_test_period(causal_dir, synthetic_csv):
+    history = pd.read_parquet(causal_dir / "history.parquet")
+    manifest = graph_store.read_manifest(causal_dir)
+    frame = read_transactions(synthetic_csv)
+    test_start = features.minutes(2019, 1, 1, 0)
+
+    assert list(history.columns) == ["card", "merchant", "minute", "amount", "fraud"]
+    assert manifest["history"]["rows"] == len(history) < len(frame)
+    assert history["minute"].min() >= test_start - features.history_days(60) * features.DAY
+    assert (history["minute"] >= test_start).sum() == (frame["Year"] > 2018).sum()
+
+
+@pytest.mark.parametrize("kwargs, named", [({"feature_set": "fancy"}, "feature_set"),
+                                           ({"label_delay_days": -1}, "label_delay_days"),
+                                           ({"label_delay_days": 1.5}, "label_delay_days")])
+def test_bad_feature_settings_are_refused_before_anything_is_written(synthetic_csv, tmp_path, kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        preprocess(synthetic_csv, tmp_path / "graph", **kwargs)
+    assert not (tmp_path / "graph").exists()
+
+
+def test_rows_without_the_causal_columns_cannot_be_encoded_with_causal_encoders(causal_dir, synthetic_csv):
+    frame = read_transactions(synthetic_csv).head(3)
+    with pytest.raises(ValueError, match="card_tx_1d"):
+        encode_transactions(frame, graph_store.read_encoders(causal_dir))

@@ -160,7 +160,8 @@ def test_result_reports_every_phase_and_the_package_it_wrote(trained):
 
 def test_metrics_cover_both_models_on_validation_and_test(trained, planted_graph):
     expected = {"auprc", "roc_auc", "precision", "recall", "f1", "accuracy", "precision_at_threshold",
-                "recall_at_threshold", "f1_at_threshold", "accuracy_at_threshold", "threshold"}
+                "recall_at_threshold", "f1_at_threshold", "accuracy_at_threshold", "threshold",
+                "alert_rate", "alert_rate_at_threshold"}
     for model in ("gnn_xgboost", "baseline"):
         for split in ("validation", "test"):
             assert set(trained.metrics[model][split]) == expected
@@ -286,3 +287,47 @@ def test_period_masks_split_a_graph_by_year_and_cover_every_edge_once():
     masks = period_masks(g)
     assert len(masks) == 3
     assert np.array_equal(np.sum(masks, axis=0), np.ones(5))
+
+
+# --- controls and the operating threshold ------------------------------------------------------
+
+def test_the_baseline_sees_the_row_only_and_graph_features_get_their_own_control(tmp_path):
+    """A causal feature column (named as fraudlib.features names it) that reveals the fraud:
+    the row-only baseline must not see it, the graph_features control must."""
+    from fraudlib import features
+
+    graph_dir = write_planted_graph(tmp_path / "graph")
+    for part in ("train", "test"):
+        g = graph_store.read_part(graph_dir, part)
+        revealing = (g.label + np.random.default_rng(1).normal(0, 0.3, g.num_edges)).astype(np.float32)
+        g.edge_attr = np.column_stack([g.edge_attr, revealing])
+        g.edge_features = list(g.edge_features) + [features.NAMES[0]]
+        g.feature_mask_edge = np.append(g.feature_mask_edge, 3).astype(np.int32)
+        graph_store.write_part(graph_dir, part, g)
+
+    r = training.train(graph_dir, tmp_path / "model", {"num_epochs": 2}, FAST_XGB, device="cpu", progress=False)
+
+    assert set(r.metrics) == {"gnn_xgboost", "baseline", "graph_features"}
+    assert "edge:" + features.NAMES[0] not in r.feature_importance["baseline"]
+    assert "edge:" + features.NAMES[0] in r.feature_importance["graph_features"]
+    assert r.metrics["graph_features"]["test"]["auprc"] > r.metrics["baseline"]["test"]["auprc"] + 0.1
+
+
+def test_without_causal_features_there_is_no_graph_features_control(trained):
+    assert set(trained.metrics) == {"gnn_xgboost", "baseline"}
+
+
+def test_a_target_alert_rate_sets_the_threshold_that_flags_that_share_of_validation(planted_graph, tmp_path):
+    r = training.train(planted_graph, tmp_path / "model", {"num_epochs": 2}, FAST_XGB, device="cpu",
+                       progress=False, alert_rate=0.02)
+
+    for model in r.metrics:
+        assert 0.01 < r.metrics[model]["validation"]["alert_rate_at_threshold"] <= 0.02
+    meta = json.loads((r.model_dir / "1" / "meta.json").read_text())
+    assert meta["threshold"] == r.metrics["gnn_xgboost"]["validation"]["threshold"]
+    assert meta["threshold_rule"] == "alert rate 0.02 on validation"
+
+
+def test_an_alert_rate_outside_0_1_is_refused_before_training(planted_graph, tmp_path):
+    with pytest.raises(training.HyperparameterError, match="alert_rate"):
+        training.train(planted_graph, tmp_path / "model", alert_rate=1.5, progress=False)
