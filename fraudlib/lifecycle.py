@@ -42,6 +42,32 @@ class Evaluation:
     # Where a model's threshold did not come from its meta.json (a package without one).
     threshold_notes: list[str] = field(default_factory=list)
 
+    def summary(self) -> dict[str, dict[str, float | None]]:
+        """The comparison as a table, one column per model (and ``delta`` with a champion):
+        AUPRC and ROC AUC, the promotion metric's bootstrap interval (for ``delta``: the paired
+        interval the decision used), and each model's threshold with its precision, recall, F1
+        and alert rate (fraction flagged) at it."""
+        d = self.decision
+        label = f"{d.metric} {d.level * 100:g}%" if d.level is not None else f"{d.metric} interval"
+        rows = ("auprc", "roc_auc", f"{label} low", f"{label} high", "threshold",
+                "precision", "recall", "f1", "alert_rate")
+
+        def column(m: dict, interval) -> dict:
+            low, high = interval if interval is not None else (None, None)
+            values = [m["auprc"], m["roc_auc"], low, high, m["threshold"],
+                      *(m[f"{k}_at_threshold"] for k in ("precision", "recall", "f1", "alert_rate"))]
+            return dict(zip(rows, values))
+
+        table = {f"challenger (v{self.challenger_version})": column(self.challenger_metrics, d.challenger_interval)}
+        if self.champion_metrics is not None:
+            champion = column(self.champion_metrics, d.champion_interval)
+            table[f"champion (v{self.champion_version})"] = champion
+            challenger = next(iter(table.values()))
+            delta = {k: challenger[k] - champion[k] for k in rows}
+            delta[f"{label} low"], delta[f"{label} high"] = d.delta_low, d.delta_high
+            table["delta"] = delta
+        return table
+
 
 @dataclass(frozen=True)
 class Deployment:

@@ -227,6 +227,39 @@ def test_every_evaluate_parameter_reaches_the_decision_and_the_mlflow_run(env, g
     assert consistent(client) == champion
 
 
+def test_the_evaluate_notebook_passes_every_parameter_and_shows_both_models(env, graph_dir, tmp_path):
+    import papermill as pm
+    import scrapbook as sb
+
+    from fraudlib.runner import choose_kernel
+
+    root, client = env
+    champion = consistent(client)
+    run, package = training_run(), noisy_package(tmp_path, 0.6, seed=1, threshold=0.4)  # clearly worse
+    executed = tmp_path / "03_evaluate.ipynb"
+    pm.execute_notebook(str(settings.project_root() / "notebooks" / "03_evaluate.ipynb"), str(executed),
+                        kernel_name=choose_kernel(), progress_bar=False,
+                        parameters={"model_dir": str(package), "mlflow_run_id": run, "graph_dir": str(graph_dir),
+                                    "triton_url": client.url, "run_dir": str(tmp_path / "run"),
+                                    "promotion_metric": "roc_auc", "min_improvement": -1.0,
+                                    "bootstrap_samples": 150, "confidence_level": 0.9, "bootstrap_seed": 2})
+    glued = sb.read_notebook(str(executed)).scraps.data_dict
+    reason = glued["promotion_reason"]
+    assert glued["decision"] == promotion.PROMOTE  # worse, but min_improvement -1 lets it through
+    assert reason.startswith("challenger roc_auc") and "90% paired bootstrap interval" in reason
+    assert "(150 resamples)" in reason and "min_improvement -1: promote" in reason
+    delta, low, high = glued["metric_delta_ci"]
+    assert low <= delta <= high < 0 and glued["challenger_threshold"] == 0.4
+    assert glued["champion_version"] == champion
+    table = "".join(o.get("data", {}).get("text/plain", "") for c in sb.read_notebook(str(executed)).cells
+                    for o in c.get("outputs", []))
+    assert "roc_auc 90% low" in table and "alert_rate" in table and "delta" in table
+    logged = tracking.configure().get_run(run).data
+    assert logged.metrics["promotion_delta_low"] == pytest.approx(low)
+    lifecycle.deploy(promotion.REJECT, glued["challenger_version"], glued["registry_version"], client)
+    assert consistent(client) == champion
+
+
 def test_a_failed_health_check_after_promotion_rolls_back_in_triton_and_registry(env, graph_dir, tmp_path):
     _, client = env
     champion = consistent(client)
