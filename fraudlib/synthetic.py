@@ -1,14 +1,17 @@
 """Synthetic transactions in exactly the IBM TabFormer ``card_transaction.v1.csv`` format.
 
 The real file cannot be downloaded automatically, so the pipeline's default input is made
-here. The fraud comes from mechanisms that live in the card/merchant graph (compromised
-merchants, fraud rings hitting mule merchants, card testing), while the per-row features
-(amount, chip, errors, location) are only weakly informative. docs/synthetic_data.md
-describes the mechanisms and the marginals.
+here. The fraud comes from mechanisms that live in the card/merchant graph and in time
+(compromised merchants, fraud rings hitting mule merchants, card testing; their mix drifts
+over the years), while the per-row features (amount, chip, errors, location) are only weakly
+informative. Legitimate look-alikes (promotions and store openings, trips, events) crowd the
+graph the same way, so no single crowding signal is fraud. ``regime`` switches one mechanism on
+at a time, or makes fraud rows without any graph structure (``row_only``, a control).
+docs/synthetic_data.md describes the mechanisms and the marginals.
 
-The output depends only on ``seed`` and ``n_rows``: every user's rows come from their own
-random stream and chunks end on user boundaries, so ``chunk_rows`` changes memory use,
-never the bytes.
+The output depends only on ``seed``, ``n_rows`` and ``regime``: every user's rows come from
+their own random stream and chunks end on user boundaries, so ``chunk_rows`` changes memory
+use, never the bytes.
 """
 
 from __future__ import annotations

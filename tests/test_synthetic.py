@@ -264,7 +264,7 @@ def test_command_line_help_describes_the_options():
                             capture_output=True, text=True, timeout=60)
 
     assert result.returncode == 0
-    for option in ("--rows", "--out", "--seed", "--chunk-rows", "TabFormer"):
+    for option in ("--rows", "--out", "--seed", "--chunk-rows", "--regime", "row_only", "TabFormer"):
         assert option in result.stdout
 
 
@@ -277,6 +277,25 @@ def test_command_line_writes_the_same_file_as_the_function(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "2,000 rows" in result.stdout
     assert out.read_bytes() == (tmp_path / "api.csv").read_bytes()
+
+
+def test_command_line_regime_writes_the_same_file_as_the_function(tmp_path):
+    out = tmp_path / "cli.csv"
+    result = subprocess.run([sys.executable, "-m", "fraudlib.synthetic", "--rows", "2000", "--out", str(out),
+                             "--regime", "fraud_ring", "--quiet"], capture_output=True, text=True, timeout=120)
+    synthetic.generate(tmp_path / "api.csv", 2000, regime="fraud_ring")
+
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == (tmp_path / "api.csv").read_bytes()
+
+
+def test_command_line_rejects_an_unknown_regime(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fraudlib.synthetic", "--rows", "100", "--regime", "rings",
+                             "--out", str(tmp_path / "x.csv")], capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 2
+    assert "invalid choice: 'rings'" in result.stderr and "row_only" in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_command_line_rejects_a_bad_row_count_with_a_message(tmp_path):
