@@ -157,6 +157,15 @@ class _Weighted:
         # The last position of each group of tied scores: one point of the curve per distinct score.
         self.ends = np.flatnonzero(np.r_[ordered[1:] != ordered[:-1], True])
         self.pos = (y[self.order] == 1).astype(np.int64)
+        # AUPRC only moves where recall does: at the ends of groups holding fraud (few), so it
+        # needs the fraud's cumulative weight and the total weight at those ends only.
+        group = np.cumsum(np.r_[0, ordered[1:] != ordered[:-1]])  # group of each sorted position
+        fraud_at = np.flatnonzero(self.pos)  # sorted positions of the fraud
+        self.fraud_rows = self.order[fraud_at]
+        fraud_groups = group[fraud_at]
+        last = np.r_[fraud_groups[1:] != fraud_groups[:-1], True][:fraud_groups.size]  # last fraud of its group
+        self.last_fraud = np.flatnonzero(last)
+        self.fraud_group_ends = self.ends[fraud_groups[last]]
 
     def __call__(self, w: np.ndarray) -> np.ndarray:
         """The metric under each row of weights ``w`` (block, n); NaN where it is undefined."""
@@ -172,17 +181,22 @@ class _Weighted:
                 if self.metric == "alert_rate":
                     return flagged / w.sum(axis=1)
                 return np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+            if self.metric == "auprc":
+                # sum over distinct thresholds of (R_k - R_{k-1}) P_k, as average_precision_score;
+                # R moves only at the ends of groups holding fraud. Integer counts: exact sums.
+                if self.fraud_rows.size == 0:
+                    return np.full(w.shape[0], np.nan)
+                tps = np.cumsum(w[:, self.fraud_rows], axis=1)[:, self.last_fraud].astype(np.float64)
+                flagged = np.cumsum(w[:, self.order], axis=1)[:, self.fraud_group_ends]
+                total_pos = tps[:, -1:]
+                precision = np.where(flagged > 0, tps / flagged, 0.0)
+                d_recall = np.diff(tps / total_pos, axis=1, prepend=0.0)
+                out = np.sum(d_recall * precision, axis=1)
+                return np.where(total_pos[:, 0] > 0, out, np.nan)
             ws = w[:, self.order]  # integer counts: exact cumulative sums
             tps = np.cumsum(ws * self.pos, axis=1)[:, self.ends].astype(np.float64)
             fps = np.cumsum(ws, axis=1)[:, self.ends] - tps
             total_pos, total_neg = tps[:, -1:], fps[:, -1:]
-            if self.metric == "auprc":
-                # sum over distinct thresholds of (R_k - R_{k-1}) P_k, as average_precision_score.
-                precision = np.where(tps + fps > 0, tps / (tps + fps), 0.0)
-                recall = tps / total_pos
-                d_recall = np.diff(recall, axis=1, prepend=0.0)
-                out = np.sum(d_recall * precision, axis=1)
-                return np.where(total_pos[:, 0] > 0, out, np.nan)
             tpr, fpr = tps / total_pos, fps / total_neg  # roc_auc: trapezoids from (0, 0)
             d_fpr = np.diff(fpr, axis=1, prepend=0.0)
             mid_tpr = (tpr + np.concatenate([np.zeros_like(tpr[:, :1]), tpr[:, :-1]], axis=1)) / 2
