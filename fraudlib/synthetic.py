@@ -691,6 +691,8 @@ def _event(p: _Planter, t0: int) -> None:
     """A convention or a festival: 8-30 cards from anywhere spend 2-4 days in one city, most rows
     at the same 3-6 merchants (hotel, venue, restaurants) that are new to them."""
     w, rng = p.w, p.rng
+    if p.n_us_sorted == 0:
+        return
     for _ in range(5):
         anchor = int(rng.integers(0, p.n_us_sorted))
         city = p.by_city_city[anchor]
@@ -717,6 +719,8 @@ def _trips(p: _Planter, n: int) -> np.ndarray:
     another city, a quarter of them abroad, amounts as usual for the merchants' categories;
     some trips abroad change money at a bureau (quasi-cash, like cash-out merchants)."""
     w, rng = p.w, p.rng
+    if p.n_us_sorted == 0:
+        return np.zeros(0, dtype=np.int64)
     span = 1 + rng.integers(0, 3, size=n)
     first = p.days_like_activity(n, 0, N_DAYS - 3)
     last = first + span - 1

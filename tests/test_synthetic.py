@@ -164,9 +164,10 @@ def test_marginals_scale_down_to_a_small_file(tmp_path):
     assert 0.05 < (frame["Use Chip"] == "Online Transaction").mean() < 0.25
 
 
-def test_a_few_thousand_rows_still_have_fraud_in_every_split(tmp_path):
+@pytest.mark.parametrize("regime", synthetic.REGIMES)
+def test_a_few_thousand_rows_still_have_fraud_in_every_split(tmp_path, regime):
     path = tmp_path / "tx.csv"
-    summary = synthetic.generate(path, 3_000, seed=0)
+    summary = synthetic.generate(path, 3_000, seed=0, regime=regime)
     frame = read_transactions(path)
     fraud_years = frame.loc[frame["Is Fraud?"].astype(bool), "Year"]
 
