@@ -133,6 +133,8 @@ class TrainResult:
     xgb_settings: XGBSettings
     xgboost_rounds: dict  # model -> boosting rounds kept by early stopping
     device: str
+    # model -> booster (the controls are not exported; benchmarks score them on other edges)
+    boosters: dict = field(default_factory=dict, repr=False)
 
 
 def usable_cores() -> int:
@@ -440,7 +442,7 @@ def train(graph_dir: Path | str, out_dir: Path | str, gnn_params: dict | None = 
         feature_importance={m: _importance(b, names[m]) for m, b in boosters.items()},
         gnn_settings=gnn_s, xgb_settings=xgb_s,
         xgboost_rounds={m: b.num_boosted_rounds() for m, b in boosters.items()},
-        device=device,
+        device=device, boosters=boosters,
     )
 
 
