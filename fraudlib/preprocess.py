@@ -152,7 +152,8 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
                        "feature_set": feature_set, "label_delay_days": label_delay_days},
         "causal_features": list(features.NAMES) if feature_set == "causal" else [],
         "history": None if history is None else {
-            "file": HISTORY, "rows": len(history), "days_before_test": features.history_days(label_delay_days)},
+            "file": HISTORY, "rows": len(history), "days_before_test": features.history_days(label_delay_days),
+            "scores_rows_from": f"{TRAIN_BEFORE_YEAR + 1}-01-01"},
         "rows": counts,
         "splits": {s: {"edges": edges[s], "fraud": fraud_edges[s]} for s in graph_store.SPLITS},
         "split_rule": {"train": f"Year < {TRAIN_BEFORE_YEAR}", "validation": f"Year == {TRAIN_BEFORE_YEAR}",
@@ -210,6 +211,37 @@ def read_test_rows(graph_dir: str | Path) -> pd.DataFrame:
         raise FileNotFoundError(f"{path} is missing: {graph_dir} was preprocessed before raw test rows were "
                                 "kept; run the preprocess stage (notebooks/01_preprocess.ipynb) again")
     return pd.read_parquet(path)
+
+
+def with_causal_features(frame: pd.DataFrame, graph_dir: str | Path, encoders: dict) -> pd.DataFrame:
+    """New raw rows with the causal feature columns that ``encoders`` expect (none for the
+    blueprint feature set), computed from ``graph_dir``'s saved history and the rows themselves
+    by the same code as preprocessing (``features.for_new_rows``)."""
+    settings_ = encoders.get("features", {"set": "blueprint"})
+    if settings_["set"] != "causal":
+        return frame
+    path = Path(graph_dir) / HISTORY
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the causal features of new rows need the transaction history "
+                                f"that preprocessing saved with {graph_dir}; run the preprocess stage again")
+    history = features.Stream.from_frame(pd.read_parquet(path))
+    new = features.stream_of(frame, encoders["max_cards"], fraud=np.full(len(frame), -1))
+    # The history covers the windows of rows from the test period on; an older row's windows
+    # reach before it, where the history would wrongly look empty.
+    covered_from = int(features.minutes(TRAIN_BEFORE_YEAR + 1, 1, 1, 0))
+    early = np.flatnonzero(new.minute < covered_from)
+    if early.size:
+        row = frame.iloc[early[0]]
+        raise ValueError(f"row {early[0] + 1} of {early.size} older than the history saved with {graph_dir}: "
+                         f"{int(row['Year'])}-{int(row['Month']):02d}-{int(row['Day']):02d} is before "
+                         f"{TRAIN_BEFORE_YEAR + 1}-01-01, so its causal features (windows of up to "
+                         f"{features.history_days(settings_['label_delay_days'])} days) cannot be computed; "
+                         "score transactions from the champion's test period on")
+    values = features.for_new_rows(history, new, settings_["label_delay_days"])
+    out = frame.copy()
+    for i, name in enumerate(features.NAMES):
+        out[name] = values[:, i]
+    return out
 
 
 def encode_transactions(frame: pd.DataFrame, encoders: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -135,23 +135,45 @@ def append_edges(graph: Graph, user_ids: np.ndarray, merchant_ids: np.ndarray, e
     )
 
 
+def place_rows(context: Graph, user_ids: np.ndarray, merchant_ids: np.ndarray,
+               edge_attr: np.ndarray) -> tuple[Graph, np.ndarray]:
+    """The context graph with the rows placed in it, and each row's edge: a row that is already
+    an edge of the context (same card, merchant and features: the same transaction, e.g. a row
+    of the test period scored again) is that edge, not a duplicate that would change its
+    neighbours' messages; the others are appended."""
+    def keys(u, m, attr):
+        table = np.column_stack([u.astype(np.float64), m.astype(np.float64), attr.astype(np.float32).astype(np.float64)])
+        return [row.tobytes() for row in np.ascontiguousarray(table)]
+
+    held = {}
+    for i, key in enumerate(keys(context.edge_index[0], context.edge_index[1], context.edge_attr)):
+        held.setdefault(key, i)
+    found = np.array([held.get(k, -1) for k in keys(user_ids, merchant_ids, edge_attr)], dtype=np.int64)
+    fresh = found < 0
+    graph = append_edges(context, user_ids[fresh], merchant_ids[fresh], edge_attr[fresh])
+    found[fresh] = context.num_edges + np.arange(int(fresh.sum()))
+    return graph, found
+
+
 def score_transactions(client: TritonClient, csv_path: Path | str, graph_dir: Path | str | None = None):
     """Fraud probabilities of raw TabFormer-format rows from the served champion.
 
-    Rows are encoded with the champion's saved encoders and scored inside their context: the
-    champion's test graph (the latest labelled transactions) plus the new rows, cut to the
-    new rows' receptive field. A row whose card or merchant the champion never saw has no
+    Rows are encoded with the champion's saved encoders (their causal features computed from
+    the history saved with the champion's graph, as preprocessing computed them) and scored
+    inside their context: the champion's test graph (the latest labelled transactions) with
+    the new rows placed in it (``place_rows``), cut to the new rows' receptive field. A row whose card or merchant the champion never saw has no
     node to attach to and is reported unscored.
     """
     import pandas as pd
 
-    from fraudlib.preprocess import encode_transactions
+    from fraudlib.preprocess import encode_transactions, with_causal_features
     from fraudlib.tabformer import read_transactions
 
     graph_dir = Path(graph_dir) if graph_dir else champion_graph_dir()
     meta = champion_meta(client)
+    encoders = read_encoders(graph_dir)
     frame = read_transactions(csv_path)
-    users, merchants, edge_attr = encode_transactions(frame, read_encoders(graph_dir))
+    users, merchants, edge_attr = encode_transactions(with_causal_features(frame, graph_dir, encoders), encoders)
     context = read_part(graph_dir, "test")
     if edge_attr.shape[1] != context.edge_attr.shape[1]:
         raise ValueError(f"{csv_path} encodes to {edge_attr.shape[1]} edge features but the champion's graph "
@@ -160,8 +182,7 @@ def score_transactions(client: TritonClient, csv_path: Path | str, graph_dir: Pa
     scores = np.full(len(frame), np.nan)
     context_edges = np.zeros(len(frame), dtype=np.int64)
     if known.any():
-        graph = append_edges(context, users[known], merchants[known], edge_attr[known])
-        targets = np.arange(context.num_edges, graph.num_edges)
+        graph, targets = place_rows(context, users[known], merchants[known], edge_attr[known])
         sub, positions = with_context(graph, targets, int(meta["architecture"]["n_hops"]))
         predicted = np.asarray(_predict(client, sub)["PREDICTION"]).reshape(-1)
         scores[known] = predicted[positions]

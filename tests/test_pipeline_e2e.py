@@ -86,6 +86,38 @@ def test_score_prints_probabilities_for_raw_rows_in_graph_context(runs_dir, tmp_
     assert probabilities and all(0.0 <= p <= 1.0 for p in probabilities)
 
 
+def test_scoring_the_test_periods_rows_gives_the_batch_probabilities(runs_dir, tmp_path):
+    """`fraud score` computes the rows' causal features from the champion's saved history with
+    preprocessing's code, and places them in their graph: the same probabilities as the batch
+    evaluation of the test graph."""
+    import numpy as np
+    import pandas as pd
+
+    from fraudlib.graph_store import read_part
+    from fraudlib.model_export import load_model
+    from fraudlib.preprocess import read_test_rows
+    from fraudlib.tabformer import read_transactions
+
+    graph_dir = next(p / "graph" for p in runs_dir.iterdir() if (p / "graph" / "history.parquet").is_file())
+    raw = next((runs_dir / "data").glob("synthetic-*.csv"))
+    test_rows = read_test_rows(graph_dir)
+    key = ["User", "Card", "Year", "Month", "Day", "Time", "Amount", "Merchant Name"]
+    frame = read_transactions(raw)[key].astype({"Merchant Name": "int64"}).reset_index()
+    position = test_rows[key].astype({"Merchant Name": "int64"}).merge(frame, on=key, how="left")["index"]
+    lines = raw.read_text().splitlines()
+    new = tmp_path / "test_period.csv"
+    new.write_text("\n".join([lines[0], *(lines[i + 1] for i in position)]) + "\n")
+
+    done = run([str(BIN / "fraud"), "score", str(new), "--out", str(tmp_path / "scores.csv")], runs_dir)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    scored = pd.read_csv(tmp_path / "scores.csv")["fraud_probability"].to_numpy()
+    version = runs_dir / "triton_repository" / "prediction_and_shapley" / "1"
+    batch = np.asarray(load_model(version).predict(read_part(graph_dir, "test"))).reshape(-1)
+    assert len(scored) == len(batch) > 100
+    np.testing.assert_allclose(scored, batch, rtol=1e-4, atol=1e-5)
+
+
 def test_second_run_compares_with_the_champion_and_one_version_serves(runs_dir):
     # Same data (same preprocessing seed), a different model: fewer boosting rounds.
     record, _ = pipeline(runs_dir, "-p", "num_boost_round=8")

@@ -12,7 +12,8 @@ import pytest
 
 from fraudlib import backend, features, graph_store
 from fraudlib import synthetic
-from fraudlib.preprocess import encode_graph, encode_transactions, preprocess, read_test_rows
+from fraudlib.preprocess import (encode_graph, encode_transactions, preprocess, read_test_rows,
+                                 with_causal_features)
 from fraudlib.tabformer import TabFormerFormatError, read_transactions
 
 NOMINAL = ["Errors?", "Card", "Use Chip", "Merchant City", "Zip", "MCC", "Merchant Name"]
@@ -379,3 +380,26 @@ def test_rows_without_the_causal_columns_cannot_be_encoded_with_causal_encoders(
     frame = read_transactions(synthetic_csv).head(3)
     with pytest.raises(ValueError, match="card_tx_1d"):
         encode_transactions(frame, graph_store.read_encoders(causal_dir))
+
+
+def test_new_rows_of_the_test_period_get_their_batch_features_from_the_saved_history(causal_dir):
+    rows = read_test_rows(causal_dir)
+    encoders = graph_store.read_encoders(causal_dir)
+    raw = rows.drop(columns=list(features.NAMES)).sample(frac=1, random_state=0)  # any order
+
+    again = with_causal_features(raw, causal_dir, encoders)
+
+    np.testing.assert_allclose(again[list(features.NAMES)].to_numpy(),
+                               rows.loc[raw.index, list(features.NAMES)].to_numpy(), rtol=1e-6)
+
+
+def test_rows_older_than_the_saved_history_are_refused_naming_the_row(causal_dir, synthetic_csv):
+    frame = read_transactions(synthetic_csv)
+    old = frame[frame["Year"] == 2010].head(2)
+    with pytest.raises(ValueError, match=r"row 1 of 2 older than the history.*2010-"):
+        with_causal_features(old, causal_dir, graph_store.read_encoders(causal_dir))
+
+
+def test_blueprint_encoders_need_no_history(graph_dir, synthetic_csv):
+    frame = read_transactions(synthetic_csv).head(3)
+    assert with_causal_features(frame, graph_dir, graph_store.read_encoders(graph_dir)) is frame

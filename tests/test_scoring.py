@@ -6,7 +6,7 @@ import torch
 
 from fraudlib.gnn import FraudGNN
 from fraudlib.graph_store import Graph
-from fraudlib.scoring import append_edges, feature_groups, receptive_field, with_context
+from fraudlib.scoring import append_edges, feature_groups, place_rows, receptive_field, with_context
 
 
 def random_graph(seed=0, users=60, merchants=40, edges=300, fu=5, fm=6, fe=4):
@@ -65,3 +65,16 @@ def test_appended_edges_are_unlabelled_and_come_after_the_graph_edges():
 def test_feature_groups_name_each_group_once_by_its_column_stem():
     assert feature_groups(["City_0", "City_1", "Amount", "Chip_a", "Chip_b"], [3, 3, 4, 5, 5]) == \
         ["City", "Amount", "Chip"]
+
+
+def test_rows_already_in_the_context_are_scored_as_those_edges_and_others_are_appended():
+    g = random_graph()
+    users, merchants = g.edge_index[0, [5, 9]], g.edge_index[1, [5, 9]]
+    attr = g.edge_attr[[5, 9]].copy()
+    attr[1, 0] += 1.0  # row 2: same card and merchant, other features: another transaction
+
+    graph, targets = place_rows(g, users, merchants, attr)
+
+    assert targets[0] == 5 and targets[1] == g.num_edges
+    assert graph.num_edges == g.num_edges + 1
+    np.testing.assert_array_equal(graph.edge_attr[-1], attr[1])
