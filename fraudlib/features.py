@@ -111,19 +111,20 @@ class _Sorted:
     than in row order) and answers come back in row order."""
 
     def __init__(self, group: np.ndarray, t: np.ndarray, span: int, rows: np.ndarray):
-        key = group * span + t
-        self.order = np.argsort(key, kind="stable")
+        key = group.astype(np.int64) * span + t
+        self.order = np.argsort(key, kind="stable").astype(np.int32 if len(key) < 2**31 else np.int64)
         self.key = key[self.order]
         del key
-        qkey = group[rows] * span + t[rows]
+        qkey = group[rows].astype(np.int64) * span + t[rows]
         self.qorder = np.argsort(qkey, kind="stable")
         self.q = qkey[self.qorder]
         self.back = np.empty_like(self.qorder)
         self.back[self.qorder] = np.arange(len(self.qorder))
 
     def prefix(self, values: np.ndarray) -> np.ndarray:
+        """Prefix sums (int64, exact) of integer or boolean ``values`` in sorted order."""
         out = np.zeros(len(values) + 1, dtype=np.int64)
-        np.cumsum(values[self.order], out=out[1:])
+        np.cumsum(values[self.order], out=out[1:], dtype=np.int64)
         return out
 
     def bounds(self, start_days: float, end_days: float = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -154,7 +155,7 @@ def _first_visits(by_pair: _Sorted) -> np.ndarray:
     run_start = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
     before = np.repeat(run_start, np.diff(np.r_[run_start, n])) - 1
     revisit = (before >= 0) & (key[np.maximum(before, 0)] >= key - NOVELTY_DAYS * DAY)
-    first = np.empty(n, dtype=np.int64)
+    first = np.empty(n, dtype=bool)
     first[by_pair.order] = ~revisit
     return first
 
@@ -171,14 +172,15 @@ def compute(stream: Stream, rows: np.ndarray | None = None,
         return np.zeros((len(rows), len(NAMES)), dtype=np.float32)
     horizon = history_days(label_delay_days)
     pad = (horizon + 1) * DAY
-    t = stream.minute.astype(np.int64) - int(stream.minute.min()) + pad  # keys never reach a lower group
+    # int32 where it fits: the stream can be the whole file (24M rows), keys are made in int64.
+    t = (stream.minute - int(stream.minute.min()) + pad).astype(np.int32)  # keys never reach a lower group
     span = int(t.max()) + 1
-    card = pd.factorize(stream.card)[0].astype(np.int64)
+    card = pd.factorize(stream.card)[0].astype(np.int32)
     merchant, merchants = pd.factorize(stream.merchant)
-    merchant = merchant.astype(np.int64)
+    merchant = merchant.astype(np.int32)
     out = {}
 
-    pair = card * len(merchants) + merchant
+    pair = card.astype(np.int64) * len(merchants) + merchant
     by_pair = _Sorted(pair, t, span, rows)
     del pair
     first = _first_visits(by_pair)
@@ -190,9 +192,9 @@ def compute(stream: Stream, rows: np.ndarray | None = None,
     # Log amounts in fixed point: integer prefix sums are exact, so a row's statistics do not
     # depend on which other rows (groups, later rows) the stream holds; the squares' sums
     # stay below 2**63 up to ~10**9 rows.
-    log_amount = np.rint(np.sign(stream.amount) * np.log1p(np.abs(stream.amount)) * _FIXED).astype(np.int64)
+    log_amount = np.rint(np.sign(stream.amount) * np.log1p(np.abs(stream.amount)) * _FIXED).astype(np.int32)
     own = log_amount[rows] / _FIXED
-    fraud = (stream.fraud == 1).astype(np.int32)
+    fraud = stream.fraud == 1
     for kind, codes, counterparts in (("card", card, "merchants"), ("merchant", merchant, "cards")):
         s = _Sorted(codes, t, span, rows)
         new = s.prefix(first)
@@ -201,7 +203,7 @@ def compute(stream: Stream, rows: np.ndarray | None = None,
             out[f"{kind}_tx_{days}d"] = np.log1p(hi - lo)
             if days <= 7:
                 out[f"{kind}_new_{counterparts}_{days}d"] = np.log1p(new[hi] - new[lo])
-        total, squares = s.prefix(log_amount), s.prefix(log_amount ** 2)
+        total, squares = s.prefix(log_amount), s.prefix(log_amount.astype(np.int64) ** 2)
         lo, hi = s.bounds(AMOUNT_DAYS)
         count = hi - lo
         mean = np.divide(total[hi] - total[lo], count * _FIXED, out=np.zeros(len(rows)), where=count > 0)
