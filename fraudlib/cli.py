@@ -151,7 +151,7 @@ def cmd_score(args) -> int:
 def cmd_generate(args) -> int:
     from fraudlib import synthetic
 
-    summary = synthetic.generate(Path(args.out), args.rows, seed=args.seed, progress=True)
+    summary = synthetic.generate(Path(args.out), args.rows, seed=args.seed, progress=True, regime=args.regime)
     print(summary)
     return 0
 
@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, required=True, help="number of transactions")
     p.add_argument("--out", required=True, help="output CSV path")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--regime", default="default", choices=synthetic.REGIMES,
+                   help="fraud in the file: all mechanisms (default), one alone, or row_only "
+                        "(no graph structure, a control)")
     p.set_defaults(func=cmd_generate)
     return parser
 

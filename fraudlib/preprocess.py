@@ -310,7 +310,8 @@ def resolve_raw_path(raw_path: str, synthetic_rows: int, synthetic_seed: int = 0
     ``runs_root()/data``, generated on first use (it depends only on rows and seed)."""
     if raw_path:
         return Path(raw_path).expanduser().resolve()
-    path = settings.runs_root() / "data" / f"synthetic-{synthetic_rows}-seed{synthetic_seed}.csv"
+    # The generator's version is in the name: a file cached by an older generator is not reused.
+    path = settings.runs_root() / "data" / f"synthetic-v{synthetic.VERSION}-{synthetic_rows}-seed{synthetic_seed}.csv"
     if not path.is_file():
         synthetic.generate(path, synthetic_rows, seed=synthetic_seed)
     return path

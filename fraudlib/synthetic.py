@@ -75,6 +75,9 @@ INFRA_MCC_SHARE = 0.3
 
 # Which fraud the file holds (docs/synthetic_data.md): all three mechanisms mixed by year, one
 # mechanism alone, or a control whose fraud rows have no graph structure at all.
+# The generator's version: bumped whenever the same seed and rows give other data (cached
+# files are named with it, so an older generator's file is never taken for this one's).
+VERSION = 2
 REGIMES = ("default", "compromised_merchant", "fraud_ring", "card_testing", "row_only")
 
 # Legitimate look-alikes, counted against the fraud plan so crowding alone is never fraud:

@@ -8,7 +8,7 @@ from pathlib import Path
 import papermill as pm
 import scrapbook as sb
 
-from fraudlib import graph_store
+from fraudlib import graph_store, synthetic
 from fraudlib.runner import choose_kernel
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "01_preprocess.ipynb"
@@ -30,4 +30,4 @@ def test_notebook_builds_the_graph_from_synthetic_data_and_glues_its_outputs(tmp
     assert glued["transactions"] == 20_000
     assert glued["feature_dims"] == graph_store.read_manifest(graph_dir)["dims"]
     assert glued["edges"]["test"] == graph_store.read_part(graph_dir, "test").num_edges > 0
-    assert (tmp_path / "runs" / "data" / "synthetic-20000-seed0.csv").is_file()
+    assert (tmp_path / "runs" / "data" / f"synthetic-v{synthetic.VERSION}-20000-seed0.csv").is_file()
