@@ -186,9 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, required=True, help="number of transactions")
     p.add_argument("--out", required=True, help="output CSV path")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--regime", default="default", choices=synthetic.REGIMES,
-                   help="fraud in the file: all mechanisms (default), one alone, or row_only "
-                        "(no graph structure, a control)")
+    p.add_argument("--regime", default="default",
+                   help="fraud in the file: default (all mechanisms), compromised_merchant, fraud_ring, "
+                        "card_testing (one alone) or row_only (no graph structure, a control)")
     p.set_defaults(func=cmd_generate)
     return parser
 

@@ -48,3 +48,11 @@ def test_score_without_a_champion_is_a_clear_error(tmp_path):
     done = fraud("score", str(csv), runs_dir=tmp_path)
     assert done.returncode == 1
     assert "no champion" in done.stderr
+
+
+def test_generate_names_the_regimes_when_given_an_unknown_one(tmp_path):
+    done = fraud("generate", "--rows", "3000", "--out", str(tmp_path / "tx.csv"), "--regime", "nope",
+                 runs_dir=tmp_path)
+    assert done.returncode == 1
+    assert "unknown regime 'nope'" in done.stderr and "row_only" in done.stderr
+    assert not (tmp_path / "tx.csv").exists()
