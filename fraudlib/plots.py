@@ -100,13 +100,14 @@ def shapley_bars(values: dict[str, np.ndarray], names: dict[str, list[str]],
     return fig
 
 
-def delta_interval(delta: float, low: float, high: float, metric: str, min_improvement: float):
+def delta_interval(delta: float, low: float, high: float, metric: str, min_improvement: float,
+                   level: float = 0.95):
     fig, ax = plt.subplots(figsize=(6, 1.6))
     ax.errorbar([delta], [0], xerr=[[delta - low], [high - delta]], fmt="o", capsize=6)
     ax.axvline(0, color="grey", linestyle=":")
     ax.axvline(min_improvement, color="tab:red", linestyle="--", label=f"min_improvement {min_improvement:g}")
     ax.set_yticks([])
-    ax.set_xlabel(f"challenger - champion {metric} (95% bootstrap interval)")
+    ax.set_xlabel(f"challenger - champion {metric} ({level:.0%} paired bootstrap interval)")
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     return fig
