@@ -18,6 +18,7 @@ binary searches in the sorted keys. Rows are only ever *queried* where features 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,9 +86,16 @@ class Stream:
 
 def minutes(year, month, day, time) -> np.ndarray:
     """Minutes since 1970-01-01 of TabFormer's Year, Month, Day and Time (minutes after midnight)."""
-    months = (np.asarray(year, np.int64) - 1970) * 12 + np.asarray(month, np.int64) - 1
-    days = months.astype("datetime64[M]").astype("datetime64[D]").astype(np.int64) + np.asarray(day, np.int64) - 1
-    return days * DAY + np.asarray(time, np.int64)
+    months = (np.asarray(year, np.int32) - 1970) * 12 + np.asarray(month, np.int32) - 1
+    first, last = int(months.min()), int(months.max())
+    # Each month's first day from a table of the few hundred months present (a gather, not a
+    # calendar conversion per row: 10x faster on the 24M rows of the whole file).
+    start = np.arange(first, last + 1).astype("datetime64[M]").astype("datetime64[D]").astype(np.int64)
+    days = start[months - first]
+    days += np.asarray(day, np.int64) - 1
+    days *= DAY
+    days += np.asarray(time, np.int64)
+    return days
 
 
 def stream_of(frame: pd.DataFrame, max_cards: int, fraud: np.ndarray | None = None) -> Stream:
@@ -120,17 +128,21 @@ class _Sorted:
         self.q = qkey[self.qorder]
         self.back = np.empty_like(self.qorder)
         self.back[self.qorder] = np.arange(len(self.qorder))
+        self._at = None
 
-    def prefix(self, values: np.ndarray) -> np.ndarray:
-        """Prefix sums (int64, exact) of integer or boolean ``values`` in sorted order."""
-        out = np.zeros(len(values) + 1, dtype=np.int64)
-        np.cumsum(values[self.order], out=out[1:], dtype=np.int64)
-        return out
+    def take(self, values: np.ndarray) -> np.ndarray:
+        """``values`` (one per stream row) in sorted order."""
+        return np.take(values, self.order)
 
     def bounds(self, start_days: float, end_days: float = 0) -> tuple[np.ndarray, np.ndarray]:
         """Sorted positions of the rows in [t - start, t - end) of each query's group (row order)."""
         lo = np.searchsorted(self.key, self.q - int(start_days * DAY), "left")
-        hi = np.searchsorted(self.key, self.q - int(end_days * DAY), "left")
+        if end_days == 0:  # the window ends at the query itself: the same for every window
+            if self._at is None:
+                self._at = np.searchsorted(self.key, self.q, "left")
+            hi = self._at
+        else:
+            hi = np.searchsorted(self.key, self.q - int(end_days * DAY), "left")
         return lo[self.back], hi[self.back]
 
     def previous(self, within_days: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,6 +156,14 @@ class _Sorted:
 
     def query_keys(self) -> np.ndarray:
         return self.q[self.back]
+
+
+def _prefix(values: np.ndarray, dtype=np.int64) -> np.ndarray:
+    """Exact prefix sums with a leading 0: the sum of values[lo:hi] is out[hi] - out[lo].
+    ``dtype`` int32 halves the memory of counts (a stream of < 2**31 rows)."""
+    out = np.zeros(len(values) + 1, dtype=dtype)
+    np.cumsum(values.astype(dtype), out=out[1:])  # 4x faster than cumsum's own dtype cast
+    return out
 
 
 def _first_visits(by_pair: _Sorted) -> np.ndarray:
@@ -175,11 +195,18 @@ def compute(stream: Stream, rows: np.ndarray | None = None,
     # int32 where it fits: the stream can be the whole file (24M rows), keys are made in int64.
     t = (stream.minute - int(stream.minute.min()) + pad).astype(np.int32)  # keys never reach a lower group
     span = int(t.max()) + 1
-    card = pd.factorize(stream.card)[0].astype(np.int32)
+    low, high = int(stream.card.min()), int(stream.card.max())
+    # Card ids (user * cards + card) are dense enough to be codes themselves.
+    card = (stream.card - low).astype(np.int32) if high - low < 2**24 else pd.factorize(stream.card)[0].astype(np.int32)
     merchant, merchants = pd.factorize(stream.merchant)
     merchant = merchant.astype(np.int32)
     out = {}
 
+    # The merchants' sort does not need the first visits: it runs beside the pairs' and the
+    # cards' work (numpy sorts without the GIL; 2 cores: ~2 s less at 24M rows).
+    pool = ThreadPoolExecutor(1)
+    sorting_merchants = pool.submit(_Sorted, merchant, t, span, rows)
+    pool.shutdown(wait=False)
     pair = card.astype(np.int64) * len(merchants) + merchant
     by_pair = _Sorted(pair, t, span, rows)
     del pair
@@ -194,16 +221,18 @@ def compute(stream: Stream, rows: np.ndarray | None = None,
     # stay below 2**63 up to ~10**9 rows.
     log_amount = np.rint(np.sign(stream.amount) * np.log1p(np.abs(stream.amount)) * _FIXED).astype(np.int32)
     own = log_amount[rows] / _FIXED
-    fraud = stream.fraud == 1
     for kind, codes, counterparts in (("card", card, "merchants"), ("merchant", merchant, "cards")):
-        s = _Sorted(codes, t, span, rows)
-        new = s.prefix(first)
+        s = _Sorted(codes, t, span, rows) if kind == "card" else sorting_merchants.result()
+        count_type = np.int32 if n < 2**31 else np.int64
+        new = _prefix(s.take(first), count_type)
         for days in WINDOWS_DAYS:
             lo, hi = s.bounds(days)
             out[f"{kind}_tx_{days}d"] = np.log1p(hi - lo)
             if days <= 7:
                 out[f"{kind}_new_{counterparts}_{days}d"] = np.log1p(new[hi] - new[lo])
-        total, squares = s.prefix(log_amount), s.prefix(log_amount.astype(np.int64) ** 2)
+        amounts = s.take(log_amount).astype(np.int64)
+        total, squares = _prefix(amounts), _prefix(amounts * amounts)
+        del amounts
         lo, hi = s.bounds(AMOUNT_DAYS)
         count = hi - lo
         mean = np.divide(total[hi] - total[lo], count * _FIXED, out=np.zeros(len(rows)), where=count > 0)
@@ -213,13 +242,14 @@ def compute(stream: Stream, rows: np.ndarray | None = None,
         del total, squares
         # Label-aware: only labels of rows older than the delay, over the window before that cut.
         lo, hi = s.bounds(label_delay_days + LABEL_WINDOW_DAYS, label_delay_days)
-        frauds = s.prefix(fraud)
+        labels = s.take(stream.fraud)
+        frauds = _prefix(labels == 1, count_type)
         out[f"{kind}_known_frauds"] = np.log1p(frauds[hi] - frauds[lo])
         if kind == "card":
             _, gap = s.previous(horizon)
             out["card_hours_since_last"] = np.log1p(gap / 60.0)
             continue
-        known = s.prefix(stream.fraud >= 0)
+        known = _prefix(labels >= 0, count_type)
         out["merchant_fraud_rate"] = ((frauds[hi] - frauds[lo] + PRIOR_RATE * PRIOR_WEIGHT)
                                       / (known[hi] - known[lo] + PRIOR_WEIGHT))
         lo, hi = s.bounds(7)
