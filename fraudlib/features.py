@@ -105,11 +105,19 @@ def stream_of(frame: pd.DataFrame, max_cards: int, fraud: np.ndarray | None = No
     merchant = merchant.array.categories.to_numpy()[merchant.array.codes] if isinstance(
         merchant.dtype, pd.CategoricalDtype) else merchant.to_numpy()
     return Stream(
-        card=frame["User"].to_numpy(np.int64) * max_cards + frame["Card"].to_numpy(np.int64),
+        card=card_ids(frame, max_cards),
         merchant=np.asarray(merchant, dtype=np.int64),
         minute=minutes(frame["Year"], frame["Month"], frame["Day"], frame["Time"]),
         amount=frame["Amount"].to_numpy(np.float64),
         fraud=(frame["Is Fraud?"].to_numpy() if fraud is None else fraud).astype(np.int8))
+
+
+def card_ids(frame: pd.DataFrame, max_cards: int) -> np.ndarray:
+    """The card id (the graph's user node) of raw rows: User * max_cards + Card, in int32 when
+    it fits (half the memory of the whole file's 24M ids)."""
+    user = frame["User"].to_numpy()
+    dtype = np.int32 if (int(user.max(initial=0)) + 1) * max_cards < 2**31 else np.int64
+    return user.astype(dtype) * dtype(max_cards) + frame["Card"].to_numpy().astype(dtype)
 
 
 class _Sorted:
@@ -119,7 +127,9 @@ class _Sorted:
     than in row order) and answers come back in row order."""
 
     def __init__(self, group: np.ndarray, t: np.ndarray, span: int, rows: np.ndarray):
-        key = group.astype(np.int64) * span + t
+        key = group.astype(np.int64)  # in place from here: the stream may be 24M rows
+        key *= span
+        key += t
         self.order = np.argsort(key, kind="stable").astype(np.int32 if len(key) < 2**31 else np.int64)
         self.key = key[self.order]
         del key
@@ -162,7 +172,7 @@ def _prefix(values: np.ndarray, dtype=np.int64) -> np.ndarray:
     """Exact prefix sums with a leading 0: the sum of values[lo:hi] is out[hi] - out[lo].
     ``dtype`` int32 halves the memory of counts (a stream of < 2**31 rows)."""
     out = np.zeros(len(values) + 1, dtype=dtype)
-    np.cumsum(values.astype(dtype), out=out[1:])  # 4x faster than cumsum's own dtype cast
+    np.cumsum(values.astype(dtype, copy=False), out=out[1:])  # 4x faster than cumsum's own dtype cast
     return out
 
 
@@ -172,9 +182,16 @@ def _first_visits(by_pair: _Sorted) -> np.ndarray:
     n = len(key)
     # In sorted keys, the latest strictly earlier row of the pair is just before the row's run
     # of equal keys (same pair, same minute).
-    run_start = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    before = np.repeat(run_start, np.diff(np.r_[run_start, n])) - 1
-    revisit = (before >= 0) & (key[np.maximum(before, 0)] >= key - NOVELTY_DAYS * DAY)
+    index = np.int32 if n < 2**31 else np.int64
+    new_run = np.ones(n, dtype=bool)
+    np.not_equal(key[1:], key[:-1], out=new_run[1:])
+    before = np.where(new_run, np.arange(n, dtype=index), 0)
+    del new_run
+    np.maximum.accumulate(before, out=before)  # each row's run start
+    before -= 1
+    previous = key[np.maximum(before, 0)]
+    previous += NOVELTY_DAYS * DAY  # the last visit before the row's minute, plus the window
+    revisit = (before >= 0) & (previous >= key)
     first = np.empty(n, dtype=bool)
     first[by_pair.order] = ~revisit
     return first
@@ -207,7 +224,9 @@ def compute(stream: Stream, rows: np.ndarray | None = None,
     pool = ThreadPoolExecutor(1)
     sorting_merchants = pool.submit(_Sorted, merchant, t, span, rows)
     pool.shutdown(wait=False)
-    pair = card.astype(np.int64) * len(merchants) + merchant
+    pair = card.astype(np.int64)
+    pair *= len(merchants)
+    pair += merchant
     by_pair = _Sorted(pair, t, span, rows)
     del pair
     first = _first_visits(by_pair)
@@ -219,7 +238,11 @@ def compute(stream: Stream, rows: np.ndarray | None = None,
     # Log amounts in fixed point: integer prefix sums are exact, so a row's statistics do not
     # depend on which other rows (groups, later rows) the stream holds; the squares' sums
     # stay below 2**63 up to ~10**9 rows.
-    log_amount = np.rint(np.sign(stream.amount) * np.log1p(np.abs(stream.amount)) * _FIXED).astype(np.int32)
+    log_amount = np.abs(stream.amount)
+    np.log1p(log_amount, out=log_amount)
+    log_amount *= _FIXED
+    np.copysign(log_amount, stream.amount, out=log_amount)
+    log_amount = np.rint(log_amount, out=log_amount).astype(np.int32)
     own = log_amount[rows] / _FIXED
     for kind, codes, counterparts in (("card", card, "merchants"), ("merchant", merchant, "cards")):
         s = _Sorted(codes, t, span, rows) if kind == "card" else sorting_merchants.result()
@@ -231,7 +254,9 @@ def compute(stream: Stream, rows: np.ndarray | None = None,
             if days <= 7:
                 out[f"{kind}_new_{counterparts}_{days}d"] = np.log1p(new[hi] - new[lo])
         amounts = s.take(log_amount).astype(np.int64)
-        total, squares = _prefix(amounts), _prefix(amounts * amounts)
+        total = _prefix(amounts)
+        amounts *= amounts
+        squares = _prefix(amounts)
         del amounts
         lo, hi = s.bounds(AMOUNT_DAYS)
         count = hi - lo

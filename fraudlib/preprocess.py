@@ -251,7 +251,7 @@ def encode_transactions(frame: pd.DataFrame, encoders: dict) -> tuple[np.ndarray
     A card or merchant absent from the training file gets node id -1 (its features would be
     the all-zero unknown code); unknown categories in edge columns encode as all zeros.
     """
-    user_ids = _positions(_card_ids(frame, encoders["max_cards"]), encoders["user"]["categories"])
+    user_ids = _positions(features.card_ids(frame, encoders["max_cards"]), encoders["user"]["categories"])
     merchant_ids = _category_positions(frame["Merchant Name"], encoders["merchant"]["categories"])
     blocks = []
     for encoder in encoders["edge"]:
@@ -362,7 +362,7 @@ def _fit_node_encoders(frame: pd.DataFrame) -> tuple[dict, np.ndarray, np.ndarra
     """Node encoders over every card and merchant of the file (ids = positions in sorted
     order), plus each row's card and MCC position (dense codes for deduplication)."""
     max_cards = int(frame["Card"].max()) + 1
-    cards, card_codes = _rank(_card_ids(frame, max_cards))
+    cards, card_codes = _rank(features.card_ids(frame, max_cards))
     mcc = frame["MCC"].to_numpy()
     mccs, mcc_codes = _rank(mcc)
     merchant = frame["Merchant Name"].array
@@ -481,12 +481,6 @@ def _per_year(year: np.ndarray, label: np.ndarray, split: np.ndarray) -> dict:
 
 
 # --- small helpers -----------------------------------------------------------------------------
-
-def _card_ids(frame: pd.DataFrame, max_cards: int) -> np.ndarray:
-    user = frame["User"].to_numpy()
-    dtype = np.int32 if (int(user.max()) + 1) * max_cards < 2**31 else np.int64  # half the memory
-    return user.astype(dtype) * dtype(max_cards) + frame["Card"].to_numpy()
-
 
 def _values(categorical: pd.Categorical, missing) -> pd.Index:
     """The categories plus ``missing`` last, so that code -1 (NaN) indexes it. Object dtype:
