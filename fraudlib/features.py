@@ -14,6 +14,13 @@ How: one sort of the stream by (card, time), by (merchant, time) and by (card-me
 time); a trailing window's count or sum at a row is a difference of prefix sums between two
 binary searches in the sorted keys. Rows are only ever *queried* where features are needed
 (the kept rows), so memory is a few arrays of the stream's length, not a table.
+
+Edge cases, by design (tests/test_features.py): rows may come in any order (each row's
+features depend only on the set of earlier rows); rows of the same minute do not see each
+other; a card or merchant with no earlier row (never seen, or not within the windows: a gap in
+the history) has zero counts, ``pair_first_visit`` 1, and its time since the last row capped at
+the window's length; a row to score whose windows reach before the saved history is refused
+(``preprocess.with_causal_features``); labels of -1 (unknown) are never counted.
 """
 
 from __future__ import annotations

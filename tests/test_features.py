@@ -119,3 +119,14 @@ def test_minutes_count_from_1970_in_calendar_days():
 def test_a_negative_label_delay_is_refused():
     with pytest.raises(ValueError, match="label_delay_days"):
         compute(random_stream(n=10), label_delay_days=-1)
+
+
+def test_a_card_and_merchant_never_seen_before_get_empty_windows_and_a_first_visit():
+    s = random_stream(seed=5)
+    newcomer = Stream(np.array([999_999]), np.array([7]), np.array([s.minute.max() + DAY]),
+                      np.array([12.5]), np.array([-1], np.int8))
+    both = Stream.concat(s, newcomer)
+    row = dict(zip(NAMES, compute(both, [len(s)], 60)[0]))
+    assert row["pair_first_visit"] == 1.0 and row["card_tx_30d"] == 0 and row["merchant_tx_30d"] == 0
+    assert row["card_hours_since_last"] == pytest.approx(np.log1p(features.history_days(60) * 24), rel=1e-6)
+    assert row["amount_vs_card"] == 0 and row["merchant_known_frauds"] == 0
