@@ -340,12 +340,18 @@ def report_tables(graph_dir: str | Path) -> dict[str, pd.DataFrame]:
     by_split["years"] = pd.Series(m["split_rule"])
     by_split["fraud rate"] = by_split["fraud"] / by_split["edges"].where(by_split["edges"] > 0)
     by_year = pd.DataFrame(m["years"]).T[["split", "edges", "fraud"]].rename_axis("year")
-    features = pd.DataFrame({
+    causal = set(m.get("causal_features", []))
+
+    def groups(names: list[str]) -> str:
+        stems = list(dict.fromkeys(n.split("_")[0] for n in names if n not in causal))
+        mine = [n for n in names if n in causal]
+        return ", ".join(stems + ([f"{len(mine)} causal graph/time features"] if mine else []))
+
+    dims = pd.DataFrame({
         "dims": pd.Series(m["dims"]),
-        "feature groups": pd.Series({table: ", ".join(dict.fromkeys(n.split("_")[0] for n in names))
-                                     for table, names in m["features"].items()}),
+        "feature groups": pd.Series({table: groups(names) for table, names in m["features"].items()}),
     }).reindex(["user", "merchant", "edge"]).rename_axis("table")
-    return {"fraud_rate": stages, "splits": by_split, "years": by_year, "features": features}
+    return {"fraud_rate": stages, "splits": by_split, "years": by_year, "features": dims}
 
 
 def degrees(graph_dir: str | Path) -> dict[str, np.ndarray]:
