@@ -403,3 +403,11 @@ def test_rows_older_than_the_saved_history_are_refused_naming_the_row(causal_dir
 def test_blueprint_encoders_need_no_history(graph_dir, synthetic_csv):
     frame = read_transactions(synthetic_csv).head(3)
     assert with_causal_features(frame, graph_dir, graph_store.read_encoders(graph_dir)) is frame
+
+
+def test_the_report_names_the_causal_features_as_one_group(graph_dir, causal_dir):
+    from fraudlib.preprocess import report_tables
+
+    causal = report_tables(causal_dir)["features"].loc["edge", "feature groups"]
+    assert causal.endswith(f"{len(features.NAMES)} causal graph/time features") and causal.startswith("Errors")
+    assert "causal" not in report_tables(graph_dir)["features"].loc["edge", "feature groups"]
