@@ -21,7 +21,11 @@ Is Fraud?          int8, 1 for ``Yes``, 0 for ``No``
 
 Categorical categories are in order of first appearance in the file. Extra columns (the
 Kaggle copy's index column) are ignored. Any bad input raises :class:`TabFormerFormatError`
-naming the file, the line (1-based, header = line 1), the column and the value.
+naming the file, the line (1-based, header = line 1), the column and the value: a missing
+column, an unparseable value, an unknown label, an amount with ``|amount| >= 1e9`` (overflows
+and typos, never a card payment), text that is not UTF-8, a ``.gz`` that is not gzip or whose
+stream is cut short, a ``.tgz`` that is not a tar archive, a directory. A path that does not
+exist raises FileNotFoundError.
 
 Speed: pyarrow.csv parses only the requested columns with fixed types, string columns as
 dictionaries, and every per-value parse (Amount, Time, Zip, Errors?) runs on the dictionary
@@ -31,11 +35,13 @@ only happens on the error path.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
 import re
 import tarfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -62,15 +68,27 @@ _BLOCK_SIZE = 4 << 20  # fewer chunks than the 1 MB default (cheaper dictionary 
 _AMOUNT = r"^-?\d+(\.\d+)?$"  # after dropping "$"; a pyarrow (RE2) pattern
 _TIME = re.compile(r"(\d{1,2}):(\d{2})")
 _ZIP = re.compile(r"\d+(\.0*)?")
+AMOUNT_LIMIT = 1e9  # |amount| at or above this is bad input (an overflow or a typo, not a payment)
+_GZIP_MAGIC = b"\x1f\x8b"
+_SHOWN_VALUE_CHARS = 80  # a longer value is shortened in messages (a 400-digit amount)
+# What a damaged file raises while it is decoded or decompressed (not FileNotFoundError & co:
+# _check_file has ruled those out; an OSError from pyarrow is its zlib/gzip failure).
+_DAMAGE = (UnicodeDecodeError, EOFError, zlib.error, gzip.BadGzipFile, tarfile.TarError, csv.Error)
 
 
 class TabFormerFormatError(ValueError):
-    """The file is not valid TabFormer input; says where (file, line, column) and what."""
+    """The file is not valid TabFormer input; says where (file, line, column) and what.
 
-    def __init__(self, path, line: int, column: str | None, value, problem: str, hint: str = ""):
+    ``line`` is None when the problem is the whole file (a directory, not a tar archive).
+    """
+
+    def __init__(self, path, line: int | None, column: str | None, value, problem: str, hint: str = ""):
         self.path, self.line, self.column, self.value = str(path), line, column, value
-        where = f"{path}, line {line}" + (f", column {column!r}" if column else "")
-        what = problem if value is None else f"{problem}: {value!r}"
+        where = str(path) + (f", line {line}" if line is not None else "") + (f", column {column!r}" if column else "")
+        shown = repr(value)
+        if len(shown) > _SHOWN_VALUE_CHARS:
+            shown = f"{shown[:_SHOWN_VALUE_CHARS - 20]}...{shown[-10:]} ({len(str(value))} characters)"
+        what = problem if value is None else f"{problem}: {shown}"
         hint = hint or "Fix or remove that row (or point at an unmodified TabFormer file) and run again."
         super().__init__(f"{where}: {what}. {hint}")
 
@@ -86,6 +104,14 @@ def read_transactions(path: str | Path, columns: Sequence[str] = COLUMNS) -> pd.
     if unknown:
         raise ValueError(f"unknown TabFormer column(s) {unknown}; the columns are {list(COLUMNS)}")
     columns = [c for c in COLUMNS if c in columns]
+    _check_file(path)
+    try:
+        return _read_transactions(path, columns)
+    except _DAMAGE as error:  # raised while decoding or decompressing: locate it (slow path)
+        raise _damage(path, error) from None
+
+
+def _read_transactions(path: Path, columns: list[str]) -> pd.DataFrame:
     _check_header(path)
     table = _read_arrow(path, columns)
     if table.num_rows == 0:
@@ -129,6 +155,10 @@ def _read_arrow(path: Path, columns: list[str]) -> pa.Table:
             table = pacsv.read_csv(source, read_options=read, convert_options=convert)
     except pa.ArrowInvalid as error:
         raise _locate_arrow_error(path, columns, error) from None
+    except OSError as error:  # pyarrow's own gzip reader: a corrupt or truncated stream
+        if not _is_compressed(path) or isinstance(error, (FileNotFoundError, PermissionError)):
+            raise
+        raise _damage(path, error) from None
     return table  # dictionaries differ per chunk; _dictionary() unifies one column at a time
 
 
@@ -138,13 +168,17 @@ def _locate_arrow_error(path: Path, columns: list[str], error: pa.ArrowInvalid) 
         reader = csv.reader(text)
         header = next(reader)
         positions = {name: header.index(name) for name in columns}
+        start = reader.line_num + 1  # the line a record starts on (a quoted value may span lines)
         for record in reader:
+            first, start = start, reader.line_num + 1
             if not record:
                 continue
             if len(record) != len(header):
+                spans = f" (a quote opened on this line runs to line {reader.line_num})" \
+                    if reader.line_num > first else ""
                 return TabFormerFormatError(
-                    path, reader.line_num, None, ",".join(record),
-                    f"row has {len(record)} fields, the header has {len(header)}")
+                    path, first, None, ",".join(record),
+                    f"row has {len(record)} fields, the header has {len(header)}{spans}")
             for name, arrow_type in _INTS.items():
                 if name in positions and not _fits(record[positions[name]], arrow_type):
                     return TabFormerFormatError(path, reader.line_num, name, record[positions[name]],
@@ -219,7 +253,13 @@ def _amount(path, name, column) -> np.ndarray:
         code = pc.index(valid, False).as_py()
         raise _bad_value(path, name, codes, code, values[code].as_py(),
                          "not an amount (e.g. $134.09 or $-292.00)")
-    return np.append(pc.cast(text, pa.float64()).to_numpy(), np.nan)[codes]
+    amounts = pc.cast(text, pa.float64())  # 400 digits become inf: caught by the range check
+    in_range = pc.less(pc.abs(amounts), AMOUNT_LIMIT)
+    if not pc.all(in_range).as_py():
+        code = pc.index(in_range, False).as_py()
+        raise _bad_value(path, name, codes, code, values[code].as_py(),
+                         f"amount out of range (|amount| must be below {AMOUNT_LIMIT:,.0f})")
+    return np.append(amounts.to_numpy(), np.nan)[codes]
 
 
 def _time(path, name, column) -> np.ndarray:
@@ -267,12 +307,103 @@ def _is_tar(path: Path) -> bool:
     return path.name.endswith((".tgz", ".tar.gz", ".tar"))
 
 
+def _is_compressed(path: Path) -> bool:
+    return path.suffix in (".gz", ".tgz")
+
+
+def _check_file(path: Path) -> None:
+    """Whole-file problems, before any parsing: not there, a directory, a .gz that is not gzip,
+    a .tgz that is not a tar archive, gzip data under a .csv name."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: point raw_path at a TabFormer CSV, .gz or .tgz")
+    if path.is_dir():
+        inside = sorted(str(p) for p in path.iterdir() if p.name.endswith((".csv", ".csv.gz", ".tgz")))
+        raise TabFormerFormatError(path, None, None, None, "is a directory, not a file",
+                                   "Point raw_path at the TabFormer file itself"
+                                   + (f", e.g. {inside[0]}." if inside else " (a CSV, .gz or .tgz)."))
+    if not path.is_file():
+        raise TabFormerFormatError(path, None, None, None, "is not a regular file",
+                                   "Point raw_path at a TabFormer CSV, .gz or .tgz.")
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if _is_tar(path):
+        try:
+            with tarfile.open(path):
+                pass
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
+            reason = str(error).strip().splitlines()[0].rstrip(":")
+            hint = ("It is gzip-compressed but holds no tar archive: a gzipped CSV is named .csv.gz."
+                    if magic == _GZIP_MAGIC else "Point raw_path at transactions.tgz as downloaded, or at the CSV.")
+            raise TabFormerFormatError(path, None, None, None, f"not a tar archive ({reason})", hint) from None
+    elif path.suffix == ".gz" and magic != _GZIP_MAGIC:
+        plain = _looks_like_text(path)
+        raise TabFormerFormatError(
+            path, None, None, None, f"named .gz but not gzip-compressed (it starts with {magic!r})",
+            "It is plain text: name it .csv." if plain else "Point raw_path at a TabFormer CSV, .gz or .tgz.")
+    elif path.suffix != ".gz" and magic == _GZIP_MAGIC:
+        raise TabFormerFormatError(path, None, None, None, "gzip-compressed data under a name not ending .gz",
+                                   "Name it .csv.gz (or decompress it).")
+
+
+def _looks_like_text(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return error.start > len(head) - 4  # only a character cut at the end of the sample
+    return True
+
+
+def _damage(path: Path, error: BaseException) -> TabFormerFormatError:
+    """Where a file that failed to decode or decompress is damaged: rescans its bytes (slow path).
+
+    Lines are counted on the raw bytes (newlines, as an editor counts), so undecodable text is
+    located even where csv could not read it."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines = 1
+    try:
+        with _open_bytes(path) as stream:
+            while chunk := stream.read(16 << 10):  # small: a failing read loses its chunk
+                pending = len(decoder.getstate()[0])
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as bad:
+                    at = max(bad.start - pending, 0)
+                    byte = (bad.object[bad.start:bad.start + 1] or b"?")[0]
+                    return TabFormerFormatError(
+                        path, lines + chunk.count(b"\n", 0, at), None, None,
+                        f"not UTF-8 text (byte 0x{byte:02x})",
+                        "A TabFormer file is UTF-8 CSV text; was it re-encoded or is it another kind "
+                        "of file? A compressed copy must be named .gz or .tgz.")
+                lines += chunk.count(b"\n")
+    except (EOFError, zlib.error, gzip.BadGzipFile, tarfile.TarError, OSError) as bad:
+        return TabFormerFormatError(
+            path, lines, None, None,
+            f"the compressed data is corrupt or truncated near this line ({bad})",
+            "Download or copy the file again.")
+    if isinstance(error, csv.Error):
+        return TabFormerFormatError(path, None, None, None, f"not readable as CSV ({error})",
+                                    "A TabFormer file is a CSV with the header " + ",".join(COLUMNS) + ".")
+    return TabFormerFormatError(path, None, None, None, f"unreadable ({type(error).__name__}: {error})",
+                                "Point raw_path at an unmodified TabFormer CSV, .gz or .tgz.")
+
+
+@contextmanager
+def _open_bytes(path: Path) -> Iterator:
+    """The decompressed bytes of the CSV (plain, .gz, or inside a tar archive)."""
+    with _open_binary(path) as source:
+        if isinstance(source, str):
+            with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as stream:
+                yield stream
+        else:
+            yield source
+
+
 @contextmanager
 def _open_binary(path: Path) -> Iterator:
     """A source for pyarrow: the path itself (multi-threaded; .gz by extension) or the CSV
     inside a tar archive."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: point raw_path at a TabFormer CSV, .gz or .tgz")
     if not _is_tar(path):
         yield str(path)
         return
