@@ -93,12 +93,16 @@ class PreprocessSummary:
 
 def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0.1,
                under_sample: bool = True, seed: int = 42, feature_set: str = "causal",
-               label_delay_days: int = features.DEFAULT_LABEL_DELAY_DAYS) -> PreprocessSummary:
+               label_delay_days: int = features.DEFAULT_LABEL_DELAY_DAYS,
+               deduplicate: bool = True) -> PreprocessSummary:
     """Build the graph directory ``out_dir`` from the TabFormer file ``raw_path``.
 
     ``feature_set="causal"`` adds ``features.NAMES`` to the edge features, computed on the
     whole stream (before deduplication and undersampling) with labels older than
     ``label_delay_days``; ``"blueprint"`` gives the blueprint's features exactly.
+    ``deduplicate=False`` keeps every non-fraud row before undersampling (the blueprint keeps
+    only the first of rows equal on the nominal columns, a selection that history features can
+    read: on its test edges a repeat visit is almost always fraud; docs/model_quality.md).
 
     ``out_dir`` appears only when complete (written next to it, then renamed); on any error
     nothing appears there and an existing ``out_dir`` is left as it was.
@@ -114,7 +118,7 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
     raw_path, out_dir = Path(raw_path).resolve(), Path(out_dir).resolve()
     frame = read_transactions(raw_path, USED_COLUMNS)
     nodes, card_codes, mcc_codes = _fit_node_encoders(frame)
-    rows, counts = _select_rows(frame, card_codes, mcc_codes, fraud_ratio, under_sample, seed)
+    rows, counts = _select_rows(frame, card_codes, mcc_codes, fraud_ratio, under_sample, seed, deduplicate)
     del card_codes, mcc_codes
     kept = frame.take(rows).reset_index(drop=True)
     history = None
@@ -149,7 +153,8 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
         "source": {"path": str(raw_path), "bytes": raw_path.stat().st_size, "xxh3_128": _fast_hash(raw_path)},
         "parameters": {"fraud_ratio": fraud_ratio, "under_sample": under_sample, "seed": seed,
                        "fraud_ratio_means": "fraud / non-fraud after undersampling (blueprint)",
-                       "feature_set": feature_set, "label_delay_days": label_delay_days},
+                       "feature_set": feature_set, "label_delay_days": label_delay_days,
+                       "deduplicate": deduplicate},
         "causal_features": list(features.NAMES) if feature_set == "causal" else [],
         "history": None if history is None else {
             "file": HISTORY, "rows": len(history), "days_before_test": features.history_days(label_delay_days),
@@ -421,12 +426,15 @@ def _width(encoder: dict) -> int:
 # --- row selection (blueprint parity, on integer codes) ----------------------------------------
 
 def _select_rows(frame: pd.DataFrame, card_codes: np.ndarray, mcc_codes: np.ndarray, fraud_ratio: float,
-                 under_sample: bool, seed: int) -> tuple[np.ndarray, dict]:
+                 under_sample: bool, seed: int, deduplicate: bool = True) -> tuple[np.ndarray, dict]:
     fraud = frame["Is Fraud?"].to_numpy().astype(bool)
-    key = _combine(_dedup_codes(frame, card_codes, mcc_codes))
-    key[fraud] = -1 - np.arange(int(fraud.sum()))  # never a duplicate: all fraud is kept
-    first = ~pd.Series(key).duplicated(keep="first").to_numpy()
-    del key
+    if deduplicate:
+        key = _combine(_dedup_codes(frame, card_codes, mcc_codes))
+        key[fraud] = -1 - np.arange(int(fraud.sum()))  # never a duplicate: all fraud is kept
+        first = ~pd.Series(key).duplicated(keep="first").to_numpy()
+        del key
+    else:
+        first = np.ones(len(frame), dtype=bool)
     fraud_rows = np.flatnonzero(fraud)
     non_fraud = np.flatnonzero(first & ~fraud)
     if under_sample and len(fraud_rows) == 0:

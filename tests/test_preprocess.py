@@ -228,7 +228,7 @@ def test_manifest_records_source_counts_features_and_parameters(graph_dir, synth
     assert manifest["source"]["bytes"] == synthetic_csv.stat().st_size and manifest["source"]["xxh3_128"]
     assert manifest["parameters"] == {"fraud_ratio": 0.1, "under_sample": True, "seed": 42,
                                       "fraud_ratio_means": manifest["parameters"]["fraud_ratio_means"],
-                                      "feature_set": "blueprint", "label_delay_days": 60}
+                                      "feature_set": "blueprint", "label_delay_days": 60, "deduplicate": True}
     assert manifest["causal_features"] == [] and manifest["history"] is None
     assert manifest["rows"]["read"] == 30_000
     assert {k: len(v) for k, v in manifest["features"].items()} == manifest["dims"]
@@ -411,3 +411,11 @@ def test_the_report_names_the_causal_features_as_one_group(graph_dir, causal_dir
     causal = report_tables(causal_dir)["features"].loc["edge", "feature groups"]
     assert causal.endswith(f"{len(features.NAMES)} causal graph/time features") and causal.startswith("Errors")
     assert "causal" not in report_tables(graph_dir)["features"].loc["edge", "feature groups"]
+
+
+def test_without_deduplication_every_non_fraud_row_can_be_drawn(synthetic_csv, tmp_path):
+    raw = read_transactions(synthetic_csv)
+    summary = preprocess(synthetic_csv, tmp_path / "graph", under_sample=False, deduplicate=False,
+                         feature_set="blueprint")
+    assert summary.non_fraud_unique == summary.non_fraud_kept == int((raw["Is Fraud?"] == 0).sum())
+    assert sum(summary.edges.values()) == len(raw)
