@@ -92,7 +92,9 @@ def test_config_is_complete_and_follows_the_serving_contract(result, test_graph)
         "shap_values_merchant": ("TYPE_FP32", [-1, -1]),
         "shap_values_user_to_merchant": ("TYPE_FP32", [-1, -1]),
     }
-    assert [(g.kind, g.count) for g in config.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 1)]
+    # Two instances: an explanation holds one, scoring keeps the other (tests/faults/test_serving_requests.py).
+    assert [(g.kind, g.count) for g in config.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 2)]
+    assert config.parameters["max_shap_edges"].string_value == "8192"
     assert not config.HasField("version_policy")  # owned by the repository module
 
 

@@ -48,6 +48,10 @@ if pb_utils is not None and "sklearn" not in sys.modules:
 else:
     import xgboost as xgb
 
+# Shapley values cost n_samples x groups forward passes over the whole request graph: above
+# this many edges per request (config parameter max_shap_edges) an explanation is refused with
+# a 400 instead of holding a model instance for seconds.
+MAX_SHAP_EDGES = 8192
 SHAP_OUTPUTS = ("shap_values_user", "shap_values_merchant", "shap_values_user_to_merchant")
 MASK_INPUTS = ("feature_mask_user", "feature_mask_merchant", "edge_feature_mask_user_to_merchant")
 
@@ -462,10 +466,54 @@ class FraudPredictor:
         return out
 
 
+class InvalidRequest(ValueError):
+    """A request the model cannot answer as sent: HTTP 400 with the reason."""
+
+
+class Busy(RuntimeError):
+    """The model has no capacity for this request now: HTTP 503, retry later."""
+
+
+class _ExplanationSlot:
+    """At most one explanation at a time per version and server: the model's other instances
+    stay free for scoring (config.pbtxt runs several). A lock on the version directory (flock,
+    released when the holding process dies), taken without waiting: a waiting instance would
+    be one less for scoring."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    @contextmanager
+    def __call__(self):
+        import fcntl
+        import os
+
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Busy("another explanation (COMPUTE_SHAP) is running on this model version; "
+                           "retry when it has finished") from None
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def _error(message: str, code: str):
+    """A TritonError with its code where the backend has codes (INVALID_ARG: HTTP 400)."""
+    return pb_utils.TritonError(message, getattr(pb_utils.TritonError, code)) \
+        if hasattr(pb_utils.TritonError, code) else pb_utils.TritonError(message)
+
+
 class TritonPythonModel:
     """Triton entry points around FraudPredictor."""
 
     def initialize(self, args):
+        config = json.loads(args.get("model_config") or "{}")
+        cap = config.get("parameters", {}).get("max_shap_edges", {}).get("string_value")
+        self.max_shap_edges = int(cap) if cap else MAX_SHAP_EDGES
+        self.explanation_slot = _ExplanationSlot(Path(__file__).resolve().parent)
         device = "cpu"
         if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
             device = f"cuda:{args['model_instance_device_id']}"
@@ -496,13 +544,26 @@ class TritonPythonModel:
                                       "edge_attr_user_to_merchant")]
             masks = {name: mask for name in MASK_INPUTS if (mask := get(name)) is not None}
             compute_shap = get("COMPUTE_SHAP")
+            explain = compute_shap is not None and compute_shap.size > 0 and bool(compute_shap.reshape(-1)[0])
+            n_edges = graph[2].shape[-1] if graph[2] is not None and graph[2].ndim == 2 else None
+            if n_edges == 0:
+                raise InvalidRequest("empty graph: edge_index_user_to_merchant holds no edges; send at least "
+                                     "one transaction (with its cards' and merchants' context)")
+            if explain and n_edges is not None and n_edges > self.max_shap_edges:
+                raise InvalidRequest(
+                    f"COMPUTE_SHAP asks Shapley values for {n_edges} edges; this model explains at most "
+                    f"{self.max_shap_edges} edges per request (config parameter max_shap_edges): explain the "
+                    f"transactions in smaller graphs (each with its context), or score without COMPUTE_SHAP")
             scores = self.predictor.predict(*graph)
-            if compute_shap is not None and bool(compute_shap.reshape(-1)[0]):
-                shap = self.predictor.shapley(*graph, masks=masks)
+            if explain:
+                with self.explanation_slot():
+                    shap = self.predictor.shapley(*graph, masks=masks)
             else:
                 shap = self.predictor.no_shapley(masks)
-        except ValueError as error:
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"invalid request: {error}"))
+        except ValueError as error:  # the request, not the model: HTTP 400 with the reason
+            return pb_utils.InferenceResponse(error=_error(f"invalid request: {error}", "INVALID_ARG"))
+        except Busy as error:  # HTTP 503
+            return pb_utils.InferenceResponse(error=_error(f"busy: {error}", "UNAVAILABLE"))
         except Exception as error:  # a response, never a dead model instance
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"inference failed: {error!r}"))
         # Only the outputs the client asked for (all when it named none) travel back.
