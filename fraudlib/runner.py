@@ -27,10 +27,15 @@ import html
 import importlib.metadata
 import json
 import os
+import errno
 import re
 import secrets
+import shutil
+import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -44,7 +49,7 @@ from filelock import FileLock, Timeout
 from jupyter_client.manager import AsyncKernelManager
 from papermill.exceptions import PapermillExecutionError
 from papermill.execute import ERROR_MARKER_TAG, ERROR_STYLE
-from traitlets import CaselessStrEnum
+from traitlets import CaselessStrEnum, default
 
 from fraudlib import settings
 
@@ -548,11 +553,101 @@ def _describe_exception(exc: BaseException) -> str:
 
 
 class UnixSocketKernelManager(AsyncKernelManager):
-    """Stage kernels talk over Unix sockets in Jupyter's runtime directory, not over loopback
-    TCP in plain text that any local user could read (ipykernel warned about it at the top of
-    every stage's output)."""
+    """Stage kernels talk over Unix sockets, not over loopback TCP in plain text that any local
+    user could read (ipykernel warned about it at the top of every stage's output).
+
+    Left alone, jupyter_client names the sockets ``kernel-ipc-1`` ... ``-5`` relative to the
+    working directory (the notebooks folder): two runs at once then bind the same names and
+    talk to each other's kernels, and a killed run leaves the files there. ``for_folder`` gives
+    a manager whose connection file and sockets live in one private folder instead.
+    """
 
     transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+    @classmethod
+    def for_folder(cls, folder: Path) -> type[UnixSocketKernelManager]:
+        class PrivateFolderKernelManager(cls):
+            @default("connection_file")
+            def _private_connection_file(self) -> str:
+                return str(folder / "kernel.json")  # the sockets: <folder>/kernel-ipc-1 ... -5
+
+        return PrivateFolderKernelManager
+
+
+KERNEL_RUNTIME_PREFIX = "fraud-kernels-"  # <tempdir>/fraud-kernels-<runner pid>-<random>/
+_UNIX_SOCKET_PATH_MAX = 107  # sun_path on Linux, less the terminating NUL
+_STALE_SOCKET = re.compile(r"kernel(-[0-9a-f-]+)?-ipc-\d+")
+
+
+def kernel_runtime_folders(pid: int | None = None) -> list[Path]:
+    """The kernel runtime folders of the runner process ``pid`` (all runners when None)."""
+    pattern = f"{KERNEL_RUNTIME_PREFIX}{pid if pid is not None else '*'}-*"
+    return sorted(p for p in Path(tempfile.gettempdir()).glob(pattern) if p.is_dir())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_stale_kernel_files(*notebooks_dirs: Path) -> list[Path]:
+    """Removes what killed runs left: kernel runtime folders whose runner process is gone, and
+    (from runners before the private folders) ``kernel-ipc-N`` sockets in ``notebooks_dirs``
+    that no kernel listens on. Returns what it removed."""
+    removed = []
+    for folder in kernel_runtime_folders():
+        pid = folder.name[len(KERNEL_RUNTIME_PREFIX):].split("-", 1)[0]
+        try:
+            owned = folder.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if pid.isdigit() and owned and not _pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    for path in (p for d in notebooks_dirs if Path(d).is_dir() for p in Path(d).iterdir()):
+        if _STALE_SOCKET.fullmatch(path.name) and _is_dead_socket(path):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def _is_dead_socket(path: Path) -> bool:
+    """True for a Unix socket file nothing listens on (connecting is refused)."""
+    try:
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            return False
+    except OSError:
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        return exc.errno in (errno.ECONNREFUSED, errno.ENOENT)
+    finally:
+        probe.close()
+    return False
+
+
+@contextlib.contextmanager
+def kernel_runtime_folder():
+    """A private folder (0700, in the system temp dir) for one kernel's connection file and
+    sockets, removed afterwards; short enough for Unix socket paths."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{KERNEL_RUNTIME_PREFIX}{os.getpid()}-"))
+    try:
+        longest = folder / "kernel-ipc-99"
+        if len(os.fsencode(longest)) > _UNIX_SOCKET_PATH_MAX:
+            raise RunSetupError(f"the kernel socket path {longest} is longer than Unix sockets allow "
+                                f"({_UNIX_SOCKET_PATH_MAX} bytes): set TMPDIR to a shorter folder")
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def execute_stage(
@@ -573,16 +668,17 @@ def execute_stage(
     partial = output.with_name(f".{output.stem}.partial.ipynb")
     interrupted = None
     try:
-        pm.execute_notebook(
-            stage.notebook,
-            partial,
-            parameters=parameters,
-            kernel_name=kernel_name,
-            progress_bar={"desc": stage.label} if progress else False,
-            execution_timeout=timeout,
-            cwd=stage.notebook.parent,  # as when the notebook is opened in JupyterLab
-            kernel_manager_class=UnixSocketKernelManager,
-        )
+        with kernel_runtime_folder() as runtime:
+            pm.execute_notebook(
+                stage.notebook,
+                partial,
+                parameters=parameters,
+                kernel_name=kernel_name,
+                progress_bar={"desc": stage.label} if progress else False,
+                execution_timeout=timeout,
+                cwd=stage.notebook.parent,  # as when the notebook is opened in JupyterLab
+                kernel_manager_class=UnixSocketKernelManager.for_folder(runtime),
+            )
         error = None
     except PapermillExecutionError as exc:  # papermill has already put the error at the top
         error = f"{exc.ename}: {exc.evalue} (cell In [{exc.exec_count}])"
@@ -652,6 +748,8 @@ def _execute_run(
             outputs.update(rec["outputs"])
     to_run = [rec for rec in record["stages"] if rec["status"] != SUCCEEDED]
     triton_url = os.environ.get("TRITON_URL") or None
+    for removed in remove_stale_kernel_files(*sorted({s.notebook.parent for s in stages.values()})):
+        _say(progress, f"removed {removed}, left by a killed run")
     with contextlib.ExitStack() as services:  # the embedded Triton, started by the first stage needing it
         for position, rec in enumerate(to_run, start=1):
             stage = stages[rec["name"]]

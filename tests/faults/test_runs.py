@@ -1,0 +1,157 @@
+"""Fault campaign, runs (issue 13, items 3, 11 and 12): runs started at once, relative paths,
+an unwritable runs folder.
+
+Real run_pipeline.py processes, real kernels, real files; tiny notebooks written here, except
+the slow test, which runs the real pipeline twice at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from fraudlib import runner
+
+ROOT = Path(__file__).resolve().parents[2]
+PROBE = """\
+import json, os
+import scrapbook as sb
+from ipykernel.connect import get_connection_file
+info = json.loads(open(get_connection_file()).read())
+sb.glue("kernel", {"ip": info["ip"], "transport": info["transport"],
+                   "connection_file": os.path.abspath(get_connection_file()), "cwd": os.getcwd()})
+"""
+
+
+def notebook(path: Path, parameters: str, *code: str) -> Path:
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell(parameters)
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell, *(nbformat.v4.new_code_cell(source) for source in code)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+def probe_pipeline(directory: Path, seconds: float = 0.0) -> Path:
+    """01_probe (glues where its kernel's connection and socket files are), 02_wait (sleeps)."""
+    notebook(directory / "01_probe.ipynb", 'note: str = ""  # unused', PROBE)
+    notebook(directory / "02_wait.ipynb",
+             f'seconds: float = {seconds}  # how long to sleep\npid_file: str = ""  # where to write the pid',
+             "import os, time\nif pid_file:\n    open(pid_file, 'w').write(str(os.getpid()))\ntime.sleep(seconds)")
+    return directory
+
+
+def environment(runs: Path) -> dict[str, str]:
+    env = {**os.environ, "FRAUD_RUNS_DIR": str(runs), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    for name in ("MLFLOW_TRACKING_URI", "TRITON_URL", "TRITON_MODEL_REPO"):
+        env.pop(name, None)
+    return env
+
+
+def start_runner(args: list[str], runs: Path, cwd: Path = ROOT) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "run_pipeline.py"), "--no-progress", *args],
+                            cwd=cwd, env=environment(runs), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def record(runs: Path, run_id: str) -> dict:
+    return json.loads((runs / run_id / "run.json").read_text())
+
+
+def sockets_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_socket() or "ipc" in p.name)
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    for name, value in environment(tmp_path / "runs").items():
+        monkeypatch.setenv(name, value)
+    for name in ("MLFLOW_TRACKING_URI", "TRITON_URL", "TRITON_MODEL_REPO"):
+        monkeypatch.delenv(name, raising=False)
+
+
+# --- item 3: kernel connection and socket files -------------------------------------------------
+
+
+def test_stage_kernels_keep_their_socket_files_out_of_the_notebooks_folder_and_clean_up(tmp_path):
+    notebooks = probe_pipeline(tmp_path / "notebooks")
+
+    result = runner.run_pipeline(notebooks, tmp_path / "runs", run_id="one", progress=False)
+
+    assert result.status == runner.SUCCEEDED, result.record
+    kernel = result.record["stages"][0]["outputs"]["kernel"]
+    assert kernel["transport"] == "ipc"
+    assert Path(kernel["cwd"]) == notebooks.resolve()  # the kernel still works where the notebook is
+    sockets = Path(kernel["ip"])
+    assert sockets.is_absolute() and notebooks.resolve() not in sockets.parents, kernel
+    assert Path(kernel["connection_file"]).parent == sockets.parent  # one private folder per kernel
+    assert not sockets.parent.exists()  # removed with the kernel
+    assert sorted(p.name for p in notebooks.iterdir()) == ["01_probe.ipynb", "02_wait.ipynb"]
+
+
+def test_two_runners_started_at_once_on_the_same_notebooks_both_succeed(tmp_path):
+    notebooks = probe_pipeline(tmp_path / "notebooks", seconds=2)
+    runs = tmp_path / "runs"
+
+    runners = [start_runner(["--notebooks-dir", str(notebooks), "--run-id", f"run{i}"], runs) for i in (1, 2)]
+    outputs = [p.communicate(timeout=300)[0] for p in runners]
+
+    assert [p.returncode for p in runners] == [0, 0], outputs
+    kernels = [record(runs, f"run{i}")["stages"][0]["outputs"]["kernel"] for i in (1, 2)]
+    assert kernels[0]["ip"] != kernels[1]["ip"]  # no shared socket names
+    assert sockets_in(notebooks) == []
+
+
+def test_stale_kernel_sockets_left_in_the_notebooks_folder_are_removed(tmp_path):
+    notebooks = probe_pipeline(tmp_path / "notebooks")
+    stale = notebooks / "kernel-ipc-3"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(stale))
+    listener.close()  # the socket file stays, no process listens: what a killed kernel leaves
+
+    result = runner.run_pipeline(notebooks, tmp_path / "runs", run_id="one", progress=False)
+
+    assert result.status == runner.SUCCEEDED
+    assert not stale.exists()
+
+
+def test_runtime_folder_of_a_killed_runner_is_removed_by_the_next_run(tmp_path):
+    notebooks = probe_pipeline(tmp_path / "notebooks", seconds=120)
+    runs = tmp_path / "runs"
+    pid_file = tmp_path / "kernel.pid"
+    killed = start_runner(["--notebooks-dir", str(notebooks), "--run-id", "killed", "-p", f"pid_file={pid_file}"],
+                          runs)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until stage 2 (the sleeping one) runs
+        stages = record(runs, "killed")["stages"] if (runs / "killed" / "run.json").exists() else []
+        if stages and stages[1]["status"] == "running":
+            break
+        time.sleep(0.2)
+    else:
+        killed.kill()
+        pytest.fail("stage 2 of the run to kill never started: " + killed.communicate()[0])
+    while not pid_file.exists() and time.monotonic() < deadline:  # the kernel of stage 2 is up
+        time.sleep(0.2)
+    folders = runner.kernel_runtime_folders(killed.pid)
+    killed.kill()
+    killed.wait()
+    try:
+        os.kill(int(pid_file.read_text()), 9)  # the orphaned kernel, as a kill -9 of the group would
+    except (OSError, ValueError):
+        pass
+    assert folders, "the runner's kernel runtime folder was not found while it ran"
+
+    result = runner.run_pipeline(notebooks, runs, stages="1", run_id="next", progress=False)
+
+    assert result.status == runner.SUCCEEDED
+    assert not any(folder.exists() for folder in folders)
