@@ -51,6 +51,10 @@ parameters:
                          num_epochs: 3
                    Sections of stages not selected are ignored.
                    Precedence: -p > stage section > flat entry > earlier stage outputs.
+  paths            a parameter named *_path, *_dir, *_file or *_folder (raw_path,
+                   output_dir, graph_dir, model_dir, ...) is a path: a relative one, from -p
+                   or -f, is taken from the directory you run this command in (not from
+                   notebooks/, where the kernels run) and recorded absolute in run.json.
 
 kernel:
   Stages run in the Jupyter kernel `fraudlib` when `make setup` registered it for this

@@ -4,7 +4,11 @@ A stage is a notebook named ``NN_name.ipynb`` in the notebooks directory; stages
 order, so adding a stage is adding a notebook. For every run the runner
 
 - validates the requested parameters against each notebook's ``parameters`` cell (type
-  annotations, ``# help`` comments) before anything runs: ``ParameterError``;
+  annotations, ``# help`` comments) before anything runs: ``ParameterError``; path
+  parameters (``*_path``, ``*_dir``, ...) are made absolute from the caller's directory;
+- checks the runs folder is writable before anything runs: ``RunSetupError`` naming it;
+- runs each stage's kernel with its connection file and sockets in a private folder that is
+  removed afterwards (two runs at once never share them);
 - executes each stage with papermill into ``<run_dir>/NN_name.ipynb`` plus ``NN_name.html``;
   the notebook is written even when the stage fails, with the error at its top;
 - passes every glued output (scrapbook) of earlier stages to later stages that declare a
@@ -332,12 +336,31 @@ def _coerce(value: Any, parameter: Parameter, raw: str | None) -> Any:
     raise ValueError
 
 
+_PATH_PARAMETER = re.compile(r"(?:.*_)?(?:path|dir|file|folder)")
+
+
+def is_path_parameter(name: str) -> bool:
+    """A parameter named ``*_path``, ``*_dir``, ``*_file`` or ``*_folder`` (``raw_path``,
+    ``output_dir``, ...) holds a path: the runner makes a relative one absolute."""
+    return bool(_PATH_PARAMETER.fullmatch(name))
+
+
+def absolute_path_value(value: Any, base: Path) -> Any:
+    """A path parameter's value as an absolute path: ``~`` expanded, a relative path taken from
+    ``base`` (the caller's working directory). Empty values (the notebook's default) and URIs
+    (``s3://...``) are left alone, as is anything but a str."""
+    if not isinstance(value, str) or not value.strip() or "://" in value:
+        return value
+    return os.path.normpath(Path(base) / Path(value).expanduser())
+
+
 def resolve_parameters(
     stages: list[Stage],
     selected: list[Stage],
     assignments: Mapping[str, str],
     file_values: Mapping[str, Any],
     file_label: str = "-f",
+    base: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The explicit parameters of each selected stage, ``{stage name: {parameter: value}}``.
 
@@ -346,7 +369,12 @@ def resolve_parameters(
     section of an unselected stage is ignored). Precedence: ``-p`` > section > flat entry.
     Every problem is collected, then raised as one ``ParameterError`` naming the parameter,
     the stage(s) and the expected type.
+
+    Path parameters (:func:`is_path_parameter`), from ``-p`` and ``-f`` alike, come out
+    absolute, relative ones taken from ``base`` (default: the current working directory, i.e.
+    where the user ran the command), never from the kernel's working directory (notebooks/).
     """
+    base = Path(base) if base is not None else Path.cwd()
     stage_names = {s.name for s in stages}
     selected_names = {s.name for s in selected}
     errors: list[str] = []
@@ -355,7 +383,8 @@ def resolve_parameters(
     def assign(stage: Stage, name: str, value: Any, raw: str | None, source: str) -> None:
         parameter = stage.parameters[name]
         try:
-            resolved[stage.name][name] = _coerce(value, parameter, raw)
+            value = _coerce(value, parameter, raw)
+            resolved[stage.name][name] = absolute_path_value(value, base) if is_path_parameter(name) else value
         except ValueError:
             shown = raw if raw is not None else value
             errors.append(
@@ -868,6 +897,7 @@ def run_pipeline(
         "resumed": [],
         "kernel": kernel_name,
         "timeout_s": timeout,
+        "cwd": str(Path.cwd()),  # relative path parameters were taken from here
         "git": _git_state(settings.project_root()),
         "versions": _package_versions(),
         "stages": [],

@@ -321,3 +321,24 @@ def test_embedded_triton_is_started_once_and_its_url_passed_to_stages_declaring_
     assert len(urls) == 1 and urls.pop().startswith("127.0.0.1:")
     assert all(s["outputs"]["server_live"] for s in stages.values())
     assert (result.run_dir / "triton.log").is_file()
+
+
+# --- path parameters ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, is_path", [
+    ("raw_path", True), ("output_dir", True), ("graph_dir", True), ("model_dir", True), ("run_dir", True),
+    ("example_graph_dir", True), ("pid_file", True), ("path", True), ("greeting", False),
+    ("triton_url", False), ("directory_count", False), ("feature_set", False),
+])
+def test_path_parameters_are_recognised_by_name(name, is_path):
+    assert runner.is_path_parameter(name) is is_path
+
+
+def test_path_values_become_absolute_from_the_base_and_the_rest_are_left_alone(tmp_path):
+    assert runner.absolute_path_value("data/in.csv", tmp_path) == str(tmp_path / "data" / "in.csv")
+    assert runner.absolute_path_value("../x", tmp_path / "a") == str(tmp_path / "x")
+    assert runner.absolute_path_value("/abs/file.csv", tmp_path) == "/abs/file.csv"
+    assert runner.absolute_path_value("~/f.csv", tmp_path) == str(Path.home() / "f.csv")
+    for unchanged in ("", "s3://bucket/key", None, 3):
+        assert runner.absolute_path_value(unchanged, tmp_path) == unchanged

@@ -155,3 +155,122 @@ def test_runtime_folder_of_a_killed_runner_is_removed_by_the_next_run(tmp_path):
 
     assert result.status == runner.SUCCEEDED
     assert not any(folder.exists() for folder in folders)
+
+
+# --- item 3, whole pipeline -----------------------------------------------------------------------
+
+SMALL = ["-p", "synthetic_rows=200000", "-p", "num_epochs=2", "-p", "bootstrap_samples=50",
+         "-p", "num_boost_round=8"]
+
+
+def registry_state(runs: Path) -> dict:
+    code = ("import json; from fraudlib import registry; c = registry.champion(); "
+            "print(json.dumps({'champion': c and c.version, 'triton': c and c.triton_version, "
+            "'versions': [[v.version, sorted(v.aliases)] for v in registry.versions()]}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environment(runs), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_two_whole_pipelines_started_at_once_both_finish_with_one_champion(tmp_path):
+    runs = tmp_path / "runs"
+    notebooks = ROOT / "notebooks"
+    before = sockets_in(notebooks)
+
+    started = time.monotonic()
+    runners = [start_runner([*SMALL, "--run-id", f"run{i}"], runs) for i in (1, 2)]
+    outputs = [p.communicate(timeout=1800)[0] for p in runners]
+    wall = time.monotonic() - started
+
+    assert [p.returncode for p in runners] == [0, 0], [o[-3000:] for o in outputs]
+    records = [record(runs, f"run{i}") for i in (1, 2)]
+    assert all(r["status"] == "succeeded" for r in records)
+    outputs_by_run = [{s["name"]: s["outputs"] for s in r["stages"]} for r in records]
+    state = registry_state(runs)
+    champions = [v for v, aliases in state["versions"] if "champion" in aliases]
+    assert champions == [state["champion"]] and state["triton"] == state["champion"], state
+    assert sockets_in(notebooks) == before  # no kernel files added next to the notebooks
+    assert not runner.kernel_runtime_folders(runners[0].pid) and not runner.kernel_runtime_folders(runners[1].pid)
+    # the repository lock serialised the two promotions: the deploy stages did not overlap
+    deploys = sorted((s["start"], s["end"]) for r in records for s in r["stages"] if s["name"] == "deploy")
+    print(f"two pipelines at once: {wall:.0f} s wall; decisions "
+          f"{[o['evaluate'].get('decision') for o in outputs_by_run]}; deploys {deploys}; registry {state}")
+
+
+# --- item 11: relative path parameters ----------------------------------------------------------
+
+READ_PATHS = """\
+import os
+import scrapbook as sb
+sb.glue("seen", {"raw_path": raw_path, "raw_text": open(raw_path).read() if raw_path else None,
+                 "output_dir": output_dir, "greeting": greeting, "cwd": os.getcwd()})
+if output_dir:
+    os.makedirs(output_dir, exist_ok=True)
+    open(os.path.join(output_dir, "written.txt"), "w").write("here")
+"""
+
+
+def paths_pipeline(directory: Path) -> Path:
+    notebook(directory / "01_paths.ipynb",
+             'raw_path: str = ""  # input file\noutput_dir: str = ""  # where to write\n'
+             'greeting: str = "hi"  # not a path', READ_PATHS)
+    return directory
+
+
+def test_relative_path_parameters_are_resolved_against_the_callers_directory(tmp_path):
+    notebooks = paths_pipeline(tmp_path / "notebooks")
+    caller = tmp_path / "caller"
+    (caller / "data").mkdir(parents=True)
+    (caller / "data" / "in.csv").write_text("the caller's file")
+    runs = tmp_path / "runs"
+
+    done = start_runner(["--notebooks-dir", str(notebooks), "--run-id", "rel", "-p", "raw_path=data/in.csv",
+                         "-p", "output_dir=out", "-p", "greeting=data/in.csv"], runs, cwd=caller)
+    output = done.communicate(timeout=300)[0]
+
+    assert done.returncode == 0, output
+    stage = record(runs, "rel")["stages"][0]
+    seen = stage["outputs"]["seen"]
+    assert seen["raw_text"] == "the caller's file"
+    assert seen["raw_path"] == str(caller / "data" / "in.csv")  # absolute, as recorded
+    assert (caller / "out" / "written.txt").is_file() and not (notebooks / "out").exists()
+    assert seen["greeting"] == "data/in.csv"  # only path parameters (*_path, *_dir, *_file) change
+    assert stage["requested"]["raw_path"] == stage["parameters"]["raw_path"] == str(caller / "data" / "in.csv")
+    assert stage["requested"]["output_dir"] == str(caller / "out")
+    assert record(runs, "rel")["cwd"] == str(caller)
+
+
+def test_relative_paths_in_a_parameter_file_are_resolved_against_the_callers_directory(tmp_path):
+    notebooks = paths_pipeline(tmp_path / "notebooks")
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    (caller / "in.csv").write_text("from -f")
+    (caller / "params.yaml").write_text("raw_path: in.csv\npaths:\n  output_dir: ./out\n")
+
+    result_dir = tmp_path / "runs"
+    done = start_runner(["--notebooks-dir", str(notebooks), "--run-id", "f", "-f", "params.yaml"], result_dir,
+                        cwd=caller)
+    output = done.communicate(timeout=300)[0]
+
+    assert done.returncode == 0, output
+    seen = record(result_dir, "f")["stages"][0]["outputs"]["seen"]
+    assert seen["raw_text"] == "from -f" and seen["output_dir"] == str(caller / "out")
+
+
+def test_a_relative_raw_path_reaches_the_real_preprocess_stage_as_the_callers_file(tmp_path):
+    from fraudlib import synthetic
+
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    synthetic.generate(caller / "raw.csv", 20_000, seed=0)
+    runs = tmp_path / "runs"
+
+    done = start_runner(["--stages", "preprocess", "--run-id", "pre", "-p", "raw_path=raw.csv",
+                         "-p", "use_gpu=false"], runs, cwd=caller)
+    output = done.communicate(timeout=600)[0]
+
+    assert done.returncode == 0, output
+    stage = record(runs, "pre")["stages"][0]
+    assert stage["parameters"]["raw_path"] == str(caller / "raw.csv")
