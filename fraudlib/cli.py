@@ -75,13 +75,15 @@ def cmd_status(args) -> int:
           f"on disk: {list(state.versions_on_disk)}  archived: {list(state.archived)}")
     if state.journal:
         print(f"  unfinished transition: {state.journal}")
+    triton_failed = False
     if args.triton_url:
         try:
             with _client(args.triton_url, "status") as client:
                 for model in client.repository_index():
                     print(f"  triton: {model.get('name')} v{model.get('version')} {model.get('state')}")
-        except TritonError as e:
+        except TritonError as e:  # unreachable, or its control API refused us: not a healthy status
             print(f"  triton: {e}")
+            triton_failed = True
     print(f"registry: {settings.REGISTERED_MODEL_NAME} at {settings.mlflow_tracking_uri()}")
     for v in registry.versions():
         print(f"  version {v.version}: triton v{v.triton_version} aliases [{', '.join(v.aliases)}] run {v.run_id}")
@@ -90,7 +92,12 @@ def cmd_status(args) -> int:
         print(f"INCONSISTENT: {p}")
     if problems:
         print("fix: fraud reconcile")
-    return 1 if problems else 0
+    if problems:
+        return 1
+    if triton_failed:
+        print(f"TRITON UNAVAILABLE: {args.triton_url}")
+        return 3
+    return 0
 
 
 def cmd_reconcile(args) -> int:
@@ -115,18 +122,45 @@ def cmd_serve(args) -> int:
             print(f"refusing to serve: {p}", file=sys.stderr)
         print("fix: `fraud reconcile` (or run the pipeline), then `fraud serve` again", file=sys.stderr)
         return 2
+    import time
+
+    from fraudlib.triton_server import EmbeddedTriton, Supervisor, TritonError
+
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with _client("", "serve", port=args.port, load_champion=True) as client:
-        repo = lifecycle.repository(client)
-        health = repo.health_check()
+
+    def report(message: str) -> None:
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} fraud serve: {message}", file=sys.stderr, flush=True)
+
+    def serve_champion(server: EmbeddedTriton):
+        """Load the champion and check it answers (at start, and after each restart)."""
+        with server.client() as client:
+            repo = lifecycle.repository(client)
+            repo.load()
+            health = repo.health_check()
         if not health.ok:
-            print(f"champion failed its health check: {health.reason}", file=sys.stderr)
+            raise TritonError(f"champion failed its health check: {health.reason}")
+        return health
+
+    server = EmbeddedTriton(settings.triton_model_repository(), settings.runs_root() / "serve" / "serve.log",
+                            http_port=args.port, grpc_port=args.grpc_port)
+    with server:
+        try:
+            health = serve_champion(server)
+        except TritonError as e:
+            print(str(e), file=sys.stderr)
             return 3
-        print(f"serving {settings.TRITON_MODEL_NAME} version {health.version} at http://{client.url} "
-              f"(health: {health.reason}); Ctrl-C stops", flush=True)
-        stop.wait()
+        print(f"serving {settings.TRITON_MODEL_NAME} version {health.version} at http://{server.url} "
+              f"(gRPC {server.grpc_url}, tritonserver pid {server.pid}; health: {health.reason}); "
+              "Ctrl-C stops", flush=True)
+        # A dead tritonserver is restarted (at most --max-restarts times in --restart-window
+        # seconds, each logged); beyond that, serve exits non-zero with the reason.
+        supervisor = Supervisor(server, serve_champion, max_restarts=args.max_restarts,
+                                window_s=args.restart_window, report=report)
+        if not supervisor.run(stop):
+            print(f"fraud serve: stopped serving: {supervisor.reason}", file=sys.stderr)
+            return 4
     print("stopped")
     return 0
 
@@ -167,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="keep the champion online with the embedded Triton until stopped")
     p.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default 8000)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port on 127.0.0.1 (default 8001)")
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="restarts of a dead tritonserver within --restart-window before giving up "
+                        "(exit 4; default 3)")
+    p.add_argument("--restart-window", type=float, default=600.0,
+                   help="seconds over which --max-restarts counts (default 600)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("score", help="score raw TabFormer-format rows against the served champion")
