@@ -118,6 +118,7 @@ def _score(url: str) -> np.ndarray:
         return c.infer(PUBLIC_MODEL, GRAPH, outputs=["PREDICTION"])["PREDICTION"]
 
 
+@pytest.mark.slow  # the `fraud` command starts in ~10 s (imports)
 def test_serve_restarts_a_killed_tritonserver_then_gives_up_with_the_reason(project):
     port, grpc_port = _free_port(), _free_port()
     serve = subprocess.Popen([str(FRAUD), "serve", "--port", str(port), "--grpc-port", str(grpc_port),
@@ -152,6 +153,7 @@ def test_serve_restarts_a_killed_tritonserver_then_gives_up_with_the_reason(proj
             serve.wait()
 
 
+@pytest.mark.slow  # the `fraud` command starts in ~10 s (imports)
 def test_serve_stops_cleanly_on_sigterm(project):
     port = _free_port()
     serve = subprocess.Popen([str(FRAUD), "serve", "--port", str(port), "--grpc-port", str(_free_port())],
@@ -172,6 +174,7 @@ def test_serve_stops_cleanly_on_sigterm(project):
             serve.wait()
 
 
+@pytest.mark.slow  # the `fraud` command starts in ~10 s (imports)
 def test_status_exits_non_zero_when_the_triton_url_does_not_answer(project):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))  # bound, never listening: nothing answers
@@ -183,6 +186,7 @@ def test_status_exits_non_zero_when_the_triton_url_does_not_answer(project):
     assert "INCONSISTENT" not in done.stdout  # the project itself is fine: the server is the problem
 
 
+@pytest.mark.slow  # the `fraud` command starts in ~10 s (imports)
 def test_status_of_a_serving_triton_exits_zero_with_the_key_from_the_runs_folder(project):
     with EmbeddedTriton(settings.triton_model_repository(), project / "status.log") as server:
         lifecycle.repository(server.client()).load()
