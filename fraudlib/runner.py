@@ -842,6 +842,51 @@ def _execute_run(
     return RunResult(record["run_id"], run_dir, record["status"], record, run_warnings)
 
 
+def check_writable(folder: Path, what: str, create: bool = True) -> None:
+    """Raises ``RunSetupError`` naming ``folder`` (and why) unless a file can be written in it.
+
+    Writes and removes a probe file rather than trusting permission bits: root ignores those,
+    while a read-only mount (EROFS) or an immutable folder (``chattr +i``) stop root too.
+    ``create``: make the folder (and its parents) when missing; else a missing one passes.
+    """
+    folder = Path(folder)
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        elif not folder.exists():
+            return
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise RunSetupError(f"the {what} {folder} is not writable ({_why_unwritable(folder, exc)}): "
+                            f"nothing was run. Make it writable or choose another runs folder "
+                            f"(--runs-dir or FRAUD_RUNS_DIR).") from None
+
+
+def _why_unwritable(folder: Path, exc: OSError) -> str:
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    reason = exc.strerror or str(exc)
+    if existing != folder:
+        return f"it does not exist and cannot be created in {existing}: {reason}"
+    return {errno.EROFS: "on a read-only file system",
+            errno.EPERM: f"{reason}: an immutable folder, chattr +i?"}.get(exc.errno, reason)
+
+
+def check_run_folders(runs_dir: Path) -> None:
+    """Before any stage runs: the runs folder and the stores the stages write under the runs
+    root (MLflow artifacts, Triton model repository) can be written."""
+    check_writable(Path(runs_dir), "runs folder")
+    services = [(settings.mlflow_artifact_root(), "MLflow artifact folder"),
+                (settings.triton_model_repository(), "Triton model repository")]
+    for folder, what in services:
+        check_writable(folder, what, create=False)
+
+
 @contextlib.contextmanager
 def _exclusive(run_dir: Path):
     """Holds the run folder against a second runner (e.g. two resumes of one run)."""
@@ -884,6 +929,7 @@ def run_pipeline(
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run_id):
         raise RunSetupError(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' only")
     run_dir = Path(runs_dir).resolve() / run_id
+    check_run_folders(run_dir.parent)
     try:
         run_dir.mkdir(parents=True)
     except FileExistsError as exc:
@@ -948,6 +994,8 @@ def resume_pipeline(
     run_dir = Path(runs_dir).resolve() / run_id
     if not run_dir.is_dir():
         raise RunSetupError(f"no run {run_id!r} in {Path(runs_dir).resolve()} (see --runs-dir)")
+    check_run_folders(Path(runs_dir).resolve())
+    check_writable(run_dir, f"folder of run {run_id}")
     with _exclusive(run_dir):
         record = read_record(run_dir)
         remaining = [rec for rec in record["stages"] if rec["status"] != SUCCEEDED]

@@ -274,3 +274,95 @@ def test_a_relative_raw_path_reaches_the_real_preprocess_stage_as_the_callers_fi
     assert done.returncode == 0, output
     stage = record(runs, "pre")["stages"][0]
     assert stage["parameters"]["raw_path"] == str(caller / "raw.csv")
+
+
+# --- item 12: a runs folder that cannot be written ------------------------------------------------
+#
+# The test process may run as root, where chmod stops nothing: each way of making a folder
+# unwritable is tried where it works here, and the one that always works (a runs folder whose
+# parent is a regular file) runs everywhere.
+
+
+def _chattr(flag: str, path: Path) -> bool:
+    return shutil.which("chattr") is not None and subprocess.run(
+        ["chattr", flag, str(path)], capture_output=True).returncode == 0
+
+
+def _unshare_works() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+def unwritable_runs(how: str, tmp_path: Path):
+    """(runs folder, command prefix, cleanup) for one way of making the runs folder unwritable."""
+    runs = tmp_path / "runs"
+    if how == "parent-is-a-file":
+        (tmp_path / "afile").write_text("not a folder")
+        return tmp_path / "afile" / "runs", [], lambda: None
+    runs.mkdir()
+    if how == "immutable":  # chattr +i: refused even to root (EPERM)
+        if not _chattr("+i", runs):
+            pytest.skip("chattr +i does not work here")
+        return runs, [], lambda: _chattr("-i", runs)
+    if how == "read-only-mount":  # a read-only bind mount in a private mount namespace (EROFS)
+        if not _unshare_works():
+            pytest.skip("unshare -rm (user and mount namespaces) is not permitted here")
+        return runs, ["unshare", "-rm", "sh", "-c", f'mount --bind -o ro "{runs}" "{runs}" && exec "$@"', "sh"], \
+            lambda: None
+    if how == "chmod":
+        if os.geteuid() == 0:
+            pytest.skip("chmod does not stop root from writing")
+        runs.chmod(0o555)
+        return runs, [], lambda: runs.chmod(0o755)
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["parent-is-a-file", "immutable", "read-only-mount", "chmod"])
+def test_unwritable_runs_folder_is_named_before_any_stage_runs(tmp_path, how):
+    notebooks = probe_pipeline(tmp_path / "notebooks")
+    runs, prefix, cleanup = unwritable_runs(how, tmp_path)
+    try:
+        done = subprocess.run(
+            [*prefix, sys.executable, str(ROOT / "run_pipeline.py"), "--notebooks-dir", str(notebooks),
+             "--no-progress"], cwd=ROOT, env=environment(runs), capture_output=True, text=True, timeout=300)
+    finally:
+        cleanup()
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert f"runs folder {runs} is not writable" in done.stderr, done.stderr
+    assert "nothing was run" in done.stderr
+    assert "01_probe" not in done.stdout + done.stderr  # no stage started
+    if how == "parent-is-a-file":
+        assert f"{tmp_path / 'afile'} is a file, not a folder" in done.stderr
+
+
+def test_unwritable_triton_repository_under_the_runs_folder_is_named_before_any_stage_runs(tmp_path):
+    notebooks = probe_pipeline(tmp_path / "notebooks")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "triton_repository").write_text("a file where the model repository should be")
+
+    done = start_runner(["--notebooks-dir", str(notebooks)], runs)
+    output = done.communicate(timeout=300)[0]
+
+    assert done.returncode == 2, output
+    assert f"{runs / 'triton_repository'} is not writable" in output and "Traceback" not in output
+
+
+def test_resume_into_an_unwritable_run_folder_is_named_before_any_stage_runs(tmp_path):
+    notebooks = probe_pipeline(tmp_path / "notebooks")
+    notebook(notebooks / "03_fail.ipynb", 'note: str = ""  # unused', "raise RuntimeError('deliberate')")
+    runs = tmp_path / "runs"
+    assert runner.run_pipeline(notebooks, runs, run_id="r", progress=False).status == runner.FAILED
+    if not _chattr("+i", runs / "r"):
+        pytest.skip("chattr +i does not work here")
+    try:
+        done = subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), "--resume", "r", "--no-progress"],
+                              cwd=ROOT, env=environment(runs), capture_output=True, text=True, timeout=300)
+    finally:
+        _chattr("-i", runs / "r")
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"folder of run r {runs / 'r'} is not writable" in done.stderr and "Traceback" not in done.stderr
+    assert runner.read_record(runs / "r")["stages"][2]["status"] == "failed"  # untouched
