@@ -43,26 +43,20 @@ def _client(url: str, log_name: str, port: int | None = None, load_champion: boo
 
 
 def consistency_problems() -> list[str]:
-    """What stops the repository from serving one champion agreed with the registry."""
+    """What stops the repository from serving one champion agreed with the registry: a live
+    pipeline at work, state a crashed run left, or no champion (``lifecycle.diagnose``)."""
     from fraudlib import lifecycle
-    from fraudlib.triton_repo import RepositoryError
 
-    try:
-        state = lifecycle.repository(None).state()
-    except RepositoryError as e:
-        return [str(e)]
-    problems = []
-    if state.journal:
-        problems.append(f"an interrupted {state.journal.get('op')} (steps done: {state.journal.get('steps')})")
-    if state.challenger is not None:
-        problems.append(f"version {state.challenger} is still staged as a challenger")
-    registry_version = lifecycle.registry_champion_triton_version()
-    if state.champion is None:
-        problems.append("no champion is on disk: run the pipeline first (make run)")
-    elif registry_version != state.champion:
-        problems.append(f"the repository serves version {state.champion} but the registry's champion is "
-                        f"Triton version {registry_version}")
-    return problems
+    d = lifecycle.diagnose()
+    return [*d.live, *d.problems, *d.fatal]
+
+
+def _advice() -> str | None:
+    """What to do about ``consistency_problems``: wait for a live pipeline (never reconcile
+    under it), reconcile what a crashed run left, or run the pipeline."""
+    from fraudlib import lifecycle
+
+    return lifecycle.diagnose().advice
 
 
 def cmd_status(args) -> int:
@@ -91,7 +85,7 @@ def cmd_status(args) -> int:
     for p in problems:
         print(f"INCONSISTENT: {p}")
     if problems:
-        print("fix: fraud reconcile")
+        print(f"fix: {_advice()}")
     if problems:
         return 1
     if triton_failed:
@@ -102,9 +96,14 @@ def cmd_status(args) -> int:
 
 def cmd_reconcile(args) -> int:
     from fraudlib import lifecycle
+    from fraudlib.triton_repo import describe_owner
 
+    holder = lifecycle.repository(None).lock_holder()
+    if holder is not None:
+        print(f"waiting: {describe_owner(holder)} holds the repository lock for its "
+              f"{holder.get('operation', '?')} since {holder.get('since', '?')}", flush=True)
     with _client(args.triton_url, "reconcile") as client:
-        report = lifecycle.reconcile(client, reject_challenger=not args.keep_challenger)
+        report = lifecycle.reconcile(client, reject_challenger=not args.keep_challenger, force=args.force)
     print(f"champion: {report.champion}  challenger: {report.challenger}")
     for action in report.actions:
         print(f"  {action}")
@@ -120,7 +119,7 @@ def cmd_serve(args) -> int:
     if problems:
         for p in problems:
             print(f"refusing to serve: {p}", file=sys.stderr)
-        print("fix: `fraud reconcile` (or run the pipeline), then `fraud serve` again", file=sys.stderr)
+        print(f"fix: {_advice()}; then `fraud serve` again", file=sys.stderr)
         return 2
     import time
 
@@ -218,7 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reconcile", help="repair repository and registry after a crash")
     p.add_argument("--keep-challenger", action="store_true",
-                   help="keep a staged challenger (default: reject it; its run is assumed gone)")
+                   help="keep a staged challenger (default: reject it when the run that staged it is gone; "
+                        "a live run's challenger is always kept)")
+    p.add_argument("--force", action="store_true",
+                   help="reject a staged challenger even when the process that staged it still runs "
+                        "(e.g. an abandoned notebook session); this breaks that run")
     _server_args(p)
     p.set_defaults(func=cmd_reconcile)
 

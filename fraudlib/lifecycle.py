@@ -4,6 +4,21 @@ deploy the decision. Stages 3 and 4 call these; each is also usable without note
 The Triton repository (``triton_repo``) and the MLflow registry (``registry``) change
 together here, in an order that ``reconcile`` can always repair: Triton first (journalled),
 then the registry.
+
+Resuming after a crash (``run_pipeline.py --resume`` runs the failed stage again with the same
+inputs) finishes or undoes what the crash interrupted, from what it finds:
+
+- stage 3 (``evaluate``): the repository is reconciled first (an interrupted staging, e.g. a
+  copy that died on a full disk, is undone) and what it repaired is printed; a challenger that
+  this training run staged earlier (``staged.json`` names the run, whether or not the
+  ``challenger`` alias was written) is rejected and staged again.
+- stage 4 (``deploy``): when Triton already serves the challenger (the crash came after the
+  switch, before the registry), the registry's aliases are written; when it is already archived
+  as rejected, the registry is told; an interrupted promotion is undone and done again.
+
+Crash points (``fail_after`` and ``triton_repo.set_crash_hook``): :data:`EVALUATE_STEPS`
+(``evaluate.<step>``), :data:`PROMOTE_DEPLOY_STEPS` and :data:`REJECT_DEPLOY_STEPS`
+(``deploy.<step>``), besides the repository's own steps.
 """
 
 from __future__ import annotations
@@ -17,11 +32,29 @@ import numpy as np
 
 from fraudlib import metrics, promotion, registry, settings, tracking
 from fraudlib.graph_store import ENCODERS, Graph, manifest_hash, read_encoders, read_part
-from fraudlib.triton_repo import PromotionFailed, ReconcileReport, TritonRepository, graph_inputs
+from fraudlib.triton_repo import (PROMOTE_STEPS, REJECT_STEPS, STAGE_STEPS, InjectedCrash, PromotionFailed,
+                                  ReconcileReport, RepositoryError, TritonRepository, crash_point,
+                                  describe_owner, graph_inputs, owned_by_this_process)
 from fraudlib.triton_server import TritonClient, TritonError
 
 REJECTED_TAG = "rejected"
 ROLLED_BACK = "rolled-back"
+
+EVALUATE_STEPS = ("reconciled", "staged", "registered", "challenger_marked", "scored", "logged")
+PROMOTE_DEPLOY_STEPS = ("triton_promoted", *registry.PROMOTE_STEPS)
+REJECT_DEPLOY_STEPS = ("triton_rejected", "challenger_alias_removed", "rejected_tag_written")
+
+
+def _point(stage: str, step: str, fail_after: str | None) -> None:
+    crash_point(f"{stage}.{step}")
+    if fail_after == step:
+        raise InjectedCrash(f"injected crash after step {step!r} of {stage}")
+
+
+def _check_fail_after(fail_after: str | None, *allowed: tuple[str, ...]) -> None:
+    steps = tuple(s for group in allowed for s in group)
+    if fail_after is not None and fail_after not in steps:
+        raise ValueError(f"fail_after={fail_after!r} is not one of {steps}")
 
 
 @dataclass
@@ -41,6 +74,8 @@ class Evaluation:
     comparison: str | None = None
     # Where a model's threshold did not come from its meta.json (a package without one).
     threshold_notes: list[str] = field(default_factory=list)
+    # What was repaired before staging (state a crashed run left), as printed.
+    repairs: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, dict[str, float | None]]:
         """The comparison as a table, one column per model (and ``delta`` with a champion):
@@ -75,10 +110,12 @@ class Deployment:
     champion_version: int | None  # Triton version serving afterwards
     registry_champion: int | None  # registry version with the champion alias afterwards
     health: str
+    repairs: tuple[str, ...] = ()  # what an earlier, interrupted attempt left and this one finished
 
 
-def repository(client: TritonClient | None, root: Path | str | None = None) -> TritonRepository:
-    return TritonRepository(Path(root) if root else settings.triton_model_repository(), client)
+def repository(client: TritonClient | None, root: Path | str | None = None,
+               run_id: str | None = None) -> TritonRepository:
+    return TritonRepository(Path(root) if root else settings.triton_model_repository(), client, run_id=run_id)
 
 
 def registry_champion_triton_version() -> int | None:
@@ -87,16 +124,136 @@ def registry_champion_triton_version() -> int | None:
 
 
 def reconcile(client: TritonClient | None, root: Path | str | None = None,
-              reject_challenger: bool = False) -> ReconcileReport:
-    """Bring repository, Triton and registry back to one consistent champion.
+              reject_challenger: bool = False, force: bool = False) -> ReconcileReport:
+    """Bring repository, Triton and registry back to one consistent champion, aliases included.
 
-    ``reject_challenger`` also drops a staged challenger (when the run that staged it is gone).
+    ``reject_challenger`` also drops a staged challenger whose run is gone (a live run's
+    challenger stays unless ``force``; the report says so).
     """
     repo = repository(client, root)
-    report = repo.reconcile(registry_champion_triton_version(), reject_challenger=reject_challenger)
-    if report.challenger is None:
-        registry.clear_challenger()
-    return report
+    report = repo.reconcile(registry_champion_triton_version(), reject_challenger=reject_challenger, force=force)
+    aliases = repair_aliases(repo)
+    return dataclasses.replace(report, actions=(*report.actions, *aliases)) if aliases else report
+
+
+def _by_triton_version() -> dict[int, registry.RegistryVersion]:
+    found: dict[int, registry.RegistryVersion] = {}
+    for v in registry.versions():  # oldest first: the newest registration of a Triton version wins
+        if v.triton_version is not None:
+            found[v.triton_version] = v
+    return found
+
+
+def alias_problems(repo: TritonRepository) -> list[tuple[str, str, int | None]]:
+    """Aliases that disagree with the repository: (description, alias, the registry version it
+    should be on, None: removed). ``champion`` is the repository reconcile's business, except
+    when the registry has none while a version serves (a first promotion that died before the
+    registry was written)."""
+    state = repo.state()
+    by_triton = _by_triton_version()
+    problems = []
+    champion = registry.champion()
+    if champion is None and state.champion is not None and state.champion in by_triton:
+        champion = by_triton[state.champion]
+        problems.append((f"alias champion is on no version while Triton version {state.champion} "
+                         f"(registry version {champion.version}) serves", settings.CHAMPION_ALIAS, champion.version))
+    want = by_triton.get(state.challenger) if state.challenger is not None else None
+    have = registry.by_alias(settings.CHALLENGER_ALIAS)
+    if have is not None and (want is None or have.version != want.version):
+        where = (f"version {want.version} (Triton version {state.challenger}, staged)" if want
+                 else "no version (no challenger is staged)")
+        problems.append((f"alias challenger is on registry version {have.version} (Triton version "
+                         f"{have.triton_version}, not staged); it belongs on {where}",
+                         settings.CHALLENGER_ALIAS, want.version if want else None))
+    previous = registry.by_alias(settings.PREVIOUS_CHAMPION_ALIAS)
+    if previous is not None and champion is not None and previous.version == champion.version:
+        before = repo.previous_champion()
+        target = by_triton.get(before) if before is not None else None
+        target = target if target is not None and target.version != champion.version else None
+        where = (f"version {target.version} (Triton version {before}, which the champion replaced)" if target
+                 else "no version")
+        problems.append((f"alias previous-champion is on the champion (registry version {previous.version}); "
+                         f"it belongs on {where}", settings.PREVIOUS_CHAMPION_ALIAS,
+                         target.version if target else None))
+    return problems
+
+
+def repair_aliases(repo: TritonRepository) -> list[str]:
+    """Move or remove the aliases a crash between alias writes left stale; what was done."""
+    actions = []
+    for problem, alias, version in alias_problems(repo):
+        if version is None:
+            registry.delete_alias(alias)
+        else:
+            registry.set_alias(alias, version)
+        actions.append(f"registry: {problem}: {'moved' if version is not None else 'removed'}")
+    return actions
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """Why the repository cannot serve one champion agreed with the registry right now.
+
+    ``live``: a pipeline is at work (it holds the repository lock, or evaluates a challenger it
+    staged): wait for it. ``problems``: state a crashed run left, or a disagreement with the
+    registry: ``fraud reconcile`` repairs it (the next pipeline run repairs it by itself too).
+    ``fatal``: nothing to repair (no champion yet).
+    """
+    live: tuple[str, ...]
+    problems: tuple[str, ...]
+    fatal: tuple[str, ...] = ()
+
+    @property
+    def advice(self) -> str | None:
+        if self.live:
+            return ("a pipeline is at work: wait for it to finish (`fraud status` shows when), then try again. "
+                    "Do not reconcile meanwhile: the repository is not broken, and rejecting that run's "
+                    "challenger would break the run")
+        if self.problems:
+            return ("a run that is gone left this: `fraud reconcile` repairs it (the next pipeline run also "
+                    "repairs it by itself)")
+        if self.fatal:
+            return "run the pipeline first (make run)"
+        return None
+
+
+def diagnose(root: Path | str | None = None) -> Diagnosis:
+    """Tell a live pipeline apart from state a crashed run left (disk and registry only)."""
+    repo = repository(None, root)
+    live, problems, fatal = [], [], []
+    holder = repo.lock_holder()
+    if holder is not None:
+        live.append(f"{describe_owner(holder)} holds the repository lock for its {holder.get('operation', '?')} "
+                    f"since {holder.get('since', '?')}")
+    try:
+        state = repo.state()
+    except RepositoryError as e:
+        return Diagnosis(tuple(live), (str(e),))
+    if state.journal and holder is None:
+        j = state.journal
+        problems.append(f"an interrupted {j.get('op')} of version {j.get('version')} (steps done: {j.get('steps')}), "
+                        "left by a run that is gone")
+    if state.challenger is not None:
+        owner = repo.challenger_owner() or {}
+        at = owner.get("at", "?")
+        if owner.get("alive") is not False and not owned_by_this_process(owner):
+            unsure = " (on another host: cannot check it is alive)" if owner.get("alive") is None else ""
+            live.append(f"{describe_owner(owner)} is evaluating challenger version {state.challenger}, "
+                        f"staged at {at}{unsure}")
+        else:
+            problems.append(f"version {state.challenger} is still staged as a challenger by "
+                            f"{describe_owner(owner)}, which is gone (staged at {at})")
+    if live:  # the registry may lag the repository while a pipeline works: not a problem yet
+        return Diagnosis(tuple(live), tuple(problems))
+    registry_version = registry_champion_triton_version()
+    if state.champion is None and registry_version is None:
+        fatal.append("no champion is on disk: run the pipeline first (make run)")
+    elif registry_version != state.champion:
+        problems.append(f"the repository serves version {state.champion} but the registry's champion is "
+                        f"Triton version {registry_version}")
+    else:
+        problems.extend(p for p, _, _ in alias_problems(repo))
+    return Diagnosis((), tuple(problems), tuple(fatal))
 
 
 def find_training_run(model_dir: Path | str) -> str:
@@ -171,28 +328,42 @@ def champion_view(test: Graph, graph_dir: Path | str, champion_graph_dir: Path |
     return graph, known
 
 
-def _reject_own_earlier_challenger(repo: TritonRepository, mlflow_run_id: str) -> None:
+def _reject_own_earlier_challenger(repo: TritonRepository, mlflow_run_id: str) -> str | None:
     """A challenger that this training run staged in an earlier attempt that failed (the run
     is being resumed) is rejected, so that it can be staged and scored again; a challenger
-    of another run is left alone (stage refuses, saying how to clear it)."""
+    of another run is left alone (stage refuses, saying how to clear it). The earlier attempt
+    may have died before writing the ``challenger`` alias: ``staged.json`` names the run."""
     staged = repo.state().challenger
+    if staged is None:
+        return None
+    owner = repo.challenger_owner() or {}
     earlier = registry.by_alias(settings.CHALLENGER_ALIAS)
-    if staged is None or earlier is None or (earlier.run_id, earlier.triton_version) != (mlflow_run_id, staged):
-        return
+    by_alias = earlier is not None and (earlier.run_id, earlier.triton_version) == (mlflow_run_id, staged)
+    if not (by_alias or owner.get("run") == mlflow_run_id):
+        return None
     repo.reject(staged, registry_champion_version=registry_champion_triton_version())
-    registry.clear_challenger()
-    registry.tag_version(earlier.version, REJECTED_TAG, "replaced: evaluated again by the same training run")
+    if earlier is not None and earlier.triton_version == staged:
+        registry.clear_challenger()
+    for v in registry.versions():
+        if v.run_id == mlflow_run_id and v.triton_version == staged:
+            registry.tag_version(v.version, REJECTED_TAG, "replaced: evaluated again by the same training run")
+    return f"rejected version {staged}, staged by an earlier attempt of this training run, to stage it again"
 
 
 def evaluate(model_dir: Path | str, graph_dir: Path | str, client: TritonClient, mlflow_run_id: str,
              metric: str = promotion.DEFAULT_METRIC, min_improvement: float = 0.0, bootstrap_samples: int = 1000,
              confidence_level: float = 0.95, bootstrap_seed: int = 0,
-             repo_root: Path | str | None = None) -> Evaluation:
+             repo_root: Path | str | None = None, fail_after: str | None = None) -> Evaluation:
     """Stage the model as the challenger, score it and the champion on the test graph with
     explicit versions, and decide (``promotion.decide``: paired bootstrap of ``metric``, promote
     when the interval's lower bound is above ``min_improvement``). Each model's threshold
     metrics are at its own threshold (its meta.json). The challenger is registered with alias
-    ``challenger``."""
+    ``challenger``.
+
+    State a crashed run left is repaired first, and what was repaired is printed (and kept in
+    ``Evaluation.repairs``). ``fail_after``: a step of :data:`EVALUATE_STEPS` or of staging
+    (tests)."""
+    _check_fail_after(fail_after, EVALUATE_STEPS, STAGE_STEPS)
     promotion.check_settings(metric, min_improvement, bootstrap_samples, confidence_level, bootstrap_seed)
     challenger_threshold, note = operating_threshold(_package_version_dir(Path(model_dir)), "challenger")
     notes = [note] if note else []
@@ -204,12 +375,20 @@ def evaluate(model_dir: Path | str, graph_dir: Path | str, client: TritonClient,
     settings_ = dict(metric=metric, min_improvement=min_improvement, n_boot=bootstrap_samples,
                      level=confidence_level, seed=bootstrap_seed)
 
-    repo = repository(client, repo_root)
-    reconcile(client, repo_root)
-    _reject_own_earlier_challenger(repo, mlflow_run_id)
-    version = repo.stage(Path(model_dir), registry_champion_version=registry_champion_triton_version())
+    repo = repository(client, repo_root, run_id=mlflow_run_id)
+    repairs = list(reconcile(client, repo_root).actions)
+    own = _reject_own_earlier_challenger(repo, mlflow_run_id)
+    repairs += [own] if own else []
+    if repairs:
+        print("repaired the Triton repository before staging: " + "; ".join(repairs), flush=True)
+    _point("evaluate", "reconciled", fail_after)
+    version = repo.stage(Path(model_dir), registry_champion_version=registry_champion_triton_version(),
+                         fail_after=fail_after if fail_after in STAGE_STEPS else None)
+    _point("evaluate", "staged", fail_after)
     registered = registry.register(mlflow_run_id, version, manifest_hash(graph_dir))
+    _point("evaluate", "registered", fail_after)
     registry.mark_challenger(registered.version)
+    _point("evaluate", "challenger_marked", fail_after)
 
     challenger_scores = _prediction(repo.score(version, graph_inputs(test)))
     challenger_metrics = metrics.report(test.label, challenger_scores, challenger_threshold)
@@ -259,10 +438,13 @@ def evaluate(model_dir: Path | str, graph_dir: Path | str, client: TritonClient,
         notes += [champion_note] if champion_note else []
         if comparison:
             decision = dataclasses.replace(decision, reason=f"{decision.reason} ({comparison})")
+    _point("evaluate", "scored", fail_after)
     registry.log_evaluation(mlflow_run_id, challenger_metrics, champion_metrics,
                             decision.decision, decision.reason, detail=decision)
+    _point("evaluate", "logged", fail_after)
     return Evaluation(version, champion_version, registered.version, challenger_metrics, champion_metrics,
-                      decision, thresholds, labels, challenger_scores, champion_scores, unusable, comparison, notes)
+                      decision, thresholds, labels, challenger_scores, champion_scores, unusable, comparison, notes,
+                      repairs)
 
 
 def pending_decision(client: TritonClient | None, root: Path | str | None = None) -> tuple[str, int, int] | None:
@@ -283,25 +465,73 @@ def deploy(decision: str, challenger_version: int, registry_version: int, client
 
     A failed health check after promotion restores the previous champion in Triton, leaves
     the registry's champion alias where it was, and is reported as ``rolled-back``.
+
+    Run again after a crash with the same arguments (a resumed stage 4), it finishes what the
+    crashed attempt began: Triton already switched or already rejected, only the registry is
+    written (``Deployment.repairs`` says so); an interrupted Triton step is undone and done again.
+    ``fail_after``: a step of the repository's promote/reject or of :data:`PROMOTE_DEPLOY_STEPS`
+    / :data:`REJECT_DEPLOY_STEPS` (tests).
     """
+    if decision not in (promotion.PROMOTE, promotion.REJECT):
+        raise ValueError(f"decision must be {promotion.PROMOTE!r} or {promotion.REJECT!r}, got {decision!r}")
+    promoting = decision == promotion.PROMOTE
+    _check_fail_after(fail_after, *((PROMOTE_STEPS, PROMOTE_DEPLOY_STEPS) if promoting
+                                    else (REJECT_STEPS, REJECT_DEPLOY_STEPS)))
+    repo_fail_after = fail_after if fail_after in (PROMOTE_STEPS if promoting else REJECT_STEPS) else None
     repo = repository(client, repo_root)
     registry_champion = registry_champion_triton_version()
-    if decision == promotion.PROMOTE:
-        try:
-            health = repo.promote(challenger_version, registry_champion_version=registry_champion,
-                                  fail_after=fail_after)
-        except PromotionFailed as e:
-            registry.clear_challenger()
-            registry.tag_version(registry_version, REJECTED_TAG, f"rolled back: {e}")
+    state = repo.state()
+    repairs: list[str] = []
+    if not promoting and (state.journal or {}).get("op") == "reject" and \
+            state.journal.get("version") == challenger_version:
+        repo.reconcile(registry_champion)  # an interrupted reject of this version is finished
+        state = repo.state()
+    if state.journal is None and state.challenger != challenger_version:
+        # Not staged (any more): an earlier attempt got past the Triton step, or it failed.
+        left = repo.archive_reason(challenger_version)
+        if promoting and state.champion == challenger_version:
+            repairs.append(f"Triton already serves version {challenger_version} (an earlier attempt stopped "
+                           "before the registry was written): the registry follows")
+        elif not promoting and left == "rejected":
+            repairs.append(f"version {challenger_version} was already rejected in Triton (an earlier attempt "
+                           "stopped before the registry was written): the registry follows")
+        elif promoting and left is not None and left.startswith("failed_"):
             current = registry.champion()
-            return Deployment(ROLLED_BACK, repo.state().champion, current.version if current else None, str(e))
-        registry.promote(registry_version)
-        return Deployment(promotion.PROMOTE, challenger_version, registry_version, health.reason)
-    if decision == promotion.REJECT:
-        repo.reject(challenger_version, registry_champion_version=registry_champion, fail_after=fail_after)
+            _rolled_back_in_registry(registry_version, f"rolled back: version {challenger_version} {left}")
+            return Deployment(ROLLED_BACK, state.champion, current.version if current else None,
+                              f"an earlier attempt rolled version {challenger_version} back ({left})",
+                              (f"registry told of the earlier attempt's roll-back of version {challenger_version}",))
+    step = lambda name: _point("deploy", name, fail_after)  # noqa: E731
+    if promoting:
+        if repairs:
+            health = repo.health_check()
+        else:
+            try:
+                health = repo.promote(challenger_version, registry_champion_version=registry_champion,
+                                      fail_after=repo_fail_after)
+            except PromotionFailed as e:
+                _rolled_back_in_registry(registry_version, f"rolled back: {e}")
+                current = registry.champion()
+                return Deployment(ROLLED_BACK, repo.state().champion, current.version if current else None, str(e))
+        step("triton_promoted")
+        registry.promote(registry_version, on_step=step)
+        return Deployment(promotion.PROMOTE, challenger_version, registry_version, health.reason, tuple(repairs))
+    if not repairs:
+        repo.reject(challenger_version, registry_champion_version=registry_champion, fail_after=repo_fail_after)
+    step("triton_rejected")
+    challenger = registry.by_alias(settings.CHALLENGER_ALIAS)
+    if challenger is None or challenger.version == registry_version:
         registry.clear_challenger()
-        registry.tag_version(registry_version, REJECTED_TAG, "not better than the champion")
-        current = registry.champion()
-        return Deployment(promotion.REJECT, repo.state().champion, current.version if current else None,
-                          repo.health_check().reason)
-    raise ValueError(f"decision must be {promotion.PROMOTE!r} or {promotion.REJECT!r}, got {decision!r}")
+    step("challenger_alias_removed")
+    registry.tag_version(registry_version, REJECTED_TAG, "not better than the champion")
+    step("rejected_tag_written")
+    current = registry.champion()
+    return Deployment(promotion.REJECT, repo.state().champion, current.version if current else None,
+                      repo.health_check().reason, tuple(repairs))
+
+
+def _rolled_back_in_registry(registry_version: int, why: str) -> None:
+    challenger = registry.by_alias(settings.CHALLENGER_ALIAS)
+    if challenger is None or challenger.version == registry_version:
+        registry.clear_challenger()
+    registry.tag_version(registry_version, REJECTED_TAG, why)

@@ -113,14 +113,34 @@ def clear_challenger(name: str = settings.REGISTERED_MODEL_NAME) -> None:
     _delete_alias(tracking.configure(), name, settings.CHALLENGER_ALIAS)
 
 
-def promote(version: int, name: str = settings.REGISTERED_MODEL_NAME) -> None:
-    """``champion`` -> version; the old champion becomes ``previous-champion``."""
+PROMOTE_STEPS = ("previous_champion_alias_written", "champion_alias_written", "challenger_alias_removed")
+
+
+def promote(version: int, name: str = settings.REGISTERED_MODEL_NAME, on_step=None) -> None:
+    """``champion`` -> version; the old champion becomes ``previous-champion``.
+
+    Three alias writes, in this order (``on_step(step)`` after each, :data:`PROMOTE_STEPS`):
+    running it again after a crash between them finishes it, and ``lifecycle.reconcile``
+    repairs what a crash left (``previous-champion`` on the champion, a stale ``challenger``).
+    """
     client = tracking.configure()
+    step = on_step or (lambda _: None)
     old = champion(name)
     if old is not None and old.version != version:
         client.set_registered_model_alias(name, settings.PREVIOUS_CHAMPION_ALIAS, str(old.version))
+    step(PROMOTE_STEPS[0])
     client.set_registered_model_alias(name, settings.CHAMPION_ALIAS, str(version))
+    step(PROMOTE_STEPS[1])
     _delete_alias(client, name, settings.CHALLENGER_ALIAS)
+    step(PROMOTE_STEPS[2])
+
+
+def set_alias(alias: str, version: int, name: str = settings.REGISTERED_MODEL_NAME) -> None:
+    tracking.configure().set_registered_model_alias(name, alias, str(version))
+
+
+def delete_alias(alias: str, name: str = settings.REGISTERED_MODEL_NAME) -> None:
+    _delete_alias(tracking.configure(), name, alias)
 
 
 def restore_champion(version: int, name: str = settings.REGISTERED_MODEL_NAME) -> None:

@@ -22,15 +22,24 @@ Every change holds a file lock on the repository and is journalled step by step;
 crash at any step (using the journal, the disk and the registry's champion), and stage,
 promote, reject and rollback reconcile first.
 
+Who is at work: the lock holder's record (``.lock.holder.json``) and the challenger's
+``staged.json`` name the process (pid and its start time, and for a Jupyter kernel the process
+that started it: the pipeline runner), the host, the MLflow run and the time; :meth:`lock_holder`
+and :meth:`challenger_owner` say whether that process still lives, so a live pipeline is told
+apart from state a crashed run left (``reconcile`` never rejects a live run's challenger).
+
 Crash injection (tests): stage/promote/reject/rollback take ``fail_after=<step>``; right after
 that step is done and journalled they raise :class:`InjectedCrash`, a ``BaseException`` that
 no rollback handler catches, so the repository is left exactly as a crash would leave it.
 The step names are :data:`STAGE_STEPS`, :data:`PROMOTE_STEPS`, :data:`REJECT_STEPS`,
-:data:`ROLLBACK_STEPS`.
+:data:`ROLLBACK_STEPS`. :func:`set_crash_hook` installs a function called at every such point
+(``"<op>.<step>"``, and ``"stage.copying"`` before each file of a staged copy) so a test can
+stop or kill a real process exactly there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -42,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 from filelock import FileLock, Timeout
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
@@ -87,6 +97,74 @@ class PromotionFailed(RepositoryError):
 
 class InjectedCrash(BaseException):
     """Raised by ``fail_after`` to simulate a crash right after a step (tests only)."""
+
+
+_crash_hook = None
+
+
+def set_crash_hook(hook) -> None:
+    """``hook(point)`` is called at every crash point (tests: pause, then be killed); None: off."""
+    global _crash_hook
+    _crash_hook = hook
+
+
+def crash_point(point: str) -> None:
+    if _crash_hook is not None:
+        _crash_hook(point)
+
+
+def _copy_file(src, dst):
+    crash_point("stage.copying")
+    return shutil.copy2(src, dst)
+
+
+# --- who is at work ------------------------------------------------------------------------
+
+def _started(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, ValueError):
+        return None
+
+
+def process_identity(run: str | None = None) -> dict:
+    """This process as a lock holder or challenger owner records it. In a Jupyter kernel (a
+    pipeline stage) the kernel's parent is recorded too: the runner that goes on to the next
+    stage outlives the kernel."""
+    me = {"pid": os.getpid(), "started": _started(os.getpid()), "host": socket.gethostname(),
+          "run": run, "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    parent = os.environ.get("JPY_PARENT_PID", "")
+    if parent.isdigit() and int(parent) != os.getpid() and _started(int(parent)) is not None:
+        me["parent_pid"], me["parent_started"] = int(parent), _started(int(parent))
+    return me
+
+
+def owner_alive(owner: dict) -> bool | None:
+    """Whether a recorded process (or its recorded parent) still runs: None when it ran on
+    another host (it cannot be checked here)."""
+    if owner.get("host") not in (None, socket.gethostname()):
+        return None
+    for pid_key, start_key in (("pid", "started"), ("parent_pid", "parent_started")):
+        pid = owner.get(pid_key)
+        if not isinstance(pid, int):
+            continue
+        started = _started(pid)
+        if started is not None and (owner.get(start_key) is None or abs(started - owner[start_key]) < 1.0):
+            return True
+    return False
+
+
+def owned_by_this_process(owner: dict) -> bool:
+    return owner.get("host") == socket.gethostname() and os.getpid() in (owner.get("pid"), owner.get("parent_pid"))
+
+
+def describe_owner(owner: dict) -> str:
+    """``run R (pid P, started by pid Q) on host H``."""
+    pids = f"pid {owner.get('pid', '?')}"
+    if owner.get("parent_pid"):
+        pids += f", a kernel of pid {owner['parent_pid']}"
+    run = f"run {owner['run']}" if owner.get("run") else "a run"
+    return f"{run} ({pids} on {owner.get('host', '?')})"
 
 
 @dataclass(frozen=True)
@@ -203,8 +281,9 @@ class TritonRepository:
     """
 
     def __init__(self, root: Path, client: TritonClient | None = None,
-                 archive: Path | None = None, lock_timeout_s: float = 300.0):
+                 archive: Path | None = None, lock_timeout_s: float = 300.0, run_id: str | None = None):
         self.root = Path(root).resolve()
+        self.run_id = run_id  # the MLflow run this process works for, recorded with the lock and a staged version
         self.archive = Path(archive).resolve() if archive else self.root.with_name(
             self.root.name + ".archive")
         self.client = client
@@ -254,6 +333,7 @@ class TritonRepository:
     def _step(self, journal: dict, step: str, fail_after: str | None) -> None:
         journal["steps"].append(step)
         self._write_journal(journal)
+        crash_point(f"{journal['op']}.{step}")
         if fail_after == step:
             raise InjectedCrash(f"injected crash after step {step!r} of {journal['op']}")
 
@@ -266,20 +346,51 @@ class TritonRepository:
         try:
             lock.acquire()
         except Timeout:
-            holder_path = self.root / LOCK_HOLDER
-            holder = holder_path.read_text().strip() if holder_path.exists() else "not recorded"
+            holder = self._holder_record()
             raise RepositoryLocked(
                 f"{operation}: the Triton repository {self.root} is locked by another process "
-                f"for more than {self.lock_timeout_s:.0f} s (holder: {holder}). Wait for it to "
-                f"finish; if that process is gone, the lock frees itself.") from None
+                f"for more than {self.lock_timeout_s:.0f} s: {describe_owner(holder)} holds it for its "
+                f"{holder.get('operation', '?')} since {holder.get('since', '?')} (holder: {json.dumps(holder)}). "
+                "Wait for it to finish; the lock frees itself when that process ends, so there is "
+                "nothing to repair while it runs.") from None
         try:
-            _atomic_write(self.root / LOCK_HOLDER, json.dumps({
-                "pid": os.getpid(), "host": socket.gethostname(), "operation": operation,
-                "since": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+            _atomic_write(self.root / LOCK_HOLDER, json.dumps(
+                {**process_identity(self.run_id), "operation": operation}))
             yield
         finally:
             (self.root / LOCK_HOLDER).unlink(missing_ok=True)
             lock.release()
+
+    def _holder_record(self) -> dict:
+        try:
+            return json.loads((self.root / LOCK_HOLDER).read_text())
+        except (OSError, ValueError):
+            return {"operation": "?", "since": "not recorded"}
+
+    def lock_holder(self) -> dict | None:
+        """The record of the process holding the repository lock now, None when it is free.
+        The lock itself says whether it is held (an OS lock, freed when its process dies), so a
+        record left by a killed process is not mistaken for a live holder."""
+        if not (self.root / LOCK).exists():
+            return None
+        lock = FileLock(str(self.root / LOCK), timeout=0, thread_local=False)
+        try:
+            lock.acquire()
+        except Timeout:
+            return self._holder_record()
+        lock.release()
+        return None
+
+    def challenger_owner(self) -> dict | None:
+        """Who staged the challenger (``staged.json``) with ``alive``: whether that process (or the
+        pipeline runner that started it) still runs (None: another host); None without a challenger."""
+        if self._challenger_on_disk() is None:
+            return None
+        try:
+            owner = json.loads((self.eval / STAGED_BY).read_text())
+        except (OSError, ValueError):
+            owner = {}
+        return {**owner, "alive": owner_alive(owner) if owner else False}
 
     def _require_client(self, operation: str) -> TritonClient:
         if self.client is None:
@@ -329,7 +440,7 @@ class TritonRepository:
         tmp = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.root))
         (tmp / CONFIG).write_text(text)
         (tmp / STAGED_BY).write_text(json.dumps({
-            "version": version, "pid": os.getpid(), "host": socket.gethostname(),
+            "version": version, **process_identity(self.run_id),
             "at": time.strftime("%Y-%m-%dT%H:%M:%S")}))
         os.symlink(Path("..") / PUBLIC_MODEL / str(version), tmp / str(version))
         shutil.rmtree(self.eval, ignore_errors=True)
@@ -453,25 +564,34 @@ class TritonRepository:
             self._reconcile(registry_champion_version)
             staged = self._challenger_on_disk()
             if staged is not None:
-                by = self.eval / STAGED_BY
+                owner = self.challenger_owner()
+                by = describe_owner(owner) if owner else "a run that recorded nothing"
+                if owner and owner["alive"] is not False:
+                    advice = (f"{by} is still evaluating it (staged at {owner.get('at', '?')}): wait for "
+                              "that run to promote or reject it, then stage again")
+                else:
+                    advice = (f"{by}, which staged it, is gone: run `fraud reconcile` to reject it "
+                              "(reconcile with reject_challenger=True)")
                 raise RepositoryError(
                     f"version {staged} is already staged as the challenger in {self.root} "
-                    f"({by.read_text() if by.exists() else 'origin not recorded'}): promote or "
-                    "reject it first; if the run that staged it is gone, run `fraud reconcile` "
-                    "(reconcile with reject_challenger=True).")
+                    f"({json.dumps(owner)}): {advice}.")
             champion = self._champion_on_disk()
             version = self._next_version()
             journal = {"op": "stage", "version": version, "champion": champion,
                        "challenger": None, "steps": []}
             self._write_journal(journal)
-            self.public.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version}-", dir=self.public))
-            shutil.copytree(source, tmp, dirs_exist_ok=True)
-            shutil.copy2(package_config, tmp / PACKAGE_CONFIG)
-            os.rename(tmp, self.public / str(version))
-            self._step(journal, "version_dir_written", fail_after)
-            self._write_eval_model(version)
-            self._step(journal, "eval_model_written", fail_after)
+            try:
+                self.public.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version}-", dir=self.public))
+                shutil.copytree(source, tmp, dirs_exist_ok=True, copy_function=_copy_file)
+                _copy_file(package_config, tmp / PACKAGE_CONFIG)
+                os.rename(tmp, self.public / str(version))
+                self._step(journal, "version_dir_written", fail_after)
+                self._write_eval_model(version)
+                self._step(journal, "eval_model_written", fail_after)
+            except OSError as e:  # e.g. ENOSPC: a full disk
+                raise self._undo_failed_stage(package_dir, version, champion,
+                                              registry_champion_version, e) from e
             try:
                 client.load_model(EVAL_MODEL)
             except TritonError as e:
@@ -483,6 +603,19 @@ class TritonRepository:
             self._step(journal, "eval_model_loaded", fail_after)
             self._write_journal(None)
             return version
+
+    def _undo_failed_stage(self, package_dir: Path, version: int, champion: int | None,
+                           registry_champion_version: int | None, error: OSError) -> RepositoryError:
+        serving = (f"version {champion} serves as before" if champion is not None
+                   else "no version serves, as before")
+        try:
+            undone = self._reconcile(registry_champion_version).actions
+            left = f"the partial copy was removed and nothing is staged ({'; '.join(undone)})"
+        except OSError as again:
+            left = (f"cleaning up failed too ({again}): the next run repairs it by itself, or "
+                    "`fraud reconcile` does")
+        return RepositoryError(f"staging {package_dir} as version {version} in {self.public} failed: "
+                               f"{error}; {left}; {serving}.")
 
     def _package_version_dir(self, package_dir: Path) -> tuple[Path, Path]:
         config = package_dir / CONFIG
@@ -548,6 +681,16 @@ class TritonRepository:
                                   check=HealthCheck(previous, EVAL_MODEL, False, f"load failed: {e}"))
             self._step(journal, "previous_champion_staged", fail_after)
             return self._switch(client, journal, current, previous, fail_after)
+
+    def archive_reason(self, version: int) -> str | None:
+        """Why an archived version left (``rejected``, ``replaced``, ``failed_promote``...);
+        None when it is not in the archive."""
+        if version not in self._numbered(self.archive):
+            return None
+        return self._archive_meta(version).get("reason", "unknown")
+
+    def previous_champion(self) -> int | None:
+        return self._previous_champion()
 
     def _previous_champion(self) -> int | None:
         """The most recently archived version that left because another replaced it."""
@@ -621,7 +764,7 @@ class TritonRepository:
     # -- reconcile --
 
     def reconcile(self, registry_champion_version: int | None = None,
-                  reject_challenger: bool = False) -> ReconcileReport:
+                  reject_challenger: bool = False, force: bool = False) -> ReconcileReport:
         """Bring the repository (and Triton, when a client is given) to one consistent
         champion after a crash at any step.
 
@@ -632,12 +775,23 @@ class TritonRepository:
         Without a journal the registry's champion wins over the disk.
 
         A staged challenger may belong to a run still evaluating it, so it stays unless
-        ``reject_challenger`` (use that when the run that staged it is gone).
+        ``reject_challenger``; even then the challenger of a run whose process still lives (see
+        :meth:`challenger_owner`) stays, and the report says so, unless ``force``.
         """
         if self.client is not None:
             self.client.require_live()
         with self._locked("reconcile"):
-            return self._reconcile(registry_champion_version, reject_challenger)
+            kept = None
+            owner = self.challenger_owner() if reject_challenger and not force else None
+            if owner and owner["alive"] is not False and not owned_by_this_process(owner):
+                reject_challenger = False
+                kept = (f"kept challenger version {self._challenger_on_disk()}: {describe_owner(owner)} is "
+                        f"still evaluating it (staged at {owner.get('at', '?')}); it is rejected only once "
+                        "that run is gone")
+            report = self._reconcile(registry_champion_version, reject_challenger)
+            if kept:
+                report = dataclasses.replace(report, actions=(kept, *report.actions))
+            return report
 
     def _target(self, registry: int | None, reject_challenger: bool = False
                 ) -> tuple[int | None, int | None, dict | None]:

@@ -254,15 +254,13 @@ def test_reconcile_repairs_a_previous_champion_alias_left_on_the_current_champio
 
 def _copytree_onto_a_full_disk(error):
     """shutil.copytree that copies one file, then fails as a full disk does."""
-    real = shutil.copytree
-
     def copytree(src, dst, *args, **kwargs):
         first = next(p for p in Path(src).rglob("*") if p.is_file())
         Path(dst).mkdir(parents=True, exist_ok=True)
         shutil.copy2(first, Path(dst) / first.name)
         raise error
 
-    return copytree, real
+    return copytree
 
 
 def test_a_full_disk_ENOSPC_injected_at_the_copy_step_leaves_nothing_half_staged(
@@ -270,16 +268,17 @@ def test_a_full_disk_ENOSPC_injected_at_the_copy_step_leaves_nothing_half_staged
     _, client = env
     repo = lifecycle.repository(client)
     versions_before = len(registry.versions())
-    full, _ = _copytree_onto_a_full_disk(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    package, run = make_package(tmp_path, 7.0), training_run()
+    full = _copytree_onto_a_full_disk(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     with monkeypatch.context() as m:
         m.setattr(shutil, "copytree", full)
         with pytest.raises(triton_repo.RepositoryError, match="No space left on device") as failed:
-            lifecycle.evaluate(make_package(tmp_path, 7.0), graph_dir, client, training_run())
+            lifecycle.evaluate(package, graph_dir, client, run)
     assert "partial copy" in str(failed.value) and f"version {champion} serves" in str(failed.value)
     state = repo.state()
     assert state.journal is None and not list(repo.root.rglob(".staging-*"))
     assert len(registry.versions()) == versions_before  # nothing registered
-    assert lifecycle.diagnose().problems == []
+    assert lifecycle.diagnose().problems == ()
     assert consistent(client) == champion
 
 
@@ -288,15 +287,17 @@ def test_the_next_run_repairs_a_copy_that_died_on_a_full_disk_ENOSPC_and_says_wh
     _, client = env
     repo = lifecycle.repository(client)
     # The copy fails on the full disk and the process dies before it can clean up.
-    full, _ = _copytree_onto_a_full_disk(InjectedCrash("ENOSPC, then killed"))
+    package = make_package(tmp_path, 8.0)
+    full = _copytree_onto_a_full_disk(InjectedCrash("ENOSPC, then killed"))
+    run = training_run()
     with monkeypatch.context() as m:
         m.setattr(shutil, "copytree", full)
         with pytest.raises(InjectedCrash):
-            lifecycle.evaluate(make_package(tmp_path, 8.0), graph_dir, client, training_run())
+            lifecycle.evaluate(package, graph_dir, client, run)
     assert repo.state().journal is not None and list(repo.public.glob(".staging-*"))
     capsys.readouterr()
 
-    evaluation = lifecycle.evaluate(make_package(tmp_path, 8.0), graph_dir, client, training_run())  # the next run
+    evaluation = lifecycle.evaluate(package, graph_dir, client, training_run())  # the next run
 
     said = capsys.readouterr().out
     assert "repaired the Triton repository" in said and "unfinished stage" in said and ".staging-" in said
@@ -372,7 +373,7 @@ def test_serve_after_a_pipeline_was_killed_says_reconcile_and_reconcile_repairs(
 
     assert cli.main(["reconcile", "--triton-url", client.url]) == 0
     assert lifecycle.repository(client).state().challenger is None
-    assert lifecycle.diagnose().problems == []
+    assert lifecycle.diagnose().problems == ()
     assert consistent(client) == champion
     aliases_sane(client)
 
