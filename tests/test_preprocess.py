@@ -41,14 +41,14 @@ def blueprint_rows(raw: Path, fraud_ratio=0.1, under_sample=True, seed=42) -> pd
 def graph_dir(synthetic_csv, tmp_path_factory) -> Path:
     """The blueprint's features (parity); ``causal_dir`` adds the causal ones."""
     out = tmp_path_factory.mktemp("graph") / "graph"
-    preprocess(synthetic_csv, out, feature_set="blueprint")
+    preprocess(synthetic_csv, out, feature_set="blueprint", deduplicate=True)
     return out
 
 
 @pytest.fixture(scope="module")
 def causal_dir(synthetic_csv, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("causal") / "graph"
-    preprocess(synthetic_csv, out)  # the default feature set
+    preprocess(synthetic_csv, out, deduplicate=True)  # the default feature set, the blueprint's rows
     return out
 
 
@@ -87,7 +87,7 @@ def test_all_fraud_kept_and_non_fraud_undersampled_to_the_ratio(graph_dir, synth
 
 
 def test_without_undersampling_every_unique_non_fraud_row_is_kept(synthetic_csv, tmp_path):
-    summary = preprocess(synthetic_csv, tmp_path / "graph", under_sample=False)
+    summary = preprocess(synthetic_csv, tmp_path / "graph", under_sample=False, deduplicate=True)
 
     assert summary.non_fraud_kept == summary.non_fraud_unique == \
         (blueprint_rows(synthetic_csv, under_sample=False)["Is Fraud?"] == 0).sum()
@@ -173,7 +173,7 @@ def test_the_test_edges_raw_rows_are_kept_and_encode_to_the_test_graph(graph_dir
 def test_test_rows_encode_with_another_preprocessings_encoders_dropping_rows_it_cannot_place(graph_dir, tmp_path):
     # Another file (fewer cards, so narrower codes) stands for the champion's preprocessing.
     synthetic.generate(tmp_path / "other.csv", 12_000, seed=0)
-    other = preprocess(tmp_path / "other.csv", tmp_path / "other", feature_set="blueprint")
+    other = preprocess(tmp_path / "other.csv", tmp_path / "other", feature_set="blueprint", deduplicate=True)
     encoders = graph_store.read_encoders(tmp_path / "other")
     rows = read_test_rows(graph_dir)
 
