@@ -13,7 +13,7 @@ graph structure (the features must not hurt there).
     .venv/bin/python benchmarks/bench_quality.py --rows 1000000 --seeds 0 --regimes default row_only
     .venv/bin/python benchmarks/bench_quality.py --feature-set blueprint  # today's blueprint features
     .venv/bin/python benchmarks/bench_quality.py --gnn-variant node_aggregates   # a rejected GNN variant
-    .venv/bin/python benchmarks/bench_quality.py --no-dedup   # keep every non-fraud row before undersampling
+    .venv/bin/python benchmarks/bench_quality.py --deduplicate   # the blueprint's row selection
 
 Each (regime, seed) runs in a child process (generate, preprocess, train), prints its line
 as it finishes, and the table at the end is Markdown (docs/model_quality.md holds the last
@@ -95,16 +95,16 @@ def _child(args) -> None:
     if not raw.is_file():
         generate(raw, args.rows, seed=args.seed, regime=args.regime)
     case = work / (f"{args.regime}-{args.rows}-seed{args.seed}-{args.feature_set}-{args.gnn_variant}"
-                   + ("-nodedup" if args.no_dedup else ""))
+                   + ("-dedup" if args.deduplicate else ""))
     t = time.perf_counter()
-    summary = preprocess(raw, case / "graph", feature_set=args.feature_set, deduplicate=not args.no_dedup)
+    summary = preprocess(raw, case / "graph", feature_set=args.feature_set, deduplicate=args.deduplicate)
     preprocess_s = time.perf_counter() - t
     t = time.perf_counter()
     r = train(case / "graph", case / "model", progress=False, seed=args.seed,
               gnn_params={"num_epochs": args.epochs})
     train_s = time.perf_counter() - t
     out = {"regime": args.regime, "seed": args.seed, "rows": args.rows, "feature_set": args.feature_set,
-           "gnn_variant": args.gnn_variant, "deduplicate": not args.no_dedup,
+           "gnn_variant": args.gnn_variant, "deduplicate": args.deduplicate,
            "test_edges": int(len(r.test_labels)), "test_fraud": int(r.test_labels.sum()),
            "preprocess_s": preprocess_s, "train_s": train_s, "edges": summary.edges, "models": {}}
     for model, scores in r.test_scores.items():
@@ -199,8 +199,8 @@ def main() -> None:
     parser.add_argument("--gnn-variant", default="default", choices=("default", "node_aggregates"),
                         help="the GNN's node inputs: default (id codes, as served) or node_aggregates "
                              "(a measured, rejected variant; see _NodeAggregates)")
-    parser.add_argument("--no-dedup", action="store_true",
-                        help="preprocess without the blueprint's deduplication of non-fraud rows")
+    parser.add_argument("--deduplicate", action="store_true",
+                        help="preprocess with the blueprint's deduplication of non-fraud rows")
     parser.add_argument("--json", default=None, help="also write all results to this JSON file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--regime", default="default", help=argparse.SUPPRESS)
@@ -217,7 +217,7 @@ def main() -> None:
         parser.error(f"unknown regime(s) {unknown}; choose from {list(REGIMES)}")
     print(f"bench_quality: {len(regimes)} regime(s) x {len(args.seeds)} seed(s) at {args.rows:,} rows, "
           f"feature set {args.feature_set}, GNN {args.gnn_variant}, "
-          f"{'no deduplication' if args.no_dedup else 'deduplicated'}, {args.boot} bootstrap resamples", flush=True)
+          f"{'deduplicated' if args.deduplicate else 'no deduplication'}, {args.boot} bootstrap resamples", flush=True)
     print(HEADER, flush=True)
     results = []
     for regime in regimes:
@@ -226,7 +226,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", "--regime", regime, "--seed", str(seed),
                    "--rows", str(args.rows), "--feature-set", args.feature_set, "--epochs", str(args.epochs),
                    "--boot", str(args.boot), "--work", args.work, "--gnn-variant", args.gnn_variant]
-            cmd += ["--no-dedup"] if args.no_dedup else []
+            cmd += ["--deduplicate"] if args.deduplicate else []
             child = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
             if child.returncode != 0:
                 raise SystemExit(f"{regime} seed {seed} failed (exit {child.returncode}):\n{child.stdout[-3000:]}")
