@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,15 +103,33 @@ def _predict(client: TritonClient, graph: Graph, shap: bool = False) -> dict:
     return client.infer(PUBLIC_MODEL, graph_inputs(graph, compute_shap=shap))
 
 
+def max_shap_edges(config_text: str) -> int | None:
+    """The most edges a model explains per request: its config.pbtxt's max_shap_edges parameter."""
+    found = re.search(r'key:\s*"max_shap_edges"\s*value:\s*\{\s*string_value:\s*"(\d+)"', config_text)
+    return int(found.group(1)) if found else None
+
+
+def explanation_cap(client: TritonClient) -> int | None:
+    repo = repository(client)
+    return max_shap_edges((repo.version_dir(repo.state().champion) / "config.pbtxt").read_text())
+
+
 def explain_example(client: TritonClient, graph_dir: Path | str | None = None) -> Example:
-    """The champion's highest-scored test transaction, with its Shapley values."""
+    """The champion's highest-scored test transaction whose context the champion explains
+    (at most its ``max_shap_edges``), with its Shapley values."""
     graph_dir = Path(graph_dir) if graph_dir else champion_graph_dir()
     meta = champion_meta(client)
     n_hops = int(meta["architecture"]["n_hops"])
     test = read_part(graph_dir, "test")
     whole = np.asarray(_predict(client, test)["PREDICTION"]).reshape(-1)
-    edge = int(np.argmax(whole))
-    sub, (position,) = with_context(test, np.array([edge]), n_hops)
+    cap = explanation_cap(client)
+    for edge in np.argsort(-whole, kind="stable")[:100].tolist():
+        sub, (position,) = with_context(test, np.array([edge]), n_hops)
+        if cap is None or sub.num_edges <= cap:
+            break
+    else:
+        raise ValueError(f"the 100 highest-scored test transactions all have contexts above the champion's "
+                         f"explanation cap of {cap} edges (max_shap_edges in its config.pbtxt)")
     out = _predict(client, sub, shap=True)
     shapley = {group: np.asarray(out[f"shap_values_{name}"])[position]
                for group, name in (("user", "user"), ("merchant", "merchant"), ("edge", "user_to_merchant"))}

@@ -78,3 +78,13 @@ def test_rows_already_in_the_context_are_scored_as_those_edges_and_others_are_ap
     assert targets[0] == 5 and targets[1] == g.num_edges
     assert graph.num_edges == g.num_edges + 1
     np.testing.assert_array_equal(graph.edge_attr[-1], attr[1])
+
+
+def test_the_explanation_cap_is_read_from_the_models_config():
+    from pathlib import Path
+
+    from fraudlib.scoring import max_shap_edges
+
+    shipped = (Path(__file__).resolve().parent.parent / "triton" / "config.pbtxt").read_text()
+    assert max_shap_edges(shipped) == 8192
+    assert max_shap_edges('parameters: { key: "other" value: { string_value: "1" } }') is None
