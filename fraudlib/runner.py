@@ -14,6 +14,8 @@ order, so adding a stage is adding a notebook. For every run the runner
 - passes every glued output (scrapbook) of earlier stages to later stages that declare a
   parameter of that name, ``run_dir`` to stages that declare it, and ``triton_url`` (an
   embedded Triton started once per run) to stages that declare it; explicit parameters win;
+- creates the embedded MLflow store once, under a lock, before the first stage declaring
+  ``experiment_name`` or ``mlflow_run_id`` (two fresh runs at once would both migrate it);
 - records ``run.json`` after every stage and can resume a failed run from its failed stage;
 - logs the executed notebooks to the MLflow run a stage glued as ``mlflow_run_id``.
 
@@ -755,6 +757,35 @@ def _say(progress: bool, message: str) -> None:
         print(message, flush=True)
 
 
+MLFLOW_INIT_LOCK = ".mlflow-init.lock"
+# A stage declaring one of these uses MLflow: the embedded store is created before it runs.
+MLFLOW_PARAMETERS = frozenset({"experiment_name", MLFLOW_RUN_ID_OUTPUT})
+
+
+def initialise_embedded_mlflow_store() -> bool:
+    """Creates the embedded MLflow store (``runs/mlflow.db``: schema and default experiment)
+    once, under a lock in the runs folder, before any stage runs.
+
+    Two runs started at once on a fresh runs folder otherwise both run MLflow's schema
+    migrations on the new SQLite file from their kernels, and one fails (alembic's
+    ``CircularDependencyError``) or both create the experiment. A store that exists is left
+    alone; an external store (``MLFLOW_TRACKING_URI`` not ``sqlite:``) too. Returns whether it
+    created the store.
+    """
+    uri = settings.mlflow_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return False
+    database = Path(uri[len("sqlite:///"):])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(settings.runs_root() / MLFLOW_INIT_LOCK), timeout=600):
+        if database.exists() and database.stat().st_size > 0:
+            return False  # created by an earlier run (under this lock): nothing to race on
+        from fraudlib import tracking
+
+        tracking.ensure_experiment()
+        return True
+
+
 def _start_embedded_triton(run_dir: Path, services: contextlib.ExitStack) -> str:
     from fraudlib.triton_server import connect_or_start
 
@@ -779,6 +810,7 @@ def _execute_run(
     triton_url = os.environ.get("TRITON_URL") or None
     for removed in remove_stale_kernel_files(*sorted({s.notebook.parent for s in stages.values()})):
         _say(progress, f"removed {removed}, left by a killed run")
+    mlflow_ready = False
     with contextlib.ExitStack() as services:  # the embedded Triton, started by the first stage needing it
         for position, rec in enumerate(to_run, start=1):
             stage = stages[rec["name"]]
@@ -787,6 +819,14 @@ def _execute_run(
             parameters = {name: value for name, value in outputs.items() if name in stage.parameters}
             if RUN_DIR_PARAMETER in stage.parameters:
                 parameters[RUN_DIR_PARAMETER] = str(run_dir)
+            if not mlflow_ready and MLFLOW_PARAMETERS & set(stage.parameters):
+                mlflow_ready = True
+                try:
+                    if initialise_embedded_mlflow_store():
+                        _say(progress, f"{label}: created the MLflow store {settings.mlflow_tracking_uri()}")
+                except Exception as exc:  # the stage reports it in its own words
+                    run_warnings.append(f"the MLflow store {settings.mlflow_tracking_uri()} was not created "
+                                        f"before the stages: {_describe_exception(exc)}")
             rec.update(status=RUNNING, start=_now(), end=None, duration_s=None, error=None, outputs={})
             started = time.monotonic()
             error = None

@@ -366,3 +366,15 @@ def test_resume_into_an_unwritable_run_folder_is_named_before_any_stage_runs(tmp
     assert done.returncode == 2, done.stdout + done.stderr
     assert f"folder of run r {runs / 'r'} is not writable" in done.stderr and "Traceback" not in done.stderr
     assert runner.read_record(runs / "r")["stages"][2]["status"] == "failed"  # untouched
+
+
+def test_two_runners_creating_the_mlflow_store_at_once_create_it_once(tmp_path):
+    """What failed the second of two whole pipelines started at once on a fresh runs folder:
+    both kernels ran MLflow's schema migrations on the new mlflow.db (CircularDependencyError)."""
+    code = "from fraudlib import runner; print(runner.initialise_embedded_mlflow_store())"
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=environment(tmp_path / "runs"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    done = [p.communicate(timeout=300) for p in procs]
+
+    assert [p.returncode for p in procs] == [0, 0], done
+    assert sorted(out.strip().splitlines()[-1] for out, _ in done) == ["False", "True"]
