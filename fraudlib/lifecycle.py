@@ -213,7 +213,7 @@ class Diagnosis:
             return ("a run that is gone left this: `fraud reconcile` repairs it (the next pipeline run also "
                     "repairs it by itself)")
         if self.fatal:
-            return "run the pipeline first (make run)"
+            return "run the pipeline first (make run); `fraud reconcile` has nothing to repair here"
         return None
 
 
