@@ -20,7 +20,7 @@ import numpy as np
 from fraudlib import registry
 from fraudlib.graph_store import Graph, read_encoders, read_part
 from fraudlib.lifecycle import repository
-from fraudlib.triton_repo import PUBLIC_MODEL, graph_inputs
+from fraudlib.triton_repo import PACKAGE_CONFIG, PUBLIC_MODEL, graph_inputs
 from fraudlib.triton_server import TritonClient
 
 NEW_SPLIT = "new"
@@ -111,7 +111,7 @@ def max_shap_edges(config_text: str) -> int | None:
 
 def explanation_cap(client: TritonClient) -> int | None:
     repo = repository(client)
-    return max_shap_edges((repo.version_dir(repo.state().champion) / "config.pbtxt").read_text())
+    return max_shap_edges((repo.version_dir(repo.state().champion) / PACKAGE_CONFIG).read_text())
 
 
 def explain_example(client: TritonClient, graph_dir: Path | str | None = None) -> Example:

@@ -99,6 +99,14 @@ def test_the_first_model_is_promoted_in_triton_and_in_the_registry(env, graph_di
     assert registry.champion().version == evaluation.registry_version
 
 
+def test_the_served_champions_explanation_cap_is_read_from_its_version(env):
+    """The tiny test model's config sets no max_shap_edges: no cap, read without error from the
+    served version's package config (a real package's cap: tests/test_scoring.py)."""
+    from fraudlib import scoring
+
+    assert scoring.explanation_cap(env[1]) is None
+
+
 def test_a_better_challenger_is_promoted_and_the_old_champion_becomes_previous(env, graph_dir, tmp_path):
     old = registry.champion()
     evaluation, deployment = evaluate_and_deploy(env, graph_dir, make_package(tmp_path, 0.0))
