@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -350,18 +351,50 @@ def _reject_own_earlier_challenger(repo: TritonRepository, mlflow_run_id: str) -
     return f"rejected version {staged}, staged by an earlier attempt of this training run, to stage it again"
 
 
+CHALLENGER_WAIT_S = 1800.0  # how long stage 3 waits for another live run's challenger
+_WAIT_POLL_S = 2.0
+
+
+def _another_live_challenger(repo: TritonRepository, mlflow_run_id: str) -> tuple[int, dict] | None:
+    """(version, owner) of a challenger that a live run other than this one staged, else None."""
+    staged = repo.state().challenger
+    owner = repo.challenger_owner() if staged is not None else None
+    if (owner is None or owner.get("alive") is False or owner.get("run") == mlflow_run_id
+            or owned_by_this_process(owner)):
+        return None
+    return staged, owner
+
+
+def _wait_for_another_runs_challenger(repo: TritonRepository, mlflow_run_id: str, deadline: float) -> None:
+    """Return when no live run other than this one has a challenger staged, or at ``deadline``."""
+    said = None
+    while time.monotonic() < deadline:
+        other = _another_live_challenger(repo, mlflow_run_id)
+        if other is None:
+            return
+        if said is None or time.monotonic() - said >= 30:
+            staged, owner = other
+            print(f"waiting for {describe_owner(owner)} to promote or reject challenger version {staged} "
+                  f"(staged at {owner.get('at', '?')}; until {deadline - time.monotonic():.0f} s from now)",
+                  flush=True)
+            said = time.monotonic()
+        time.sleep(_WAIT_POLL_S)
+
+
 def evaluate(model_dir: Path | str, graph_dir: Path | str, client: TritonClient, mlflow_run_id: str,
              metric: str = promotion.DEFAULT_METRIC, min_improvement: float = 0.0, bootstrap_samples: int = 1000,
              confidence_level: float = 0.95, bootstrap_seed: int = 0,
-             repo_root: Path | str | None = None, fail_after: str | None = None) -> Evaluation:
+             repo_root: Path | str | None = None, fail_after: str | None = None,
+             wait_s: float = CHALLENGER_WAIT_S) -> Evaluation:
     """Stage the model as the challenger, score it and the champion on the test graph with
     explicit versions, and decide (``promotion.decide``: paired bootstrap of ``metric``, promote
     when the interval's lower bound is above ``min_improvement``). Each model's threshold
     metrics are at its own threshold (its meta.json). The challenger is registered with alias
     ``challenger``.
 
-    State a crashed run left is repaired first, and what was repaired is printed (and kept in
-    ``Evaluation.repairs``). ``fail_after``: a step of :data:`EVALUATE_STEPS` or of staging
+    A challenger that another live run staged is waited for (up to ``wait_s``: that run promotes
+    or rejects it in its stage 4; then staging refuses, naming the run). State a crashed run left
+    is repaired first, and what was repaired is printed (and kept in ``Evaluation.repairs``). ``fail_after``: a step of :data:`EVALUATE_STEPS` or of staging
     (tests)."""
     _check_fail_after(fail_after, EVALUATE_STEPS, STAGE_STEPS)
     promotion.check_settings(metric, min_improvement, bootstrap_samples, confidence_level, bootstrap_seed)
@@ -376,14 +409,22 @@ def evaluate(model_dir: Path | str, graph_dir: Path | str, client: TritonClient,
                      level=confidence_level, seed=bootstrap_seed)
 
     repo = repository(client, repo_root, run_id=mlflow_run_id)
-    repairs = list(reconcile(client, repo_root).actions)
-    own = _reject_own_earlier_challenger(repo, mlflow_run_id)
-    repairs += [own] if own else []
-    if repairs:
-        print("repaired the Triton repository before staging: " + "; ".join(repairs), flush=True)
-    _point("evaluate", "reconciled", fail_after)
-    version = repo.stage(Path(model_dir), registry_champion_version=registry_champion_triton_version(),
-                         fail_after=fail_after if fail_after in STAGE_STEPS else None)
+    deadline = time.monotonic() + wait_s
+    while True:
+        _wait_for_another_runs_challenger(repo, mlflow_run_id, deadline)
+        repairs = list(reconcile(client, repo_root).actions)
+        own = _reject_own_earlier_challenger(repo, mlflow_run_id)
+        repairs += [own] if own else []
+        if repairs:
+            print("repaired the Triton repository before staging: " + "; ".join(repairs), flush=True)
+        _point("evaluate", "reconciled", fail_after)
+        try:
+            version = repo.stage(Path(model_dir), registry_champion_version=registry_champion_triton_version(),
+                                 fail_after=fail_after if fail_after in STAGE_STEPS else None)
+            break
+        except RepositoryError:  # another run staged first: wait for it, unless time is up
+            if _another_live_challenger(repo, mlflow_run_id) is None or time.monotonic() >= deadline:
+                raise
     _point("evaluate", "staged", fail_after)
     registered = registry.register(mlflow_run_id, version, manifest_hash(graph_dir))
     _point("evaluate", "registered", fail_after)

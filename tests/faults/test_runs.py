@@ -174,10 +174,6 @@ def registry_state(runs: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="fraudlib/lifecycle.py: a second run's evaluate raises RepositoryError 'version N is already "
-                          "staged as the challenger ... wait for that run to promote or reject it' instead of waiting "
-                          "for it (issue 13, item 3: one run must wait); the runner's part (private kernel folders, "
-                          "the MLflow store created once) passes", strict=False)
 def test_two_whole_pipelines_started_at_once_both_finish_with_one_champion(tmp_path):
     runs = tmp_path / "runs"
     notebooks = ROOT / "notebooks"
