@@ -56,8 +56,9 @@ NAMES = (
 
 
 def history_days(label_delay_days: int) -> int:
-    """How far back a row's features look: older rows never change them."""
-    return max(NOVELTY_DAYS, BASELINE_DAYS + 7, AMOUNT_DAYS, label_delay_days + LABEL_WINDOW_DAYS)
+    """How far back a row's features look: older rows never change them. The counts of first
+    visits over a window look a further NOVELTY_DAYS back from each row in the window."""
+    return max(NOVELTY_DAYS + BASELINE_DAYS + 7, AMOUNT_DAYS, label_delay_days + LABEL_WINDOW_DAYS)
 
 
 @dataclass(frozen=True)

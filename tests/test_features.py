@@ -101,6 +101,21 @@ def test_new_rows_get_the_batch_features_from_the_saved_history_whatever_its_ord
     np.testing.assert_allclose(got, compute(s, rows, 60), rtol=1e-6, atol=1e-6)
 
 
+def test_the_history_reaches_back_far_enough_for_the_first_visits_counted_in_every_window():
+    """A revisit inside the merchant's baseline window whose first visit was 360 days before
+    it: a history cut at the windows' own length would count it as a first visit."""
+    t = 30_000 * DAY
+    minute = np.array([t - 450 * DAY, t - 90 * DAY, t])  # first visit, revisit, the row to score
+    s = Stream(card=np.array([1, 1, 2]), merchant=np.array([5, 5, 5]), minute=minute,
+               amount=np.array([10.0, 10.0, 10.0]), fraud=np.array([0, 0, -1], np.int8))
+    hist = features.history(s, t, 60)
+    assert len(hist) == 3  # the first visit is within the history
+    got = dict(zip(NAMES, features.for_new_rows(hist.take(np.array([0, 1])), s.take(np.array([2])), 60)[0]))
+    assert got["merchant_new_cards_vs_usual"] == pytest.approx(np.log(1 / 1))  # no new card, none usual
+    np.testing.assert_allclose(features.for_new_rows(hist.take(np.array([0, 1])), s.take(np.array([2])), 60),
+                               compute(s, [2], 60))
+
+
 def test_rows_after_the_history_see_it_and_each_other():
     s = random_stream(seed=4, n=700)
     since = int(np.quantile(s.minute, 0.7))

@@ -101,9 +101,14 @@ def test_scoring_the_test_periods_rows_gives_the_batch_probabilities(runs_dir, t
     graph_dir = next(p / "graph" for p in runs_dir.iterdir() if (p / "graph" / "history.parquet").is_file())
     raw = next((runs_dir / "data").glob("synthetic-*.csv"))
     test_rows = read_test_rows(graph_dir)
-    key = ["User", "Card", "Year", "Month", "Day", "Time", "Amount", "Merchant Name"]
-    frame = read_transactions(raw)[key].astype({"Merchant Name": "int64"}).reset_index()
-    position = test_rows[key].astype({"Merchant Name": "int64"}).merge(frame, on=key, how="left")["index"]
+    # Each kept row's line in the file, matched on every column (two transactions may share the
+    # card, merchant, minute and amount and differ in chip or errors).
+    frame = read_transactions(raw)
+    key = [c for c in frame.columns if c in test_rows.columns]
+    as_text = lambda f: f[key].astype(str)  # noqa: E731  (categoricals and NaN compare as text)
+    position = as_text(test_rows).merge(as_text(frame).reset_index().drop_duplicates(key), on=key,
+                                        how="left")["index"]
+    assert position.notna().all()
     lines = raw.read_text().splitlines()
     new = tmp_path / "test_period.csv"
     new.write_text("\n".join([lines[0], *(lines[i + 1] for i in position)]) + "\n")
