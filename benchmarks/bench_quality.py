@@ -135,10 +135,11 @@ def _natural_rate_scores(raw: Path, graph_dir: Path, r, captured: dict | None = 
     import numpy as np
     import xgboost as xgb
 
-    from fraudlib import features, graph_store
+    from fraudlib import graph_store
     from fraudlib.model_export import load_model
     from fraudlib.preprocess import TRAIN_BEFORE_YEAR, USED_COLUMNS, encode_graph, with_causal_features
     from fraudlib.tabformer import read_transactions
+    from fraudlib.training import control_columns, tabular
 
     encoders = graph_store.read_encoders(graph_dir)
     frame = read_transactions(raw, USED_COLUMNS)
@@ -155,12 +156,8 @@ def _natural_rate_scores(raw: Path, graph_dir: Path, r, captured: dict | None = 
         scores = {"gnn_xgboost": captured["booster"].predict(xgb.DMatrix(x))}
     else:  # the exported package, as Triton serves it
         scores = {"gnn_xgboost": np.asarray(load_model(r.model_dir).predict(graph)).reshape(-1)}
-    row_only = ~np.isin(graph.edge_features, features.NAMES)
-    for model, columns in (("baseline", row_only), ("graph_features", np.ones_like(row_only))):
-        if model in r.boosters:
-            x = np.hstack([graph.x_user[graph.edge_index[0]], graph.x_merchant[graph.edge_index[1]],
-                           graph.edge_attr[:, columns]])
-            scores[model] = r.boosters[model].predict(xgb.DMatrix(x))
+    for model, columns in control_columns(graph.edge_features).items():
+        scores[model] = r.boosters[model].predict(xgb.DMatrix(tabular(graph, columns)))
     return graph.label, scores
 
 

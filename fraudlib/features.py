@@ -155,18 +155,20 @@ class _Sorted:
     def bounds(self, start_days: float, end_days: float = 0) -> tuple[np.ndarray, np.ndarray]:
         """Sorted positions of the rows in [t - start, t - end) of each query's group (row order)."""
         lo = np.searchsorted(self.key, self.q - int(start_days * DAY), "left")
-        if end_days == 0:  # the window ends at the query itself: the same for every window
-            if self._at is None:
-                self._at = np.searchsorted(self.key, self.q, "left")
-            hi = self._at
-        else:
-            hi = np.searchsorted(self.key, self.q - int(end_days * DAY), "left")
+        hi = self._at_queries() if end_days == 0 else np.searchsorted(self.key, self.q - int(end_days * DAY), "left")
         return lo[self.back], hi[self.back]
+
+    def _at_queries(self) -> np.ndarray:
+        """Sorted position of each (sorted) query's own key: where every window ending at the
+        row ends, and one past its group's latest earlier row. Searched once."""
+        if self._at is None:
+            self._at = np.searchsorted(self.key, self.q, "left")
+        return self._at
 
     def previous(self, within_days: int) -> tuple[np.ndarray, np.ndarray]:
         """Per query: (the group has an earlier row within the window, minutes since the latest
         one, else the window's length)."""
-        j = np.searchsorted(self.key, self.q, "left")[self.back] - 1
+        j = self._at_queries()[self.back] - 1
         q = self.q[self.back]
         before = self.key[np.maximum(j, 0)]
         found = (j >= 0) & (before >= q - within_days * DAY)

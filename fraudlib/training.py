@@ -343,19 +343,26 @@ def _importance(booster: xgb.Booster, names: list[str]) -> dict[str, float]:
     return dict(sorted(named.items(), key=lambda kv: -kv[1]))
 
 
+def control_columns(edge_features: list[str]) -> dict[str, np.ndarray]:
+    """The controls' edge columns: ``baseline`` the row's own (no causal features), and
+    ``graph_features`` all of them when the graph has causal features."""
+    row_only = ~np.isin(edge_features, features.NAMES)
+    return {"baseline": row_only, **({} if row_only.all() else {"graph_features": np.ones_like(row_only)})}
+
+
+def tabular(graph: Graph, columns: np.ndarray) -> np.ndarray:
+    """A control's XGBoost input: each edge's [user x | merchant x | edge x of ``columns``]."""
+    return np.hstack([graph.x_user[graph.edge_index[0]], graph.x_merchant[graph.edge_index[1]],
+                      graph.edge_attr[:, columns]])
+
+
 def _fit_controls(graphs: dict, y: dict, s: XGBSettings, device: str, seed: int) -> tuple[dict, dict, float]:
     """The row-only baseline, and XGBoost on the row plus the causal features when the graph has
     them: (boosters, scores, seconds)."""
     started = time.perf_counter()
-    test = graphs["test"]
-    row_only = ~np.isin(test.edge_features, features.NAMES)
-    controls = {"baseline": row_only}
-    if not row_only.all():
-        controls["graph_features"] = np.ones_like(row_only)
     boosters, scores = {}, {}
-    for control, columns in controls.items():
-        x_tab = {split: np.hstack([g.x_user[g.edge_index[0]], g.x_merchant[g.edge_index[1]], g.edge_attr[:, columns]])
-                 for split, g in graphs.items()}
+    for control, columns in control_columns(graphs["test"].edge_features).items():
+        x_tab = {split: tabular(g, columns) for split, g in graphs.items()}
         boosters[control], scores[control] = _fit_xgboost(x_tab, y, s, device, seed)
         del x_tab
     return boosters, scores, time.perf_counter() - started
