@@ -180,8 +180,9 @@ def score_transactions(client: TritonClient, csv_path: Path | str, graph_dir: Pa
     Rows are encoded with the champion's saved encoders (their causal features computed from
     the history saved with the champion's graph, as preprocessing computed them) and scored
     inside their context: the champion's test graph (the latest labelled transactions) with
-    the new rows placed in it (``place_rows``), cut to the new rows' receptive field. A row whose card or merchant the champion never saw has no
-    node to attach to and is reported unscored.
+    the new rows placed in it (``place_rows``), cut to the new rows' receptive field. A row
+    whose card or merchant the champion never saw has no node to attach to and is reported
+    unscored.
     """
     import pandas as pd
 
