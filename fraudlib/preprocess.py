@@ -57,6 +57,8 @@ from fraudlib.tabformer import read_transactions
 USED_COLUMNS = ("User", "Card", "Year", "Month", "Day", "Time", "Amount", "Use Chip", "Merchant Name",
                 "Merchant City", "Zip", "MCC", "Errors?", "Is Fraud?")
 TRAIN_BEFORE_YEAR = 2018  # train < 2018, validation == 2018, test > 2018
+# The test period's first minute: the saved history serves rows from it on.
+_TEST_START_MINUTE = int(features.minutes(TRAIN_BEFORE_YEAR + 1, 1, 1, 0))
 MISSING_STRING = "XX"
 MISSING_ZIP = 0.0
 ONE_HOT_MAX = 8
@@ -131,8 +133,7 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
         values = features.compute(stream, rows, label_delay_days)
         for i, name in enumerate(features.NAMES):
             kept[name] = values[:, i]
-        test_start = int(features.minutes(TRAIN_BEFORE_YEAR + 1, 1, 1, 0))
-        history = features.history(stream, test_start, label_delay_days).frame()
+        history = features.history(stream, _TEST_START_MINUTE, label_delay_days).frame()
         del stream, values
     else:
         del frame
@@ -236,8 +237,7 @@ def with_causal_features(frame: pd.DataFrame, graph_dir: str | Path, encoders: d
     new = features.stream_of(frame, encoders["max_cards"], fraud=np.full(len(frame), -1))
     # The history covers the windows of rows from the test period on; an older row's windows
     # reach before it, where the history would wrongly look empty.
-    covered_from = int(features.minutes(TRAIN_BEFORE_YEAR + 1, 1, 1, 0))
-    early = np.flatnonzero(new.minute < covered_from)
+    early = np.flatnonzero(new.minute < _TEST_START_MINUTE)
     if early.size:
         row = frame.iloc[early[0]]
         raise ValueError(f"row {early[0] + 1} of {early.size} older than the history saved with {graph_dir}: "
