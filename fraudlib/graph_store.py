@@ -8,13 +8,13 @@ identifiable::
       manifest.json                      source hash, counts, feature names and dims
       encoders.json                      fitted encoders (to encode new raw rows the same way)
       gnn/nodes/user.csv                 user (card) node features, header = feature names
-      gnn/nodes/user_feature_mask.csv    one row: the feature-group id of each column
+      gnn/nodes/user_feature_mask.csv    the feature-group id of each column, one per line, no header
       gnn/nodes/merchant.csv
       gnn/nodes/merchant_feature_mask.csv
       gnn/edges/user_to_merchant.csv             src,dst (user row, merchant row)
       gnn/edges/user_to_merchant_label.csv       Fraud (0/1)
       gnn/edges/user_to_merchant_attr.csv        edge features
-      gnn/edges/user_to_merchant_attr_feature_mask.csv
+      gnn/edges/user_to_merchant_feature_mask.csv  (the edge features' groups)
       gnn/edges/user_to_merchant_split.csv       split (train / validation), year   [ours]
       gnn/test_gnn/nodes/...                     same files, test edges (split = test)
       gnn/test_gnn/edges/...
@@ -103,6 +103,22 @@ def _read_matrix(path: Path, dtype) -> tuple[np.ndarray, list[str]]:
     return np.column_stack(cols), names
 
 
+def _write_mask(path: Path, mask, columns: list[str]) -> None:
+    """A feature mask as the blueprint writes it: one group id per line, no header."""
+    mask = np.asarray(mask, dtype=np.int32).reshape(-1)
+    if mask.size != len(columns):
+        raise ValueError(f"{path.name}: {mask.size} group ids for {len(columns)} feature columns")
+    path.write_text("".join(f"{int(group)}\n" for group in mask))
+
+
+def _read_mask(path: Path, width: int) -> np.ndarray:
+    text = path.read_text().split()
+    if len(text) != width or not all(t.lstrip("-").isdigit() for t in text):
+        raise ValueError(f"{path}: expected {width} integer group ids, one per line and no header "
+                         f"(the blueprint's layout), got {len(text)} values")
+    return np.array([int(t) for t in text], dtype=np.int32)
+
+
 def write_part(graph_dir: Path, part: str, graph: Graph) -> None:
     """Write one part ('train' = gnn/, 'test' = gnn/test_gnn/) of a graph directory."""
     base = _part_dir(Path(graph_dir), part)
@@ -110,15 +126,12 @@ def write_part(graph_dir: Path, part: str, graph: Graph) -> None:
     (base / "edges").mkdir(parents=True, exist_ok=True)
     _write_table(base / "nodes" / "user.csv", graph.user_features, graph.x_user)
     _write_table(base / "nodes" / "merchant.csv", graph.merchant_features, graph.x_merchant)
-    _write_table(base / "nodes" / "user_feature_mask.csv", graph.user_features,
-                 np.asarray(graph.feature_mask_user, dtype=np.int32)[None, :])
-    _write_table(base / "nodes" / "merchant_feature_mask.csv", graph.merchant_features,
-                 np.asarray(graph.feature_mask_merchant, dtype=np.int32)[None, :])
+    _write_mask(base / "nodes" / "user_feature_mask.csv", graph.feature_mask_user, graph.user_features)
+    _write_mask(base / "nodes" / "merchant_feature_mask.csv", graph.feature_mask_merchant, graph.merchant_features)
     _write_table(base / "edges" / "user_to_merchant.csv", ["src", "dst"], graph.edge_index.T)
     _write_table(base / "edges" / "user_to_merchant_label.csv", ["Fraud"], graph.label)
     _write_table(base / "edges" / "user_to_merchant_attr.csv", graph.edge_features, graph.edge_attr)
-    _write_table(base / "edges" / "user_to_merchant_attr_feature_mask.csv", graph.edge_features,
-                 np.asarray(graph.feature_mask_edge, dtype=np.int32)[None, :])
+    _write_mask(base / "edges" / "user_to_merchant_feature_mask.csv", graph.feature_mask_edge, graph.edge_features)
     columns = {"split": pa.array(graph.split.astype(str))}
     if graph.year is not None:
         columns["year"] = pa.array(np.asarray(graph.year, dtype=np.int64))
@@ -137,11 +150,10 @@ def read_part(graph_dir: Path | str, part: str) -> Graph:
     edge_attr, edge_features = _read_matrix(base / "edges" / "user_to_merchant_attr.csv", np.float32)
     split = pacsv.read_csv(base / "edges" / "user_to_merchant_split.csv",
                            convert_options=pacsv.ConvertOptions(column_types={"split": pa.string()}))
-    masks = {
-        name: _read_matrix(base / sub / f"{name}.csv", np.int32)[0][0]
-        for sub, name in (("nodes", "user_feature_mask"), ("nodes", "merchant_feature_mask"),
-                          ("edges", "user_to_merchant_attr_feature_mask"))
-    }
+    masks = {name: _read_mask(base / sub / f"{name}.csv", width)
+             for sub, name, width in (("nodes", "user_feature_mask", len(user_features)),
+                                      ("nodes", "merchant_feature_mask", len(merchant_features)),
+                                      ("edges", "user_to_merchant_feature_mask", len(edge_features)))}
     return Graph(
         x_user=x_user,
         x_merchant=x_merchant,
@@ -154,7 +166,7 @@ def read_part(graph_dir: Path | str, part: str) -> Graph:
         edge_features=edge_features,
         feature_mask_user=masks["user_feature_mask"],
         feature_mask_merchant=masks["merchant_feature_mask"],
-        feature_mask_edge=masks["user_to_merchant_attr_feature_mask"],
+        feature_mask_edge=masks["user_to_merchant_feature_mask"],
         year=split.column("year").to_numpy().astype(np.int64) if "year" in split.column_names else None,
     )
 

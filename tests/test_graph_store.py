@@ -1,0 +1,31 @@
+"""The graph directory's on-disk layout: what the blueprint's training container reads."""
+
+import numpy as np
+import pytest
+
+from fraudlib import graph_store
+from test_scoring import random_graph
+
+
+def test_feature_masks_are_written_in_the_blueprint_layout_and_read_back(tmp_path):
+    g = random_graph(fu=3, fm=4, fe=5)
+    g.feature_mask_merchant = np.array([1, 1, 2, 2], np.int32)
+    g.feature_mask_edge = np.array([3, 4, 4, 5, 6], np.int32)
+    graph_store.write_part(tmp_path, "test", g)
+
+    base = tmp_path / "gnn" / "test_gnn"
+    assert (base / "nodes" / "user_feature_mask.csv").read_text() == "0\n0\n0\n"
+    assert (base / "nodes" / "merchant_feature_mask.csv").read_text() == "1\n1\n2\n2\n"
+    assert (base / "edges" / "user_to_merchant_feature_mask.csv").read_text() == "3\n4\n4\n5\n6\n"
+    assert not (base / "edges" / "user_to_merchant_attr_feature_mask.csv").exists()
+    back = graph_store.read_part(tmp_path, "test")
+    np.testing.assert_array_equal(back.feature_mask_edge, g.feature_mask_edge)
+    np.testing.assert_array_equal(back.feature_mask_merchant, g.feature_mask_merchant)
+
+
+def test_a_mask_with_a_header_row_is_refused_naming_the_file(tmp_path):
+    graph_store.write_part(tmp_path, "test", random_graph(fe=2))
+    path = tmp_path / "gnn" / "test_gnn" / "edges" / "user_to_merchant_feature_mask.csv"
+    path.write_text("E_0,E_1\n2,2\n")
+    with pytest.raises(ValueError, match="user_to_merchant_feature_mask.csv: expected 2 integer group ids"):
+        graph_store.read_part(tmp_path, "test")
