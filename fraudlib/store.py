@@ -1,0 +1,378 @@
+"""The transaction store: months of TabFormer transactions as Parquet, partitioned by year and month.
+
+New months arrive as TabFormer-format files (``fraud ingest FILE``); each is read and validated
+by the one reader (``tabformer.read_transactions``: bad input names the file, line and column)
+and its months are added to the store under ``$FRAUD_STORE`` or ``<runs>/store``::
+
+    store.json                                  the ledger: sealed months, their files, content hashes
+    year=2019/month=03/<content hash>.parquet   one file per month (zstd, columns as the reader gives them)
+
+Rules (a month in the ledger is *sealed*):
+
+* atomic: month files are written under a temporary name and renamed; the ledger, renamed into
+  place last, is the commit point, so a crash leaves the store as it was (an unlisted file is
+  never read and is removed by the next ingest);
+* idempotent: a month whose rows hash to the sealed content is skipped (ingesting the same
+  file twice adds nothing, whatever its name or compression);
+* other rows for a sealed month, or a month older than the newest sealed one (months arrive in
+  order), are refused unless ``replace=True``;
+* a file holding several months is refused unless ``all_months=True`` (a bulk load):
+  ``replay`` feeds such a file one month at a time, which is how tests and the demo make time pass.
+
+Preprocessing reads the store like a file (``read``, ``is_store``): pass the store folder as
+``raw_path``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import xxhash
+from filelock import FileLock
+
+from fraudlib import settings
+from fraudlib.tabformer import COLUMNS, read_transactions
+
+STORE_ENV = "FRAUD_STORE"
+LEDGER = "store.json"
+FORMAT = 1
+_COMPRESSION = "zstd"
+_CATEGORICAL = frozenset({"Use Chip", "Merchant Name", "Merchant City", "Merchant State", "Zip", "Errors?"})
+
+
+class StoreError(ValueError):
+    """The input cannot go into the store as asked; nothing was written. Says what and where."""
+
+
+@dataclass
+class IngestResult:
+    """What one ingest did (months as ``YYYY-MM``)."""
+
+    source: str
+    added: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)  # already sealed with the same rows
+    rows: int = 0  # rows written
+    seconds: float = 0.0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.replaced)
+
+    def describe(self) -> str:
+        parts = [f"{what} {', '.join(months)}" for what, months in
+                 (("added", self.added), ("replaced", self.replaced), ("already ingested", self.unchanged)) if months]
+        return f"{self.source}: " + ("; ".join(parts) or "nothing") + f" ({self.rows:,} rows written, {self.seconds:.2f} s)"
+
+
+def store_root() -> Path:
+    """``$FRAUD_STORE`` when set, else ``<runs>/store``."""
+    env = os.environ.get(STORE_ENV)
+    return Path(env).expanduser().resolve() if env else settings.runs_root() / "store"
+
+
+def is_store(path: str | Path) -> bool:
+    return (Path(path) / LEDGER).is_file()
+
+
+def month_key(text: str, what: str = "month") -> int:
+    """``YYYY-MM`` -> year * 12 + month - 1 (consecutive months are consecutive integers)."""
+    try:
+        year, month = (int(p) for p in str(text).split("-"))
+        if len(str(text)) != 7 or not 1 <= month <= 12:
+            raise ValueError
+    except ValueError:
+        raise StoreError(f"{what} {text!r} is not a month written YYYY-MM (e.g. 2019-03)") from None
+    return year * 12 + month - 1
+
+
+def month_text(key: int) -> str:
+    return f"{key // 12:04d}-{key % 12 + 1:02d}"
+
+
+def months(store: str | Path | None = None) -> list[str]:
+    """The sealed months, oldest first."""
+    return sorted(_read_ledger(Path(store) if store else store_root())["months"])
+
+
+def ledger(store: str | Path | None = None) -> dict:
+    """The ledger (``store.json``) as a dict; an empty one for a store not yet created."""
+    return _read_ledger(Path(store) if store else store_root())
+
+
+def content_hash(store: str | Path | None = None, before: str | None = None) -> str:
+    """One hash of the sealed months' contents (those before ``before`` when given)."""
+    book = ledger(store)["months"]
+    limit = month_key(before, "before") if before else None
+    digest = xxhash.xxh3_128()
+    for month in sorted(book):
+        if limit is None or month_key(month) < limit:
+            digest.update(f"{month}:{book[month]['content_hash']};".encode())
+    return digest.hexdigest()
+
+
+def read(store: str | Path | None = None, columns: Sequence[str] = COLUMNS, before: str | None = None,
+         since: str | None = None) -> pd.DataFrame:
+    """The sealed months' rows (those in ``[since, before)`` when given), oldest month first,
+    with the columns and dtypes ``tabformer.read_transactions`` gives (categories in order of
+    first appearance, as preprocessing expects)."""
+    root = Path(store) if store else store_root()
+    book = _read_ledger(root)["months"]
+    low = month_key(since, "since") if since else -1
+    high = month_key(before, "before") if before else 1 << 40
+    chosen = [m for m in sorted(book) if low <= month_key(m) < high]
+    if not chosen:
+        window = f" in [{since or 'start'}, {before or 'end'})" if since or before else ""
+        raise StoreError(f"the transaction store {root} holds no months{window} "
+                         f"(sealed: {_span(sorted(book))}); ingest data first: fraud ingest FILE")
+    columns = [c for c in COLUMNS if c in columns]
+    tables = [pq.read_table(root / book[m]["file"], columns=columns) for m in chosen]
+    frame = pa.concat_tables(tables).to_pandas()
+    for name in frame.columns:
+        if isinstance(frame[name].dtype, pd.CategoricalDtype):
+            frame[name] = _first_appearance(frame[name].array)
+        elif name in _CATEGORICAL:  # Parquet keeps numeric categoricals (Merchant Name, Zip) as plain values
+            codes, uniques = pd.factorize(frame[name].to_numpy(), sort=False)
+            frame[name] = pd.Categorical.from_codes(codes.astype(np.int32), categories=uniques)
+    return frame
+
+
+def ingest(path: str | Path, store: str | Path | None = None, *, replace: bool = False,
+           all_months: bool = False) -> IngestResult:
+    """Validate the TabFormer file ``path`` and add its months to the store (module docstring)."""
+    started = time.perf_counter()
+    path = Path(path).expanduser().resolve()
+    frame = read_transactions(path)
+    by_month = _split_months(frame)
+    if len(by_month) > 1 and not all_months:
+        found = [month_text(k) for k in by_month]
+        raise StoreError(f"{path} holds rows of {len(found)} months ({_span(found)}): ingest one month per file, "
+                         f"feed it month by month with `fraud replay {path} --start {found[0]} --months {len(found)}`, "
+                         "or load them all at once with --all-months")
+    result = _ingest_months(Path(store) if store else store_root(), str(path), by_month, replace)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def replay(path: str | Path, start: str, n_months: int, store: str | Path | None = None, *, replace: bool = False,
+           after_each: Callable[[IngestResult], None] | None = None) -> list[IngestResult]:
+    """Feed the months ``start`` .. ``start + n_months - 1`` of ``path`` into the store one at a
+    time, calling ``after_each(result)`` after each month is sealed (time passing). Every month
+    is checked to have rows before the first is written."""
+    path = Path(path).expanduser().resolve()
+    first = month_key(start, "--start")
+    if isinstance(n_months, bool) or not isinstance(n_months, int) or n_months < 1:
+        raise StoreError(f"--months must be an integer >= 1, got {n_months!r}")
+    frame = read_transactions(path)
+    by_month = _split_months(frame)
+    wanted = list(range(first, first + n_months))
+    empty = [month_text(k) for k in wanted if k not in by_month]
+    if empty:
+        raise StoreError(f"{path} has no rows for {', '.join(empty)} (it holds {_span([month_text(k) for k in by_month])}); "
+                         "choose --start and --months inside it")
+    root = Path(store) if store else store_root()
+    results = []
+    for key in wanted:
+        began = time.perf_counter()
+        result = _ingest_months(root, f"{path}#{month_text(key)}", {key: by_month[key]}, replace)
+        result.seconds = time.perf_counter() - began
+        results.append(result)
+        if after_each:
+            after_each(result)
+    return results
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+def _ingest_months(root: Path, source: str, by_month: dict[int, pd.DataFrame], replace: bool) -> IngestResult:
+    root.mkdir(parents=True, exist_ok=True)
+    result = IngestResult(source=source)
+    with FileLock(str(root / ".lock")):
+        book = _read_ledger(root)
+        _remove_strays(root, book)
+        sealed = {month_key(m): entry for m, entry in book["months"].items()}
+        newest = max(sealed, default=None)
+        plan = []
+        for key, part in sorted(by_month.items()):
+            month, digest = month_text(key), _frame_hash(part)
+            if key in sealed and sealed[key]["content_hash"] == digest:
+                result.unchanged.append(month)
+                continue
+            if not replace and key in sealed:
+                raise StoreError(f"{source}: month {month} is already sealed in {root} with other rows "
+                                 f"({sealed[key]['rows']:,} rows from {sealed[key]['source']}); nothing was written. "
+                                 "Pass --replace to replace that month")
+            if not replace and newest is not None and key < newest:
+                raise StoreError(f"{source}: month {month} arrives out of order: the store {root} already holds "
+                                 f"{month_text(newest)}; months are ingested oldest first, nothing was written. "
+                                 "Pass --replace to insert it anyway")
+            plan.append((key, month, digest, part))
+        written = []
+        try:
+            for key, month, digest, part in plan:
+                relative = f"year={key // 12:04d}/month={key % 12 + 1:02d}/{digest[:16]}.parquet"
+                target = root / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+                part.to_parquet(tmp, compression=_COMPRESSION, index=False)
+                os.replace(tmp, target)
+                written.append(target)
+                (result.replaced if key in sealed else result.added).append(month)
+                result.rows += len(part)
+                book["months"][month] = {"file": relative, "rows": len(part), "fraud": int(part["Is Fraud?"].sum()),
+                                         "content_hash": digest, "source": source,
+                                         "ingested": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            if written:
+                book["ingests"].append({"source": source, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                        "added": result.added, "replaced": result.replaced})
+                _write_ledger(root, book)
+        except BaseException:
+            for target in written:  # named by content hash, never a listed file: not in the ledger
+                target.unlink(missing_ok=True)
+            raise
+        _remove_strays(root, book)  # the replaced months' old files
+    return result
+
+
+def _remove_strays(root: Path, book: dict) -> None:
+    """Month files the ledger does not list (a crashed ingest, a replaced month) are removed."""
+    listed = {(root / e["file"]).resolve() for e in book["months"].values()}
+    for path in root.glob("year=*/month=*/*"):
+        if path.resolve() not in listed:
+            path.unlink(missing_ok=True)
+
+
+def _split_months(frame: pd.DataFrame) -> dict[int, pd.DataFrame]:
+    key = frame["Year"].to_numpy().astype(np.int64) * 12 + frame["Month"].to_numpy().astype(np.int64) - 1
+    order = np.argsort(key, kind="stable")
+    keys, starts = np.unique(key[order], return_index=True)
+    bounds = list(starts[1:]) + [len(order)]
+    parts = {}
+    for k, lo, hi in zip(keys, starts, bounds):
+        part = frame.take(order[lo:hi]).reset_index(drop=True)
+        for name in part.columns:
+            if isinstance(part[name].dtype, pd.CategoricalDtype):
+                part[name] = _first_appearance(part[name].array)
+        parts[int(k)] = part
+    return parts
+
+
+def _first_appearance(values: pd.Categorical) -> pd.Categorical:
+    """The same values with only the used categories, in order of first appearance."""
+    codes = values.codes
+    present = codes >= 0
+    new_codes, uniques = pd.factorize(codes[present], sort=False)
+    out = np.full(len(codes), -1, dtype=np.int32)
+    out[present] = new_codes
+    return pd.Categorical.from_codes(out, categories=values.categories.take(uniques))
+
+
+def _frame_hash(frame: pd.DataFrame) -> str:
+    """Hash of the rows' values (not of the file: another compression or name is the same content)."""
+    digest = xxhash.xxh3_128()
+    digest.update(",".join(frame.columns).encode())
+    digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_ledger(root: Path) -> dict:
+    path = root / LEDGER
+    if not path.is_file():
+        return {"format": FORMAT, "months": {}, "ingests": []}
+    try:
+        book = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise StoreError(f"{path} is not valid JSON ({error}); the store's ledger is damaged") from None
+    if book.get("format") != FORMAT:
+        raise StoreError(f"{path}: store format {book.get('format')!r}, this fraudlib reads format {FORMAT}")
+    return book
+
+
+def _write_ledger(root: Path, book: dict) -> None:
+    tmp = root / f".{LEDGER}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(book, indent=1, sort_keys=True))
+    os.replace(tmp, root / LEDGER)
+
+
+def _span(found: list[str]) -> str:
+    if not found:
+        return "none"
+    return found[0] if len(found) == 1 else f"{found[0]} .. {found[-1]}"
+
+
+# --- commands (wired into `fraud` by cli.build_parser) -------------------------------------------
+
+def add_commands(subparsers) -> None:
+    """Add ``fraud ingest`` and ``fraud replay`` to an argparse subparsers object."""
+    p = subparsers.add_parser("ingest", help="validate a TabFormer file and add its month to the transaction store")
+    p.add_argument("file", help="TabFormer-format CSV, .gz or .tgz (one month; see --all-months)")
+    _store_args(p)
+    p.add_argument("--all-months", action="store_true", help="accept a file with rows of several months (a bulk load)")
+    p.add_argument("--trigger", action="store_true",
+                   help="then start the lifecycle deployment on the Prefect server at $PREFECT_API_URL "
+                        "(checked before anything is written)")
+    p.set_defaults(func=_cmd_ingest)
+    p = subparsers.add_parser("replay", help="feed a file into the store one month at a time (simulated time)")
+    p.add_argument("file", help="TabFormer-format CSV, .gz or .tgz")
+    p.add_argument("--start", required=True, help="first month, YYYY-MM")
+    p.add_argument("--months", type=int, required=True, help="number of months")
+    _store_args(p)
+    p.set_defaults(func=_cmd_replay)
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default=None, help=f"store folder (default ${STORE_ENV} or <runs>/store)")
+    p.add_argument("--replace", action="store_true", help="replace sealed months / accept a month out of order")
+
+
+def _cmd_ingest(args) -> int:
+    if args.trigger:
+        from fraudlib import flow
+
+        try:
+            flow.check_server()
+        except flow.OrchestrationError as error:
+            print(f"fraud ingest: {error}; nothing was ingested", file=sys.stderr)
+            return 3
+    result = _run(lambda: ingest(args.file, args.store, replace=args.replace, all_months=args.all_months))
+    if result is None:
+        return 2
+    print(result.describe())
+    if args.trigger and result.changed:
+        from fraudlib import flow
+
+        try:
+            run_id = flow.trigger_on_ingest(store=args.store or str(store_root()))
+        except flow.OrchestrationError as error:
+            print(f"fraud ingest: the data is ingested, but {error}", file=sys.stderr)
+            return 3
+        print(f"started lifecycle flow run {run_id}")
+    return 0
+
+
+def _cmd_replay(args) -> int:
+    results = _run(lambda: replay(args.file, args.start, args.months, args.store, replace=args.replace,
+                                  after_each=lambda r: print(r.describe())))
+    return 2 if results is None else 0
+
+
+def _run(action):
+    from fraudlib.tabformer import TabFormerFormatError
+
+    try:
+        return action()
+    except (StoreError, TabFormerFormatError, FileNotFoundError) as error:
+        print(f"fraud: {error}", file=sys.stderr)
+        return None
