@@ -77,7 +77,7 @@ INFRA_MCC_SHARE = 0.3
 # mechanism alone, or a control whose fraud rows have no graph structure at all.
 # The generator's version: bumped whenever the same seed and rows give other data (cached
 # files are named with it, so an older generator's file is never taken for this one's).
-VERSION = 2
+VERSION = 3
 REGIMES = ("default", "compromised_merchant", "fraud_ring", "card_testing", "row_only")
 
 # Legitimate look-alikes, counted against the fraud plan so crowding alone is never fraud:
@@ -525,9 +525,10 @@ class _Planter:
         return self.rng.choice(ok, size=min(k, ok.size), replace=False, p=p)
 
     def pick_cards(self, first: np.ndarray, last: np.ndarray, need: int, cap: np.ndarray,
-                   days_from: tuple[int, int] | None = None) -> np.ndarray:
-        """One card per request, uniformly among the cards active over [first[i], last[i]] with room
-        for ``need`` rows in ``cap`` (vectorised rejection sampling; -1 where none was found).
+                   days_from: tuple[int, int] | None = None, weight: np.ndarray | None = None) -> np.ndarray:
+        """One card per request, uniformly (or by ``weight``) among the cards active over
+        [first[i], last[i]] with room for ``need`` rows in ``cap`` (vectorised rejection sampling;
+        -1 where none was found).
         With ``days_from=(lo, hi)``, requests still without a card after a while move to another
         day in [lo, hi] drawn like activity (``first``/``last`` are updated in place)."""
         w, rng = self.w, self.rng
@@ -535,6 +536,7 @@ class _Planter:
         card = np.full(first.size, -1, dtype=np.int64)
         room = cap.copy()
         todo = np.arange(first.size)
+        cum_weight = None if weight is None else np.cumsum(weight)
         for attempt in range(60):
             if todo.size == 0:
                 break
@@ -544,7 +546,10 @@ class _Planter:
                 moved = lo + rng.choice(p.size, size=todo.size, p=p / p.sum())
                 last[todo] = moved + (last[todo] - first[todo])
                 first[todo] = moved
-            cand = rng.integers(0, n_cards, size=todo.size)
+            if weight is None:
+                cand = rng.integers(0, n_cards, size=todo.size)
+            else:
+                cand = np.minimum(np.searchsorted(cum_weight, rng.random(todo.size) * cum_weight[-1]), n_cards - 1)
             good = ((w.card_open[cand] <= first[todo]) & (w.card_close[cand] >= last[todo])
                     & (room[cand] >= need))
             idx, c = todo[good], cand[good]
@@ -582,9 +587,10 @@ class _Planter:
         return np.where(r < 0.2, online, np.where(r < 0.65, chain, local))
 
     def add(self, card, day, merchant, cents, fraud: bool, loc: np.ndarray | None = None,
-            room: np.ndarray | None = None) -> None:
+            room: np.ndarray | None = None, odd_hours: bool = True) -> None:
         """Plant rows; in-person chain rows happen at the card holder's home unless ``loc`` says where.
-        The rows count against ``room`` (default: the fraud or the look-alike capacity)."""
+        The rows count against ``room`` (default: the fraud or the look-alike capacity). Half of
+        the fraud rows happen at any hour unless ``odd_hours`` is False (then at the holder's)."""
         w, rng = self.w, self.rng
         n = card.size
         if n == 0:
@@ -596,7 +602,7 @@ class _Planter:
             loc[chain] = w.user_home_loc[w.card_user[card[chain]]]
         online = w.merchant_kind[merchant] == KIND_ONLINE
         chip = _chip_for(rng, day, online, chip_factor=0.9 if fraud else 1.0)  # cloned cards: a little more swipe
-        hour = np.where(rng.random(n) < (0.5 if fraud else 0.0), rng.integers(0, 24, size=n),
+        hour = np.where(rng.random(n) < (0.5 if fraud and odd_hours else 0.0), rng.integers(0, 24, size=n),
                         _hours(rng, w.user_hour[w.card_user[card]]))
         err = _errors(rng, n, fraud)
         self.rows.append(dict(card=card.astype(np.int64), day=day.astype(np.int64),
@@ -806,12 +812,18 @@ def _plan_fraud(p: _Planter, n_rows: int, total: int, regime: str) -> None:
 
 
 def _lone_rows(p: _Planter, first: int, last: int, budget: int) -> None:
-    """The row-only control: each fraud row alone on a random active card, at a merchant the card's
-    holder would pick anyway (their own online/chain/favourite/travel mix): no shared merchants,
-    no bursts, no campaigns; only the rows' own features differ."""
+    """The row-only control: each fraud row alone on a card, at a merchant the card's holder would
+    pick anyway (their own online/chain/favourite/travel mix): no shared merchants, no bursts, no
+    campaigns; only the rows' own features differ. The (card, day) of a fraud row is drawn as any
+    of the card's own rows is (day by activity, card by its rows per unit of activity), so a
+    fraud row is as likely on a busy card as any other row is, at the holder's usual hours: the
+    card's history (counts, time since its last row) says nothing about it. What differs is in
+    the row's own columns (chip, errors), which the row-only baseline sees."""
     w = p.w
     day = p.days_like_activity(budget, first, last)
-    card = p.pick_cards(day, day.copy(), 1, p.capacity, days_from=(first, last))
+    span = w.cum_g[w.card_close] - np.where(w.card_open > 0, w.cum_g[w.card_open - 1], 0.0)
+    rate = np.where(span > 0, w.card_rows / np.maximum(span, 1e-12), 0.0)
+    card = p.pick_cards(day, day.copy(), 1, p.capacity, days_from=(first, last), weight=rate)
     ok = card >= 0
     card, day = card[ok], day[ok]
     merchant = np.empty(card.size, dtype=np.int64)
@@ -820,7 +832,7 @@ def _lone_rows(p: _Planter, first: int, last: int, budget: int) -> None:
     for u in np.unique(user):
         mine = np.flatnonzero(user == u)
         merchant[mine], loc[mine], _ = _shop(w, p.rng, int(u), day[mine], _favourites(w, int(u)))
-    p.add(card, day, merchant, p.amounts(merchant, card, 1.0), fraud=True, loc=loc)
+    p.add(card, day, merchant, p.amounts(merchant, card, 1.0), fraud=True, loc=loc, odd_hours=False)
 
 
 def _keep_budget(day: np.ndarray, budget: int) -> np.ndarray:
