@@ -11,7 +11,8 @@ Parity with the NVIDIA blueprint's ``preprocess_TabFormer_lp.py``, so results co
   non-fraud per fraud, 9.1% fraud among kept rows), with pandas' ``sample(n, random_state=seed)``
   draw, then the rows are shuffled as ``sample(frac=1, random_state=seed)`` does; on the same
   file the same edges come out;
-* split by Year: train < 2018, validation == 2018, test > 2018;
+* split by Year: train < 2018, validation == 2018, test > 2018 (the default; ``as_of`` takes
+  rolling windows of months instead, see ``preprocess``);
 * node features: binary codes (category_encoders' BinaryEncoder: ordinal 1..n over the sorted
   values, ``n.bit_length()`` bits, most significant first, all zeros = unknown) of the card
   id (user) and of the merchant + its MCC (merchant), fitted on all ids in the file;
@@ -50,15 +51,17 @@ import numpy as np
 import pandas as pd
 import xxhash
 
-from fraudlib import features, graph_store, settings, synthetic
+from fraudlib import features, graph_store, settings, store, synthetic
 from fraudlib.graph_store import Graph
 from fraudlib.tabformer import read_transactions
 
 USED_COLUMNS = ("User", "Card", "Year", "Month", "Day", "Time", "Amount", "Use Chip", "Merchant Name",
                 "Merchant City", "Zip", "MCC", "Errors?", "Is Fraud?")
 TRAIN_BEFORE_YEAR = 2018  # train < 2018, validation == 2018, test > 2018
-# The test period's first minute: the saved history serves rows from it on.
+# The year split's test period's first minute: the saved history serves rows from it on.
 _TEST_START_MINUTE = int(features.minutes(TRAIN_BEFORE_YEAR + 1, 1, 1, 0))
+WINDOW_DEFAULTS = {"train_months": 12, "val_months": 1, "test_months": 1}
+_MONTHS_PARAMETER = {"train": "train_months", "validation": "val_months", "test": "test_months"}
 MISSING_STRING = "XX"
 MISSING_ZIP = 0.0
 ONE_HOT_MAX = 8
@@ -91,13 +94,23 @@ class PreprocessSummary:
     merchants: int
     dims: dict  # user / merchant / edge feature dimensions
     seconds: float
+    windows: dict  # split -> [first month, last month] (YYYY-MM), plus as_of ("" for the year split)
 
 
 def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0.1,
                under_sample: bool = True, seed: int = 42, feature_set: str = "causal",
                label_delay_days: int = features.DEFAULT_LABEL_DELAY_DAYS,
-               deduplicate: bool = False) -> PreprocessSummary:
-    """Build the graph directory ``out_dir`` from the TabFormer file ``raw_path``.
+               deduplicate: bool = False, as_of: str = "", train_months: int = WINDOW_DEFAULTS["train_months"],
+               val_months: int = WINDOW_DEFAULTS["val_months"],
+               test_months: int = WINDOW_DEFAULTS["test_months"]) -> PreprocessSummary:
+    """Build the graph directory ``out_dir`` from the TabFormer file ``raw_path`` (or the
+    transaction store folder, ``fraudlib.store``).
+
+    Without ``as_of`` the split is the blueprint's by year (train < 2018, validation 2018,
+    test > 2018). With ``as_of`` (``YYYY-MM``) rows from that month on are ignored (the future)
+    and the split is by rolling windows of months: test = the ``test_months`` before ``as_of``,
+    validation the ``val_months`` before those, train the ``train_months`` before those; older
+    rows feed only the causal features. Each window must hold transactions and fraud.
 
     ``feature_set="causal"`` adds ``features.NAMES`` to the edge features, computed on the
     whole stream (before deduplication and undersampling) with labels older than
@@ -120,10 +133,24 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
     if isinstance(label_delay_days, bool) or not isinstance(label_delay_days, int) or label_delay_days < 0:
         raise ValueError(f"label_delay_days must be an integer >= 0 (days before a label is known), "
                          f"got {label_delay_days!r}")
+    for name, value in (("train_months", train_months), ("val_months", val_months), ("test_months", test_months)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1 (months), got {value!r}")
     raw_path, out_dir = Path(raw_path).resolve(), Path(out_dir).resolve()
-    frame = read_transactions(raw_path, USED_COLUMNS)
+    window = _Windows(as_of, train_months, val_months, test_months) if as_of else None
+    if store.is_store(raw_path):
+        frame = store.read(raw_path, USED_COLUMNS, before=window.as_of if window else None)
+        source = {"path": str(raw_path), "store_months": store.months(raw_path),
+                  "xxh3_128": store.content_hash(raw_path, before=window.as_of if window else None)}
+    else:
+        frame = read_transactions(raw_path, USED_COLUMNS)
+        source = {"path": str(raw_path), "bytes": raw_path.stat().st_size, "xxh3_128": _fast_hash(raw_path)}
+    if window:
+        frame = window.check(frame, raw_path)
+    test_start = window.test_start_minute if window else _TEST_START_MINUTE
     nodes, card_codes, mcc_codes = _fit_node_encoders(frame)
-    rows, counts = _select_rows(frame, card_codes, mcc_codes, fraud_ratio, under_sample, seed, deduplicate)
+    eligible = window.inside(frame) if window else None
+    rows, counts = _select_rows(frame, card_codes, mcc_codes, fraud_ratio, under_sample, seed, deduplicate, eligible)
     del card_codes, mcc_codes
     kept = frame.take(rows).reset_index(drop=True)
     history = None
@@ -133,17 +160,18 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
         values = features.compute(stream, rows, label_delay_days)
         for i, name in enumerate(features.NAMES):
             kept[name] = values[:, i]
-        history = features.history(stream, _TEST_START_MINUTE, label_delay_days).frame()
+        history = features.history(stream, test_start, label_delay_days).frame()
         del stream, values
     else:
         del frame
-    split = _split(kept["Year"].to_numpy())
+    split = window.split(kept) if window else _split(kept["Year"].to_numpy())
     if not (split == "train").any():
         raise ValueError(f"{raw_path}: no transactions before {TRAIN_BEFORE_YEAR} are left to train on "
                          "(train = Year < 2018); use a file that spans the years before 2018")
     encoders = {"format": FORMAT, **nodes,
                 "edge": _fit_edge_encoders(kept[split == "train"], feature_set),
-                "features": {"set": feature_set, "label_delay_days": label_delay_days}}
+                "features": {"set": feature_set, "label_delay_days": label_delay_days,
+                             "history_from_minute": test_start}}
     whole, known = encode_graph(kept, encoders, split)
     assert known.all(), "the node encoders are fitted on every card and merchant of the file"
     names, masks = feature_names(encoders), feature_masks(encoders)
@@ -154,19 +182,22 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
     fraud_edges = {s: int(label[split == s].sum()) for s in graph_store.SPLITS}
     manifest = {
         "format": FORMAT,
-        "source": {"path": str(raw_path), "bytes": raw_path.stat().st_size, "xxh3_128": _fast_hash(raw_path)},
+        "source": source,
         "parameters": {"fraud_ratio": fraud_ratio, "under_sample": under_sample, "seed": seed,
                        "fraud_ratio_means": "fraud / non-fraud after undersampling (blueprint)",
                        "feature_set": feature_set, "label_delay_days": label_delay_days,
-                       "deduplicate": deduplicate},
+                       "deduplicate": deduplicate, "as_of": as_of, "train_months": train_months,
+                       "val_months": val_months, "test_months": test_months},
         "causal_features": list(features.NAMES) if feature_set == "causal" else [],
         "history": None if history is None else {
             "file": HISTORY, "rows": len(history), "days_before_test": features.history_days(label_delay_days),
-            "scores_rows_from": f"{TRAIN_BEFORE_YEAR + 1}-01-01"},
+            "scores_rows_from": (f"{window.months['test'][0]}-01" if window else f"{TRAIN_BEFORE_YEAR + 1}-01-01")},
         "rows": counts,
         "splits": {s: {"edges": edges[s], "fraud": fraud_edges[s]} for s in graph_store.SPLITS},
-        "split_rule": {"train": f"Year < {TRAIN_BEFORE_YEAR}", "validation": f"Year == {TRAIN_BEFORE_YEAR}",
-                       "test": f"Year > {TRAIN_BEFORE_YEAR}"},
+        "split_rule": window.rule() if window else {
+            "train": f"Year < {TRAIN_BEFORE_YEAR}", "validation": f"Year == {TRAIN_BEFORE_YEAR}",
+            "test": f"Year > {TRAIN_BEFORE_YEAR}"},
+        "windows": _windows_record(window, kept),
         "years": _per_year(kept["Year"].to_numpy(), label, split),
         "nodes": {"user": int(x_user.shape[0]), "merchant": int(whole.x_merchant.shape[0])},
         "dims": {k: len(v) for k, v in names.items()},
@@ -191,7 +222,7 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
         rows=counts["read"], fraud_rows=counts["fraud"], non_fraud_unique=counts["non_fraud_unique"],
         non_fraud_kept=counts["non_fraud_kept"], edges=edges, fraud_edges=fraud_edges,
         users=manifest["nodes"]["user"], merchants=manifest["nodes"]["merchant"], dims=manifest["dims"],
-        seconds=time.perf_counter() - started)
+        seconds=time.perf_counter() - started, windows=manifest["windows"])
 
 
 def encode_graph(frame: pd.DataFrame, encoders: dict, split: np.ndarray | str = "test") -> tuple[Graph, np.ndarray]:
@@ -237,12 +268,14 @@ def with_causal_features(frame: pd.DataFrame, graph_dir: str | Path, encoders: d
     new = features.stream_of(frame, encoders["max_cards"], fraud=np.full(len(frame), -1))
     # The history covers the windows of rows from the test period on; an older row's windows
     # reach before it, where the history would wrongly look empty.
-    early = np.flatnonzero(new.minute < _TEST_START_MINUTE)
+    history_from = settings_.get("history_from_minute", _TEST_START_MINUTE)
+    early = np.flatnonzero(new.minute < history_from)
     if early.size:
         row = frame.iloc[early[0]]
+        first = np.datetime64(int(history_from), "m").astype("datetime64[D]")
         raise ValueError(f"row {early[0] + 1} of {early.size} older than the history saved with {graph_dir}: "
                          f"{int(row['Year'])}-{int(row['Month']):02d}-{int(row['Day']):02d} is before "
-                         f"{TRAIN_BEFORE_YEAR + 1}-01-01, so its causal features (windows of up to "
+                         f"{first}, so its causal features (windows of up to "
                          f"{features.history_days(settings_['label_delay_days'])} days) cannot be computed; "
                          "score transactions from the champion's test period on")
     values = features.for_new_rows(history, new, settings_["label_delay_days"])
@@ -429,8 +462,12 @@ def _width(encoder: dict) -> int:
 # --- row selection (blueprint parity, on integer codes) ----------------------------------------
 
 def _select_rows(frame: pd.DataFrame, card_codes: np.ndarray, mcc_codes: np.ndarray, fraud_ratio: float,
-                 under_sample: bool, seed: int, deduplicate: bool = True) -> tuple[np.ndarray, dict]:
+                 under_sample: bool, seed: int, deduplicate: bool = True,
+                 eligible: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """The kept rows (fraud and drawn non-fraud, shuffled) among the ``eligible`` ones (all by default)."""
     fraud = frame["Is Fraud?"].to_numpy().astype(bool)
+    if eligible is not None:
+        fraud &= eligible
     if deduplicate:
         key = _combine(_dedup_codes(frame, card_codes, mcc_codes))
         key[fraud] = -1 - np.arange(int(fraud.sum()))  # never a duplicate: all fraud is kept
@@ -439,7 +476,7 @@ def _select_rows(frame: pd.DataFrame, card_codes: np.ndarray, mcc_codes: np.ndar
     else:
         first = np.ones(len(frame), dtype=bool)
     fraud_rows = np.flatnonzero(fraud)
-    non_fraud = np.flatnonzero(first & ~fraud)
+    non_fraud = np.flatnonzero(first & ~fraud if eligible is None else first & ~fraud & eligible)
     if under_sample and len(fraud_rows) == 0:
         raise ValueError("the file has no fraud rows, so undersampling to fraud_ratio would keep no rows; "
                          "use a file with fraud (Is Fraud? = Yes) or under_sample=False")
@@ -450,7 +487,8 @@ def _select_rows(frame: pd.DataFrame, card_codes: np.ndarray, mcc_codes: np.ndar
     else:
         rows = np.concatenate([non_fraud, fraud_rows])
     rows = rows[np.random.RandomState(seed).permutation(len(rows))]
-    counts = {"read": len(frame), "fraud": len(fraud_rows), "non_fraud": len(frame) - len(fraud_rows),
+    considered = len(frame) if eligible is None else int(eligible.sum())
+    counts = {"read": len(frame), "fraud": len(fraud_rows), "non_fraud": considered - len(fraud_rows),
               "non_fraud_unique": len(non_fraud), "non_fraud_kept": len(rows) - len(fraud_rows)}
     return rows, counts
 
@@ -483,6 +521,71 @@ def _combine(codes: Iterator[np.ndarray]) -> np.ndarray:
     return key
 
 
+class _Windows:
+    """Rolling windows of months before ``as_of``: train, validation, test (oldest to newest)."""
+
+    def __init__(self, as_of: str, train_months: int, val_months: int, test_months: int):
+        self.as_of = as_of
+        end = store.month_key(as_of, "as_of")
+        self.bounds = {"test": (end - test_months, end)}
+        self.bounds["validation"] = (end - test_months - val_months, end - test_months)
+        self.bounds["train"] = (self.bounds["validation"][0] - train_months, self.bounds["validation"][0])
+        self.months = {s: (store.month_text(lo), store.month_text(hi - 1)) for s, (lo, hi) in self.bounds.items()}
+        year, month = divmod(end - test_months, 12)
+        self.test_start_minute = int(features.minutes(year, month + 1, 1, 0))
+
+    @staticmethod
+    def _keys(frame: pd.DataFrame) -> np.ndarray:
+        return frame["Year"].to_numpy().astype(np.int64) * 12 + frame["Month"].to_numpy().astype(np.int64) - 1
+
+    def check(self, frame: pd.DataFrame, source: Path) -> pd.DataFrame:
+        """The rows before ``as_of``; refuses a window without transactions or without fraud."""
+        keys = self._keys(frame)
+        held = f"{store.month_text(int(keys.min()))} .. {store.month_text(int(keys.max()))}"
+        frame = frame[keys < self.bounds["test"][1]].reset_index(drop=True) if keys.max() >= self.bounds["test"][1] \
+            else frame
+        keys = self._keys(frame)
+        fraud = frame["Is Fraud?"].to_numpy().astype(bool)
+        for split in ("test", "validation", "train"):  # the newest first: what as_of is about
+            lo, hi = self.bounds[split]
+            inside = (keys >= lo) & (keys < hi)
+            span = " .. ".join(dict.fromkeys(self.months[split]))
+            if not inside.any():
+                raise ValueError(f"as_of {self.as_of}: the {split} window {span} has no transactions in {source} "
+                                 f"(it holds {held}); choose an as_of after the data's first months or shorter windows")
+            if not fraud[inside].any():
+                raise ValueError(f"as_of {self.as_of}: the {split} window {span} has no fraud among its "
+                                 f"{int(inside.sum()):,} transactions in {source}, so no model can be "
+                                 f"{'trained' if split == 'train' else 'evaluated'} on it; widen the window "
+                                 f"({_MONTHS_PARAMETER[split]}) or choose another as_of")
+        return frame
+
+    def inside(self, frame: pd.DataFrame) -> np.ndarray:
+        keys = self._keys(frame)
+        return (keys >= self.bounds["train"][0]) & (keys < self.bounds["test"][1])
+
+    def split(self, frame: pd.DataFrame) -> np.ndarray:
+        keys = self._keys(frame)
+        return np.where(keys < self.bounds["validation"][0], "train",
+                        np.where(keys < self.bounds["test"][0], "validation", "test")).astype(object)
+
+    def rule(self) -> dict:
+        return {s: " .. ".join(dict.fromkeys(self.months[s])) for s in ("train", "validation", "test")}
+
+
+def _windows_record(window: _Windows | None, kept: pd.DataFrame) -> dict:
+    """The windows a run used (months, YYYY-MM), for the manifest and the run record."""
+    if window:
+        return {"as_of": window.as_of, **{s: list(window.months[s]) for s in ("train", "validation", "test")}}
+    year = kept["Year"].to_numpy()
+    split = _split(year)
+    out = {"as_of": ""}
+    for s in ("train", "validation", "test"):
+        months = _Windows._keys(kept)[split == s]
+        out[s] = [store.month_text(int(months.min())), store.month_text(int(months.max()))] if months.size else []
+    return out
+
+
 def _split(year: np.ndarray) -> np.ndarray:
     return np.where(year < TRAIN_BEFORE_YEAR, "train",
                     np.where(year == TRAIN_BEFORE_YEAR, "validation", "test")).astype(object)
@@ -492,7 +595,7 @@ def _per_year(year: np.ndarray, label: np.ndarray, split: np.ndarray) -> dict:
     table = {}
     for y in np.unique(year):
         mask = year == y
-        table[str(int(y))] = {"split": str(split[mask][0]), "edges": int(mask.sum()),
+        table[str(int(y))] = {"split": ", ".join(pd.unique(split[mask])), "edges": int(mask.sum()),
                               "fraud": int(label[mask].sum())}
     return table
 

@@ -50,6 +50,10 @@ LEDGER = "store.json"
 FORMAT = 1
 _COMPRESSION = "zstd"
 _CATEGORICAL = frozenset({"Use Chip", "Merchant Name", "Merchant City", "Merchant State", "Zip", "Errors?"})
+_ARROW_TYPES = {"User": pa.int32(), "Card": pa.int16(), "Year": pa.int16(), "Month": pa.int8(), "Day": pa.int8(),
+                "Time": pa.int16(), "Amount": pa.float64(), "Merchant Name": pa.int64(), "Zip": pa.float64(),
+                "MCC": pa.int16(), "Is Fraud?": pa.int8()}
+_ARROW_TYPES |= {c: pa.dictionary(pa.int32(), pa.string()) for c in _CATEGORICAL - _ARROW_TYPES.keys()}
 
 
 class StoreError(ValueError):
@@ -138,7 +142,10 @@ def read(store: str | Path | None = None, columns: Sequence[str] = COLUMNS, befo
         raise StoreError(f"the transaction store {root} holds no months{window} "
                          f"(sealed: {_span(sorted(book))}); ingest data first: fraud ingest FILE")
     columns = [c for c in COLUMNS if c in columns]
-    tables = [pq.read_table(root / book[m]["file"], columns=columns) for m in chosen]
+    # One schema for all months: a month's dictionary index width, or an all-empty column
+    # (type null), differs from another's.
+    schema = pa.schema([(c, _ARROW_TYPES[c]) for c in columns])
+    tables = [pq.read_table(root / book[m]["file"], columns=columns).cast(schema) for m in chosen]
     frame = pa.concat_tables(tables).to_pandas()
     for name in frame.columns:
         if isinstance(frame[name].dtype, pd.CategoricalDtype):

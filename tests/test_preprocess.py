@@ -228,7 +228,11 @@ def test_manifest_records_source_counts_features_and_parameters(graph_dir, synth
     assert manifest["source"]["bytes"] == synthetic_csv.stat().st_size and manifest["source"]["xxh3_128"]
     assert manifest["parameters"] == {"fraud_ratio": 0.1, "under_sample": True, "seed": 42,
                                       "fraud_ratio_means": manifest["parameters"]["fraud_ratio_means"],
-                                      "feature_set": "blueprint", "label_delay_days": 60, "deduplicate": True}
+                                      "feature_set": "blueprint", "label_delay_days": 60, "deduplicate": True,
+                                      "as_of": "", "train_months": 12, "val_months": 1, "test_months": 1}
+    windows = manifest["windows"]  # the months of the kept rows under the year split
+    assert windows["as_of"] == "" and windows["train"][1] == "2017-12"
+    assert windows["validation"] == ["2018-01", "2018-12"] and windows["test"] == ["2019-01", "2020-02"]
     assert manifest["causal_features"] == [] and manifest["history"] is None
     assert manifest["rows"]["read"] == 30_000
     assert {k: len(v) for k, v in manifest["features"].items()} == manifest["dims"]
