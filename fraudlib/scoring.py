@@ -5,25 +5,39 @@ A transaction's score depends on its card's and merchant's neighbourhood (the GN
 with its *receptive field*, every edge whose messages reach its endpoints' embeddings.
 With that context the score equals the score inside the whole graph, at a fraction of the
 request size.
+
+One scoring path (:func:`score_frame`) serves the served champion (``fraud score``, through
+Triton) and the registered MLflow model (in-process, ``tracking.TransactionScorer``): they
+differ only in the function that scores a graph. This module imports neither Triton nor MLflow
+at the top, so the MLflow model loads with its own requirements.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+import pandas as pd
 
-from fraudlib import registry
-from fraudlib.graph_store import Graph, read_encoders, read_part
-from fraudlib.lifecycle import repository
-from fraudlib.triton_repo import PACKAGE_CONFIG, PUBLIC_MODEL, graph_inputs
-from fraudlib.triton_server import TritonClient
+from fraudlib.graph_store import Graph, compact, read_encoders, read_part
+from fraudlib.tabformer import COLUMNS, LABEL, read_transactions
+
+if TYPE_CHECKING:
+    from fraudlib.triton_server import TritonClient
+
+log = logging.getLogger(__name__)
 
 NEW_SPLIT = "new"
+# The files of a graph directory that scoring new rows reads: a model that travels carries them.
+CONTEXT_FILES = ("manifest.json", "encoders.json", "history.parquet", "gnn/test_gnn")
 
 
 def receptive_field(graph: Graph, targets: np.ndarray, n_hops: int = 2) -> np.ndarray:
@@ -80,6 +94,8 @@ class Example:
 
 
 def champion_graph_dir() -> Path:
+    from fraudlib import registry
+
     champion = registry.champion()
     if champion is None:
         raise LookupError("the registry has no champion yet: run the pipeline (make run) first")
@@ -91,6 +107,8 @@ def champion_graph_dir() -> Path:
 
 
 def champion_meta(client: TritonClient) -> dict:
+    from fraudlib.lifecycle import repository
+
     repo = repository(client)
     version = repo.state().champion
     if version is None:
@@ -99,6 +117,8 @@ def champion_meta(client: TritonClient) -> dict:
 
 
 def _predict(client: TritonClient, graph: Graph, shap: bool = False) -> dict:
+    from fraudlib.triton_repo import PUBLIC_MODEL, graph_inputs
+
     # No version named: this is what any client of the public model gets, i.e. the champion.
     return client.infer(PUBLIC_MODEL, graph_inputs(graph, compute_shap=shap))
 
@@ -110,6 +130,9 @@ def max_shap_edges(config_text: str) -> int | None:
 
 
 def explanation_cap(client: TritonClient) -> int | None:
+    from fraudlib.lifecycle import repository
+    from fraudlib.triton_repo import PACKAGE_CONFIG
+
     repo = repository(client)
     return max_shap_edges((repo.version_dir(repo.state().champion) / PACKAGE_CONFIG).read_text())
 
@@ -174,46 +197,154 @@ def place_rows(context: Graph, user_ids: np.ndarray, merchant_ids: np.ndarray,
     return graph, found
 
 
-def score_transactions(client: TritonClient, csv_path: Path | str, graph_dir: Path | str | None = None):
-    """Fraud probabilities of raw TabFormer-format rows from the served champion.
+def read_rows(path: Path | str) -> pd.DataFrame:
+    """New raw rows from a TabFormer-format file, validated (``Is Fraud?`` optional)."""
+    return read_transactions(path, label_required=False)
 
-    Rows are encoded with the champion's saved encoders (their causal features computed from
-    the history saved with the champion's graph, as preprocessing computed them) and scored
-    inside their context: the champion's test graph (the latest labelled transactions) with
-    the new rows placed in it (``place_rows``), cut to the new rows' receptive field. A row
-    whose card or merchant the champion never saw has no node to attach to and is reported
-    unscored.
+
+def parse_raw(raw: pd.DataFrame) -> pd.DataFrame:
+    """Raw TabFormer rows held as text (``pd.read_csv(path, dtype=str)``) parsed and validated
+    by the one reader, as a file of them would be (lines counted from 2, the header's 1)."""
+    missing = [c for c in COLUMNS if c not in raw.columns and c != LABEL]
+    if missing:
+        raise ValueError(f"the rows lack the TabFormer column(s) {missing}; they have {list(raw.columns)}")
+    with tempfile.TemporaryDirectory(prefix="fraud-rows-") as tmp:
+        path = Path(tmp) / "rows.csv"
+        raw[[c for c in COLUMNS if c in raw.columns]].to_csv(path, index=False)
+        return read_rows(path)
+
+
+def raw_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """Parsed rows (as ``read_transactions`` returns them) back as TabFormer text, the form
+    :func:`parse_raw` reads: ``$134.09``, ``HH:MM``, ``Yes``/``No``, empty for missing."""
+    def text(column, fmt):
+        return [fmt(v) if pd.notna(v) else "" for v in frame[column].tolist()] if column in frame else \
+            [""] * len(frame)
+    out = pd.DataFrame({
+        "User": frame["User"].astype("int64").astype(str), "Card": frame["Card"].astype("int64").astype(str),
+        "Year": frame["Year"].astype("int64").astype(str), "Month": frame["Month"].astype("int64").astype(str),
+        "Day": frame["Day"].astype("int64").astype(str),
+        "Time": [f"{int(m) // 60:02d}:{int(m) % 60:02d}" for m in frame["Time"].tolist()],
+        "Amount": [f"${a:.2f}" for a in frame["Amount"].tolist()],
+        "Use Chip": frame["Use Chip"].astype(str),
+        "Merchant Name": frame["Merchant Name"].astype("int64").astype(str),
+        "Merchant City": frame["Merchant City"].astype(str),
+        "Merchant State": text("Merchant State", str), "Zip": text("Zip", lambda z: f"{float(z):.1f}"),
+        "MCC": frame["MCC"].astype("int64").astype(str), "Errors?": text("Errors?", str),
+    })
+    if LABEL in frame:
+        out[LABEL] = np.where(frame[LABEL].to_numpy() == 1, "Yes", "No")
+    return out.reset_index(drop=True)
+
+
+def score_frame(frame: pd.DataFrame, graph_dir: Path | str, predict: Callable[[Graph], np.ndarray],
+                n_hops: int) -> pd.DataFrame:
+    """Fraud probabilities of parsed raw rows (``read_rows``), by ``predict`` (a graph's edge
+    probabilities: the served champion, or a model loaded in-process).
+
+    Rows are encoded with the graph directory's saved encoders (their causal features computed
+    from the history saved with it, as preprocessing computed them) and scored inside their
+    context: its test graph (the latest labelled transactions) with the new rows placed in it
+    (``place_rows``), cut to the new rows' receptive field. A row whose card or merchant the
+    model never saw has no node to attach to and is reported unscored. One row out per row in:
+    ``User``, ``Card``, ``Merchant Name``, ``Amount``, ``fraud_probability`` (NaN: unscored),
+    ``note``, and ``Is Fraud?`` when the rows have it; ``attrs["context_edges"]``.
     """
-    import pandas as pd
-
     from fraudlib.preprocess import encode_transactions, with_causal_features
-    from fraudlib.tabformer import read_transactions
 
-    graph_dir = Path(graph_dir) if graph_dir else champion_graph_dir()
-    meta = champion_meta(client)
+    graph_dir = Path(graph_dir)
     encoders = read_encoders(graph_dir)
-    frame = read_transactions(csv_path)
     users, merchants, edge_attr = encode_transactions(with_causal_features(frame, graph_dir, encoders), encoders)
     context = read_part(graph_dir, "test")
     if edge_attr.shape[1] != context.edge_attr.shape[1]:
-        raise ValueError(f"{csv_path} encodes to {edge_attr.shape[1]} edge features but the champion's graph "
+        raise ValueError(f"the rows encode to {edge_attr.shape[1]} edge features but the model's graph "
                          f"{graph_dir} has {context.edge_attr.shape[1]}")
     known = (users >= 0) & (merchants >= 0)
     scores = np.full(len(frame), np.nan)
-    context_edges = np.zeros(len(frame), dtype=np.int64)
+    context_edges = 0
     if known.any():
         graph, targets = place_rows(context, users[known], merchants[known], edge_attr[known])
-        sub, positions = with_context(graph, targets, int(meta["architecture"]["n_hops"]))
-        predicted = np.asarray(_predict(client, sub)["PREDICTION"]).reshape(-1)
-        scores[known] = predicted[positions]
-        context_edges[known] = sub.num_edges
+        sub, positions = with_context(graph, targets, n_hops)
+        scores[known] = np.asarray(predict(sub), dtype=np.float64).reshape(-1)[positions]
+        context_edges = sub.num_edges
+    log.info("scored %d of %d rows inside a context of %d edges", int(known.sum()), len(frame), context_edges)
     out = pd.DataFrame({
-        "line": np.arange(2, len(frame) + 2),
         "User": frame["User"].to_numpy(), "Card": frame["Card"].to_numpy(),
         "Merchant Name": frame["Merchant Name"].astype("int64").to_numpy(),
         "Amount": frame["Amount"].to_numpy(),
         "fraud_probability": scores,
-        "note": np.where(known, "", "card or merchant unknown to the champion: not scored"),
+        "note": np.where(known, "", "card or merchant unknown to the model: not scored"),
     })
-    out.attrs["context_edges"] = int(context_edges.max()) if known.any() else 0
+    if LABEL in frame:
+        out[LABEL] = frame[LABEL].to_numpy()
+    out.attrs["context_edges"] = context_edges
     return out
+
+
+def score_in_process(model, frame: pd.DataFrame, graph_dir: Path | str) -> pd.DataFrame:
+    """:func:`score_frame` with a model loaded in-process (``model_export.load_model``)."""
+    return score_frame(frame, graph_dir, lambda graph: model.predict(compact(graph)),
+                       int(model.meta["architecture"]["n_hops"]))
+
+
+def score_transactions(client: TritonClient, rows: pd.DataFrame | Path | str,
+                       graph_dir: Path | str | None = None) -> pd.DataFrame:
+    """:func:`score_frame` by the served champion (the public model, no version named), on
+    the champion's graph directory; ``rows`` parsed (``read_rows``) or a file of them."""
+    frame = rows if isinstance(rows, pd.DataFrame) else read_rows(rows)
+    graph_dir = Path(graph_dir) if graph_dir else champion_graph_dir()
+    meta = champion_meta(client)
+    return score_frame(frame, graph_dir, lambda graph: _predict(client, graph)["PREDICTION"],
+                       int(meta["architecture"]["n_hops"]))
+
+
+def label_metrics(scored: pd.DataFrame, threshold: float) -> dict | None:
+    """Metrics of the scored rows that carry a label (``Is Fraud?``) at the model's
+    ``threshold``: counts always, AUPRC and ROC AUC when both classes are among them."""
+    if LABEL not in scored:
+        return None
+    from fraudlib import metrics
+
+    rows = scored[scored["fraud_probability"].notna()]
+    labels, scores = rows[LABEL].to_numpy().astype(int), rows["fraud_probability"].to_numpy()
+    out = {"rows": len(rows), "fraud": int(labels.sum()), "threshold": float(threshold)}
+    if 0 < labels.sum() < len(labels):
+        report = metrics.report(labels, scores, threshold)
+        out.update({k: report[k] for k in ("auprc", "roc_auc", "precision_at_threshold",
+                                           "recall_at_threshold", "alert_rate_at_threshold")})
+    elif len(labels):
+        flagged = scores >= threshold
+        out.update({"alert_rate_at_threshold": float(flagged.mean()),
+                    "note": "one class only: AUPRC and ROC AUC need fraud and non-fraud rows"})
+    return out
+
+
+def write_scores(scored: pd.DataFrame, out: Path | str) -> Path:
+    """The scores as CSV or Parquet (by ``out``'s suffix), written to a temporary file beside
+    ``out`` and renamed into place."""
+    out = Path(out)
+    kind = output_format(out)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    try:
+        if kind == "parquet":
+            scored.to_parquet(tmp, index=False)
+        else:
+            scored.to_csv(tmp, index=False)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def output_format(out: Path | str) -> str:
+    """``csv`` or ``parquet`` from the suffix of ``out``; a folder that does not exist or
+    another suffix is a ValueError (checked before any scoring)."""
+    out = Path(out)
+    kind = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}.get(out.suffix.lower())
+    if kind is None:
+        raise ValueError(f"--out {out}: the file name must end in .csv or .parquet (it picks the format)")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
+    return kind

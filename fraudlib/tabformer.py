@@ -19,6 +19,9 @@ Errors?            Categorical of str, NaN when empty; a list keeps its commas b
 Is Fraud?          int8, 1 for ``Yes``, 0 for ``No``
 =================  ==================================================================
 
+New transactions have no label yet: with ``label_required=False`` a header without
+``Is Fraud?`` is accepted and the frame has no such column (with one, it is read as always).
+
 Categorical categories are in order of first appearance in the file. Extra columns (the
 Kaggle copy's index column) are ignored. Any bad input raises :class:`TabFormerFormatError`
 naming the file, the line (1-based, header = line 1), the column and the value: a missing
@@ -59,6 +62,7 @@ COLUMNS = (
 # Empty values are allowed only here (online rows, no error); everywhere else they are bad input.
 OPTIONAL = frozenset({"Merchant State", "Zip", "Errors?"})
 MEMBER_NAME = "card_transaction.v1.csv"
+LABEL = "Is Fraud?"
 
 _DICT = pa.dictionary(pa.int32(), pa.string())
 _INTS = {"User": pa.int32(), "Card": pa.int16(), "Year": pa.int16(), "Month": pa.int8(),
@@ -93,11 +97,13 @@ class TabFormerFormatError(ValueError):
         super().__init__(f"{where}: {what}. {hint}")
 
 
-def read_transactions(path: str | Path, columns: Sequence[str] = COLUMNS) -> pd.DataFrame:
+def read_transactions(path: str | Path, columns: Sequence[str] = COLUMNS,
+                      label_required: bool = True) -> pd.DataFrame:
     """Read and validate the given TabFormer ``columns`` of ``path`` (all 15 by default).
 
-    The header must hold all 15 columns whichever are read; values are validated for the
-    columns read.
+    The header must hold all 15 columns whichever are read (all but ``Is Fraud?`` when not
+    ``label_required``: then a file without it gives a frame without it); values are validated
+    for the columns read.
     """
     path = Path(path)
     unknown = [c for c in columns if c not in COLUMNS]
@@ -106,13 +112,14 @@ def read_transactions(path: str | Path, columns: Sequence[str] = COLUMNS) -> pd.
     columns = [c for c in COLUMNS if c in columns]
     _check_file(path)
     try:
-        return _read_transactions(path, columns)
+        return _read_transactions(path, columns, label_required)
     except _DAMAGE as error:  # raised while decoding or decompressing: locate it (slow path)
         raise _damage(path, error) from None
 
 
-def _read_transactions(path: Path, columns: list[str]) -> pd.DataFrame:
-    _check_header(path)
+def _read_transactions(path: Path, columns: list[str], label_required: bool = True) -> pd.DataFrame:
+    if LABEL not in _check_header(path, label_required):
+        columns = [c for c in columns if c != LABEL]
     table = _read_arrow(path, columns)
     if table.num_rows == 0:
         raise TabFormerFormatError(path, 1, None, None, "no transactions after the header",
@@ -133,17 +140,19 @@ def _read_transactions(path: Path, columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame(converted, copy=False)
 
 
-def _check_header(path: Path) -> None:
+def _check_header(path: Path, label_required: bool = True) -> list[str]:
     with _open_text(path) as text:
         header = next(csv.reader(text), None)
     if not header:
         raise TabFormerFormatError(path, 1, None, None, "empty file, expected a TabFormer header",
                                    f"The header is {','.join(COLUMNS)}.")
-    missing = [c for c in COLUMNS if c not in header]
+    missing = [c for c in COLUMNS if c not in header and (label_required or c != LABEL)]
     if missing:
         raise TabFormerFormatError(path, 1, missing[0], None,
                                    f"header lacks column(s) {missing} (it has {header})",
-                                   f"A TabFormer file has the columns {','.join(COLUMNS)}.")
+                                   f"A TabFormer file has the columns {','.join(COLUMNS)}"
+                                   + ("." if label_required else f" ({LABEL} optional)."))
+    return header
 
 
 def _read_arrow(path: Path, columns: list[str]) -> pa.Table:

@@ -2,13 +2,23 @@
 
 The embedded default is a SQLite store under ``runs/`` with artifacts beside it, so no
 server is needed; ``MLFLOW_TRACKING_URI`` points everything at a real server instead.
+
+The model a training run logs travels: :class:`TransactionScorer` scores raw TabFormer rows
+from its own artifacts (the Triton model package, and the scoring context of the graph it was
+trained on: encoders, history, the test graph), with fraudlib shipped in it (``code_paths``),
+pinned requirements, a signature and an input example.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import logging
 import os
+import shutil
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +29,24 @@ from mlflow.tracking import MlflowClient
 
 from fraudlib import settings
 
+log = logging.getLogger(__name__)
+
 PYFUNC_ARTIFACT_PATH = "model"
 MODEL_DIR_ARTIFACT_PATH = "triton_model"
+TRAIN_NOTEBOOK = "notebooks/02_train.ipynb"
+# What the logged model imports (through the fraudlib it ships), pinned at the versions that
+# trained it (requirements.txt's pins in the project's venv). The first installed name of each
+# tuple is used (xgboost-cpu in the pinned CPU venv, xgboost in the conda/GPU one).
+MODEL_REQUIREMENTS = (("mlflow",), ("numpy",), ("pandas",), ("pyarrow",), ("torch",), ("torch-geometric",),
+                      ("xgboost-cpu", "xgboost"), ("captum",), ("xxhash",))
+INPUT_EXAMPLE_ROWS = 5
 
 
 def configure():
     """Point MLflow at the configured store and return a client for it."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # Progress bars of artifact copies fill notebook outputs with frames (the store is local).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = settings.mlflow_tracking_uri()
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
@@ -52,33 +73,119 @@ def _flatten(prefix: str, params: dict[str, Any]) -> dict[str, str]:
     return {f"{prefix}.{key}": str(value) for key, value in params.items()}
 
 
-class GraphDirScorer(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc: scores every edge of a graph directory with one model version.
+class TransactionScorer(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc: fraud probabilities of raw TabFormer rows, scored in their graph context.
 
-    Input: a DataFrame with a ``graph_dir`` column (optional ``part``: "test", the default,
-    or "train"). Output: one row per edge with its score.
+    Input: a DataFrame of raw rows as text, the file's 15 columns (``pd.read_csv(path,
+    dtype=str)``; ``Is Fraud?`` optional). Output: one row per input row (``scoring.score_frame``).
+    Everything it reads is in its artifacts: ``model_version`` (the Triton model package's
+    version folder) and ``scoring_context`` (encoders, history and test graph of its data).
     """
 
     def load_context(self, context):
         from fraudlib.model_export import load_model
 
-        self.model = load_model(Path(context.artifacts["version_dir"]))
+        self.model = load_model(Path(context.artifacts["model_version"]))
+        self.context_dir = Path(context.artifacts["scoring_context"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from fraudlib.graph_store import read_part
+        from fraudlib import scoring
 
-        frames = []
-        for row in model_input.to_dict("records"):
-            graph = read_part(row["graph_dir"], row.get("part") or "test")
-            frames.append(pd.DataFrame({
-                "graph_dir": str(row["graph_dir"]),
-                "edge": range(graph.num_edges),
-                "user": graph.edge_index[0],
-                "merchant": graph.edge_index[1],
-                "label": graph.label,
-                "score": self.model.predict(graph),
-            }))
-        return pd.concat(frames, ignore_index=True)
+        return scoring.score_in_process(self.model, scoring.parse_raw(model_input), self.context_dir)
+
+
+def model_requirements() -> list[str]:
+    """``name==version`` of what the logged model imports, as installed here (local version
+    labels such as ``+cpu`` dropped, so the CUDA and CPU wheels both satisfy them)."""
+    pins = []
+    for names in MODEL_REQUIREMENTS:
+        for name in names:
+            try:
+                pins.append(f"{name}=={importlib.metadata.version(name).split('+')[0]}")
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        else:
+            raise RuntimeError(f"none of {names} is installed: the model's requirements cannot be pinned")
+    return pins
+
+
+def scoring_context(graph_dir: Path, dest: Path) -> Path:
+    """Copy what scoring new rows reads from ``graph_dir`` (``scoring.CONTEXT_FILES``) to ``dest``."""
+    from fraudlib.scoring import CONTEXT_FILES
+
+    for name in CONTEXT_FILES:
+        source, target = graph_dir / name, dest / name
+        if source.is_dir():
+            shutil.copytree(source, target)
+        elif source.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+        elif name != "history.parquet":  # only the causal feature set keeps a history
+            raise FileNotFoundError(f"{source} is missing: the model cannot carry its scoring context "
+                                    f"(is {graph_dir} a preprocessed graph directory?)")
+    return dest
+
+
+@contextmanager
+def _quiet_mlflow():
+    """MLflow's advice that does not apply here stays out of the audit notebooks: the source
+    path's two readings (both local), integer columns that may miss values (ids never do), a
+    pickled python_model (our own class, shipped with its code)."""
+    logger = logging.getLogger("mlflow.pyfunc")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _log_training_data(graph_dir: Path) -> None:
+    """The training edges (features, label, split) as the run's MLflow dataset input."""
+    import mlflow.data
+
+    from fraudlib.graph_store import manifest_hash, read_part
+
+    train = read_part(graph_dir, "train")
+    frame = pd.DataFrame(train.edge_attr, columns=train.edge_features)
+    frame["user"], frame["merchant"] = train.edge_index[0], train.edge_index[1]
+    frame["split"], frame["Fraud"] = train.split.astype(str), train.label
+    digest = (manifest_hash(graph_dir) or "")[:12]
+    dataset = mlflow.data.from_pandas(frame, source=str(graph_dir.resolve()), targets="Fraud",
+                                      name=f"{graph_dir.name}-train{'-' + digest if digest else ''}")
+    mlflow.log_input(dataset, context="training")
+
+
+def _log_model(version_dir: Path, graph_dir: Path) -> None:
+    """The travelling pyfunc, with its example (raw test rows, no label: new transactions)
+    scored once here, which also checks the logged package scores before it is registered."""
+    from mlflow.models import infer_signature
+    from mlflow.types import ColSpec, DataType, Schema
+
+    from fraudlib import model_export, scoring
+    from fraudlib.preprocess import read_test_rows
+
+    with tempfile.TemporaryDirectory(prefix="fraud-scoring-context-") as tmp:
+        context_dir = scoring_context(graph_dir, Path(tmp) / "scoring_context")
+        rows = read_test_rows(graph_dir).head(INPUT_EXAMPLE_ROWS)
+        example = scoring.raw_rows(rows.drop(columns=[scoring.LABEL]))
+        output = scoring.score_in_process(model_export.load_model(version_dir), scoring.parse_raw(example),
+                                          context_dir)
+        inputs = Schema([ColSpec(DataType.string, c, required=c != scoring.LABEL) for c in scoring.COLUMNS])
+        signature = infer_signature(example, output)
+        signature.inputs = inputs
+        mlflow.pyfunc.log_model(
+            name=PYFUNC_ARTIFACT_PATH,
+            python_model=TransactionScorer(),
+            artifacts={"model_version": str(version_dir), "scoring_context": str(context_dir)},
+            code_paths=[str(Path(__file__).resolve().parent)],
+            pip_requirements=model_requirements(),
+            signature=signature,
+            input_example=example,
+        )
 
 
 def log_training_run(
@@ -92,13 +199,31 @@ def log_training_run(
     config: dict[str, Any],
     plots: dict[str, Path] | None = None,
     tags: dict[str, str] | None = None,
+    graph_dir: Path | str | None = None,
+    source: str | None = None,
 ) -> str:
-    """Log one training run (params, metrics, model package, config, plots, pyfunc); return its id."""
+    """Log one training run (params, metrics, model package, config, plots, the training data
+    as a dataset input, the travelling pyfunc); return its id.
+
+    ``graph_dir``: the graph directory it was trained on (default: ``tags["graph_dir"]``).
+    ``source``: the notebook that trained it, the run's ``mlflow.source.name`` (default: the
+    project's ``notebooks/02_train.ipynb``).
+    """
+    from fraudlib.model_export import version_dir_of
+    from fraudlib.settings import project_root
+
+    graph_dir = graph_dir or (tags or {}).get("graph_dir")
+    if not graph_dir:
+        raise ValueError("log_training_run needs the graph directory the model was trained on "
+                         "(graph_dir, or tags['graph_dir']): the logged model carries its scoring context")
+    graph_dir = Path(graph_dir)
     experiment_id = ensure_experiment(experiment)
     model_dir = Path(model_dir)
-    version_dir = model_dir / "1"
+    version_dir = version_dir_of(model_dir)
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
-        mlflow.set_tags({"stage": "train", **(tags or {})})
+        mlflow.set_tags({"stage": "train", **(tags or {}),
+                         "mlflow.source.name": source or str(project_root() / TRAIN_NOTEBOOK),
+                         "mlflow.source.type": "NOTEBOOK"})
         mlflow.log_params({**_flatten("gnn", gnn_params), **_flatten("xgb", xgb_params)})
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
         mlflow.log_artifacts(str(model_dir), artifact_path=MODEL_DIR_ARTIFACT_PATH)
@@ -108,12 +233,10 @@ def log_training_run(
             mlflow.log_artifact(str(config_path))
         for name, path in (plots or {}).items():
             mlflow.log_artifact(str(path), artifact_path="plots")
-        mlflow.pyfunc.log_model(
-            name=PYFUNC_ARTIFACT_PATH,
-            python_model=GraphDirScorer(),
-            artifacts={"version_dir": str(version_dir)},
-            code_paths=[str(Path(__file__).resolve().parent)],
-        )
+        with _quiet_mlflow():
+            _log_training_data(graph_dir)
+            _log_model(version_dir, graph_dir)
+        log.info("MLflow run %s logged the model with its scoring context from %s", run.info.run_id, graph_dir)
         return run.info.run_id
 
 

@@ -88,3 +88,43 @@ def test_the_explanation_cap_is_read_from_the_models_config():
     shipped = (Path(__file__).resolve().parent.parent / "triton" / "config.pbtxt").read_text()
     assert max_shap_edges(shipped) == 8192
     assert max_shap_edges('parameters: { key: "other" value: { string_value: "1" } }') is None
+
+
+def test_new_rows_need_no_label_and_a_label_present_is_still_read(write_tabformer):
+    from conftest import TABFORMER_HEADER
+    from fraudlib.scoring import read_rows
+    from fraudlib.tabformer import TabFormerFormatError, read_transactions
+
+    line = "0,0,2019,1,2,06:21,$134.09,Swipe Transaction,3527213246127876953,La Verne,CA,91750.0,5300,"
+    unlabelled = write_tabformer([line], name="new.csv", header=TABFORMER_HEADER.rsplit(",", 1)[0])
+    frame = read_rows(unlabelled)
+    assert "Is Fraud?" not in frame and frame["Amount"].tolist() == [134.09]
+    with pytest.raises(TabFormerFormatError, match="lacks column"):
+        read_transactions(unlabelled)  # training data keeps needing its labels
+    labelled = write_tabformer([line + ",No"], name="labelled.csv")
+    assert read_rows(labelled)["Is Fraud?"].tolist() == [0]
+
+
+def test_raw_rows_are_the_text_the_reader_parses_back(write_tabformer):
+    from fraudlib.scoring import parse_raw, raw_rows, read_rows
+
+    path = write_tabformer([
+        "0,0,2019,1,2,06:21,$134.09,Swipe Transaction,3527213246127876953,La Verne,CA,91750.0,5300,,No",
+        '1,2,2019,3,4,23:05,$-292.00,Online Transaction,-727612092139916043,ONLINE,,,5311,"Bad PIN,",Yes',
+    ])
+    frame = read_rows(path)
+    back = parse_raw(raw_rows(frame))
+    assert back.columns.tolist() == frame.columns.tolist()
+    for column in frame.columns:
+        assert back[column].astype(str).tolist() == frame[column].astype(str).tolist(), column
+
+
+def test_rows_lacking_a_column_are_refused_naming_it():
+    import pandas as pd
+
+    from fraudlib.scoring import parse_raw
+
+    with pytest.raises(ValueError, match=r"lack the TabFormer column\(s\) \['Zip'\]"):
+        parse_raw(pd.DataFrame({c: ["1"] for c in ("User", "Card", "Year", "Month", "Day", "Time", "Amount",
+                                                   "Use Chip", "Merchant Name", "Merchant City",
+                                                   "Merchant State", "MCC", "Errors?")}))

@@ -1,12 +1,22 @@
-"""MLflow on a real SQLite store: training runs, the pyfunc model, the registry's aliases."""
+"""MLflow on a real SQLite store: training runs, the model that travels, the registry's aliases."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 
-from fraudlib import graph_store, model_export, registry, settings, tracking, training
-from test_training import FAST_XGB, write_planted_graph
+from fraudlib import graph_store, model_export, registry, scoring, settings, tracking, training
+from fraudlib.preprocess import preprocess
+from test_training import FAST_XGB
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +31,9 @@ def store(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(store, tmp_path_factory):
-    graph_dir = write_planted_graph(tmp_path_factory.mktemp("graph") / "graph", n_users=120, n_merchants=60)
+def trained(store, synthetic_csv, tmp_path_factory):
+    graph_dir = tmp_path_factory.mktemp("graph") / "graph"
+    preprocess(synthetic_csv, graph_dir)  # the default (causal) features: scoring needs the history
     result = training.train(graph_dir, tmp_path_factory.mktemp("out"), {"num_epochs": 3}, FAST_XGB,
                             device="cpu", progress=False)
     run_id = tracking.log_training_run(
@@ -47,15 +58,88 @@ def test_the_embedded_store_lives_under_the_runs_folder(store, trained):
     assert (store / "mlflow.db").is_file() and (store / "mlartifacts").is_dir()
 
 
-def test_pyfunc_model_scores_a_graph_directory_outside_triton_like_the_package(trained):
-    import mlflow.pyfunc
-    import pandas as pd
+def new_rows(synthetic_csv) -> pd.DataFrame:
+    """Raw rows of the test period as a user holds them (text, no label): new transactions."""
+    raw = pd.read_csv(synthetic_csv, dtype=str, keep_default_na=False)
+    return raw[raw["Year"].astype(int) >= 2019].head(40).drop(columns=["Is Fraud?"]).reset_index(drop=True)
 
+
+def test_the_training_run_records_its_data_and_its_notebook(trained):
+    graph_dir, _, run_id = trained
+    run = tracking.configure().get_run(run_id)
+    assert run.data.tags["mlflow.source.name"].endswith("notebooks/02_train.ipynb")
+    (dataset,) = run.inputs.dataset_inputs
+    assert [t.value for t in dataset.tags if t.key == "mlflow.data.context"] == ["training"]
+    assert json.loads(dataset.dataset.profile)["num_rows"] == graph_store.read_part(graph_dir, "train").num_edges
+    assert dataset.dataset.source == json.dumps({"uri": str(graph_dir.resolve())})
+
+
+def test_the_logged_model_declares_raw_rows_pinned_requirements_and_carries_its_context(trained):
+    import mlflow.models
+
+    _, _, run_id = trained
+    uri = tracking.pyfunc_model_uri(run_id)
+    info = mlflow.models.get_model_info(uri)
+    inputs = {c["name"]: c for c in info.signature.inputs.to_dict()}
+    assert list(inputs) == list(scoring.COLUMNS)
+    assert all(c["type"] == "string" for c in inputs.values())
+    assert [n for n, c in inputs.items() if not c["required"]] == ["Is Fraud?"]
+    assert "fraud_probability" in info.signature.outputs.input_names()
+    local = Path(mlflow.artifacts.download_artifacts(uri))
+    example = json.loads((local / "serving_input_example.json").read_text())["dataframe_split"]
+    assert example["columns"] == [c for c in scoring.COLUMNS if c != "Is Fraud?"] and example["data"]
+
+    required = (local / "requirements.txt").read_text().split()
+    pinned = {line.split("==")[0]: line.split("==")[1].split("+")[0].split()[0]
+              for line in (REPO / "requirements.txt").read_text().splitlines() if "==" in line}
+    for name in ("torch", "torch-geometric", "mlflow", "numpy", "xgboost-cpu"):
+        assert f"{name}=={pinned[name]}" in required
+    assert not [r for r in required if r.startswith("fraudlib")]
+    assert (local / "code" / "fraudlib" / "scoring.py").is_file()
+    context = local / "artifacts" / "scoring_context"
+    for name in ("encoders.json", "history.parquet", "gnn/test_gnn/edges/user_to_merchant.csv"):
+        assert (context / name).is_file(), name
+
+
+def test_the_champion_loads_and_scores_elsewhere_without_the_training_machines_files(
+        trained, store, synthetic_csv, tmp_path):
+    """A fresh process in another folder, with another runs folder and the graph directory and
+    model package gone, loads the registry's champion and scores raw rows as fraudlib does here."""
     graph_dir, result, run_id = trained
-    scorer = mlflow.pyfunc.load_model(tracking.pyfunc_model_uri(run_id))
-    scored = scorer.predict(pd.DataFrame({"graph_dir": [str(graph_dir)]}))
-    expected = model_export.load_model(result.model_dir).predict(graph_store.read_part(graph_dir, "test"))
-    np.testing.assert_allclose(scored["score"].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+    champion = registry.register(run_id, triton_version=7, manifest_hash=None)
+    registry.promote(champion.version)
+    rows = new_rows(synthetic_csv)
+    expected = scoring.score_in_process(model_export.load_model(result.model_dir), scoring.parse_raw(rows),
+                                        graph_dir)
+    assert expected["fraud_probability"].notna().sum() >= 20
+    (tmp_path / "rows.csv").write_text(rows.to_csv(index=False))
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "runs").mkdir(parents=True)
+    script = (
+        "import sys, mlflow.pyfunc, pandas as pd\n"
+        f"model = mlflow.pyfunc.load_model('models:/{settings.REGISTERED_MODEL_NAME}@champion')\n"
+        "import fraudlib\n"
+        "print(fraudlib.__file__)\n"
+        "rows = pd.read_csv(sys.argv[1], dtype=str, keep_default_na=False)\n"
+        "model.predict(rows).to_parquet(sys.argv[2])\n")
+    env = {**os.environ, "FRAUD_RUNS_DIR": str(elsewhere / "runs"),
+           "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri(), "PYTHONPATH": ""}
+    away = [graph_dir, result.model_dir.parent]
+    for path in away:
+        path.rename(path.with_name(path.name + ".away"))
+    try:
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "rows.csv"), str(tmp_path / "out.parquet")],
+                              cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        for path in away:
+            path.with_name(path.name + ".away").rename(path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "/artifacts/code/fraudlib/" in done.stdout  # the fraudlib shipped with the model
+    got = pd.read_parquet(tmp_path / "out.parquet")
+    assert len(got) == len(rows)
+    np.testing.assert_allclose(got["fraud_probability"].to_numpy(), expected["fraud_probability"].to_numpy(),
+                               rtol=1e-5, atol=1e-6)
+    assert not list((elsewhere / "runs").iterdir())
 
 
 def test_registry_moves_champion_and_keeps_the_previous_one(trained):
