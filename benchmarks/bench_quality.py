@@ -12,7 +12,6 @@ graph structure (the features must not hurt there).
     .venv/bin/python benchmarks/bench_quality.py                          # 3 seeds x 5 regimes at 5M rows
     .venv/bin/python benchmarks/bench_quality.py --rows 1000000 --seeds 0 --regimes default row_only
     .venv/bin/python benchmarks/bench_quality.py --feature-set blueprint  # today's blueprint features
-    .venv/bin/python benchmarks/bench_quality.py --gnn-variant node_aggregates   # a rejected GNN variant
     .venv/bin/python benchmarks/bench_quality.py --deduplicate   # the blueprint's row selection
 
 Each (regime, seed) runs in a child process (generate, preprocess, train), prints its line
@@ -32,55 +31,6 @@ from pathlib import Path
 MODELS = ("baseline", "graph_features", "gnn_xgboost")
 
 
-class _NodeAggregates:
-    """GNN variant ``node_aggregates``: each node's input is its id code plus the mean of its
-    edges' causal features and its log degree *in the graph it is sent*. Measured and rejected
-    (docs/model_quality.md): on the undersampled test graph, whose shape depends on the labels,
-    it reads fraud off the neighbourhood; on every transaction of the period it collapses.
-    Not exportable (model.py serves the default architecture): scored in process."""
-
-    @staticmethod
-    def install() -> dict:
-        import torch
-        from torch_geometric.utils import scatter
-
-        from fraudlib import features, gnn, training
-
-        captured = {}
-        base = gnn.FraudGNN
-
-        class Variant(base):
-            def __init__(self, user_channels, merchant_channels, edge_channels, **kw):
-                self.cols = None
-                super().__init__(user_channels + len(features.NAMES) + 1,
-                                 merchant_channels + len(features.NAMES) + 1, edge_channels, **kw)
-
-            def _inputs(self, x_user, x_merchant, edge_index, edge_attr):
-                causal = edge_attr[:, -len(features.NAMES):]
-                u, m = edge_index
-                out = []
-                for x, idx in ((x_user, u), (x_merchant, m)):
-                    mean = scatter(causal, idx, 0, dim_size=x.size(0), reduce="mean")
-                    degree = torch.log1p(torch.bincount(idx, minlength=x.size(0)).float()).view(-1, 1)
-                    out.append(torch.cat([x, mean, degree], 1))
-                return out
-
-            def forward(self, x_user, x_merchant, edge_index, edge_attr, return_embeddings=False):
-                h_user, h_merchant = self.embed(*self._inputs(x_user, x_merchant, edge_index, edge_attr), edge_index)
-                return self.classify(h_user, h_merchant, edge_index, edge_attr)
-
-            @torch.no_grad()
-            def edge_features(self, x_user, x_merchant, edge_index, edge_attr):
-                h_user, h_merchant = self.embed(*self._inputs(x_user, x_merchant, edge_index, edge_attr), edge_index)
-                src, dst = edge_index
-                return torch.cat([x_user[src], h_user[src], x_merchant[dst], h_merchant[dst], edge_attr], 1)
-
-        gnn.FraudGNN = Variant
-        training.model_export.export_model = lambda out, model, booster, meta: captured.update(
-            model=model, booster=booster) or Path(out)
-        return captured
-
-
 def _child(args) -> None:
     """One (regime, seed): generate (cached), preprocess, train; JSON on the last stdout line."""
     from fraudlib import metrics
@@ -88,13 +38,11 @@ def _child(args) -> None:
     from fraudlib.synthetic import generate
     from fraudlib.training import train
 
-    captured = _NodeAggregates.install() if args.gnn_variant == "node_aggregates" else None
-
     work = Path(args.work)
     raw = work / "data" / f"{args.regime}-{args.rows}-seed{args.seed}.csv"
     if not raw.is_file():
         generate(raw, args.rows, seed=args.seed, regime=args.regime)
-    case = work / (f"{args.regime}-{args.rows}-seed{args.seed}-{args.feature_set}-{args.gnn_variant}"
+    case = work / (f"{args.regime}-{args.rows}-seed{args.seed}-{args.feature_set}"
                    + ("-dedup" if args.deduplicate else ""))
     t = time.perf_counter()
     summary = preprocess(raw, case / "graph", feature_set=args.feature_set, deduplicate=args.deduplicate)
@@ -104,14 +52,14 @@ def _child(args) -> None:
               gnn_params={"num_epochs": args.epochs})
     train_s = time.perf_counter() - t
     out = {"regime": args.regime, "seed": args.seed, "rows": args.rows, "feature_set": args.feature_set,
-           "gnn_variant": args.gnn_variant, "deduplicate": args.deduplicate,
+           "deduplicate": args.deduplicate,
            "test_edges": int(len(r.test_labels)), "test_fraud": int(r.test_labels.sum()),
            "preprocess_s": preprocess_s, "train_s": train_s, "edges": summary.edges, "models": {}}
     for model, scores in r.test_scores.items():
         b = metrics.bootstrap(r.test_labels, {model: scores}, "auprc", n_boot=args.boot, seed=args.seed)
         out["models"][model] = {"auprc": b.values[model], "low": b.intervals[model][0],
                                 "high": b.intervals[model][1]}
-    labels, natural = _natural_rate_scores(raw, case / "graph", r, captured)
+    labels, natural = _natural_rate_scores(raw, case / "graph", r)
     out["natural"] = {"edges": int(len(labels)), "fraud": int(labels.sum()), "models": {}}
     for model, scores in natural.items():
         b = metrics.bootstrap(labels, {model: scores}, "auprc", n_boot=max(args.boot // 5, 50), seed=args.seed)
@@ -125,7 +73,7 @@ def _child(args) -> None:
     print(json.dumps(out))
 
 
-def _natural_rate_scores(raw: Path, graph_dir: Path, r, captured: dict | None = None) -> tuple:
+def _natural_rate_scores(raw: Path, graph_dir: Path, r) -> tuple:
     """Every transaction of the test period (no deduplication, no undersampling: the natural
     fraud rate), scored by the three models of ``r``, the GNN over that whole graph.
 
@@ -145,17 +93,8 @@ def _natural_rate_scores(raw: Path, graph_dir: Path, r, captured: dict | None = 
     frame = read_transactions(raw, USED_COLUMNS)
     frame = frame[frame["Year"].to_numpy() > TRAIN_BEFORE_YEAR].reset_index(drop=True)
     graph, _ = encode_graph(with_causal_features(frame, graph_dir, encoders), encoders)
-    if captured:  # a variant scored in process
-        import torch
-
-        from fraudlib.graph_store import compact
-
-        c = compact(graph)
-        x = captured["model"].eval().edge_features(*(torch.as_tensor(a) for a in (
-            c.x_user, c.x_merchant, c.edge_index, c.edge_attr))).numpy()
-        scores = {"gnn_xgboost": captured["booster"].predict(xgb.DMatrix(x))}
-    else:  # the exported package, as Triton serves it
-        scores = {"gnn_xgboost": np.asarray(load_model(r.model_dir).predict(graph)).reshape(-1)}
+    # The exported package, as Triton serves it.
+    scores = {"gnn_xgboost": np.asarray(load_model(r.model_dir).predict(graph)).reshape(-1)}
     for model, columns in control_columns(graph.edge_features).items():
         scores[model] = r.boosters[model].predict(xgb.DMatrix(tabular(graph, columns)))
     return graph.label, scores
@@ -193,9 +132,6 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8, help="GNN epochs (default 8, the stage default)")
     parser.add_argument("--boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--work", default="runs/bench_quality", help="data and outputs (default runs/bench_quality)")
-    parser.add_argument("--gnn-variant", default="default", choices=("default", "node_aggregates"),
-                        help="the GNN's node inputs: default (id codes, as served) or node_aggregates "
-                             "(a measured, rejected variant; see _NodeAggregates)")
     parser.add_argument("--deduplicate", action="store_true",
                         help="preprocess with the blueprint's deduplication of non-fraud rows")
     parser.add_argument("--json", default=None, help="also write all results to this JSON file")
@@ -213,7 +149,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown regime(s) {unknown}; choose from {list(REGIMES)}")
     print(f"bench_quality: {len(regimes)} regime(s) x {len(args.seeds)} seed(s) at {args.rows:,} rows, "
-          f"feature set {args.feature_set}, GNN {args.gnn_variant}, "
+          f"feature set {args.feature_set}, "
           f"{'deduplicated' if args.deduplicate else 'no deduplication'}, {args.boot} bootstrap resamples", flush=True)
     print(HEADER, flush=True)
     results = []
@@ -222,7 +158,7 @@ def main() -> None:
             t = time.perf_counter()
             cmd = [sys.executable, __file__, "--child", "--regime", regime, "--seed", str(seed),
                    "--rows", str(args.rows), "--feature-set", args.feature_set, "--epochs", str(args.epochs),
-                   "--boot", str(args.boot), "--work", args.work, "--gnn-variant", args.gnn_variant]
+                   "--boot", str(args.boot), "--work", args.work]
             cmd += ["--deduplicate"] if args.deduplicate else []
             child = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
             if child.returncode != 0:

@@ -5,13 +5,18 @@ Phases (each timed in ``TrainResult.seconds``):
 1. load: the train part (train + validation edges) and the test part of the graph directory.
 2. gnn: ``FraudGNN`` trained with class-weighted cross-entropy on the train edges, one graph
    per year (``period_masks``: a scored graph covers a short period, so training sees
-   neighbourhoods as sparse as serving does). Full-batch (one step per year per epoch) unless
+   neighbourhoods as sparse as serving does). Messages pass over each graph's *context*
+   (``context_mask``): its non-fraud edges and its fraud edges at the non-fraud edges' sampling
+   rate, a uniform sample of the stream whose shape does not depend on the labels (the
+   undersampled graph holds every fraud row, and a GNN passing messages over it learned to read
+   fraud off a node's neighbourhood, which served graphs never show: docs/model_quality.md).
+   Every edge is classified from its nodes' embeddings. Full-batch (one step per year per epoch) unless
    pyg-lib or torch-sparse is importable; then neighbour-sampled mini-batches (``batch_size`` edges, ``fan_out``
-   neighbours per hop), a path that cannot run (and is untested) where neither is installed.
-3. embed: every split's edges are embedded by message passing over that split's own edges:
-   train edges over their year's train edges, validation over the validation edges, test over
-   the test graph's edges. That is exactly what Triton computes for a graph it is sent, so validation (early
-   stopping, threshold) and test see what serving sees.
+   neighbours per hop) over the whole train graph, a path that cannot run (and is untested) where neither is installed.
+3. embed: train edges over their year's context, validation edges over the validation
+   context (early stopping and the threshold see label-independent neighbourhoods, as serving
+   does), test edges over the whole test graph, exactly as the evaluate stage sends it to
+   Triton (the test scores are the served model's).
 4. xgboost: XGBoost (hist) on [user x | user h | merchant x | merchant h | edge x], early stopping
    on the validation edges; the model keeps the best iteration only. One tree is grown per
    round: without row or column sampling the ``num_parallel_tree`` trees of a round would be
@@ -32,6 +37,7 @@ import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 import hashlib
+import json
 import math
 import os
 import time
@@ -220,12 +226,62 @@ def period_masks(graph: Graph) -> list[np.ndarray]:
     return [graph.year == y for y in np.unique(graph.year)]
 
 
+def context_rate(graph_dir: Path | str) -> float:
+    """The share of the stream's non-fraud rows that the graph holds (undersampling kept them
+    uniformly), from the manifest; 1.0 when the graph was not undersampled or has no manifest."""
+    path = Path(graph_dir) / MANIFEST
+    rows = json.loads(path.read_text()).get("rows", {}) if path.is_file() else {}
+    kept, total = rows.get("non_fraud_kept"), rows.get("non_fraud_unique")
+    return min(1.0, kept / total) if kept and total else 1.0
+
+
+def context_mask(graph: Graph, rate: float, seed: int) -> np.ndarray:
+    """The edges messages pass over: a sample of the stream whose membership does not depend on
+    the labels. The graph holds every fraud row but only ``rate`` of the rest, so its shape
+    tells fraud apart (a burst leaves a card with many edges); message passing over it let the
+    GNN read labels that no served graph (every transaction, unlabelled) shows. Every non-fraud
+    edge is a uniform sample of the stream's non-fraud rows, and each fraud edge is kept with the
+    same probability: together a uniform sample of all rows, and a mean over a node's
+    neighbours in it estimates the mean over the whole stream that serving sees."""
+    keep = graph.label == 0
+    fraud = np.flatnonzero(~keep)
+    rng = np.random.default_rng([seed, 7])
+    keep[fraud] = rng.random(fraud.size) < rate
+    # A node left without a context edge (one seen in fraud rows only) would be embedded from
+    # its own features alone, a state served graphs never show (a scored row is in the graph
+    # it is sent): such a node keeps one of its edges, drawn at random.
+    for side, size in ((0, graph.x_user.shape[0]), (1, graph.x_merchant.shape[0])):
+        node = graph.edge_index[side]
+        lonely = np.bincount(node, minlength=size) > 0
+        lonely &= np.bincount(node[keep], minlength=size) == 0
+        candidates = np.flatnonzero(lonely[node])
+        if candidates.size:
+            shuffled = candidates[rng.permutation(candidates.size)]
+            _, first = np.unique(node[shuffled], return_index=True)
+            keep[shuffled[first]] = True
+    return keep
+
+
+def _in_context(graph: Graph, rate: float, seed: int) -> tuple[Graph, np.ndarray]:
+    """``graph`` with its node ids compacted, and its context edges' index (same node ids)."""
+    g = compact(graph)
+    return g, g.edge_index[:, context_mask(g, rate, seed)]
+
+
 @torch.no_grad()
-def embed_edges(model: gnn.FraudGNN, graph: Graph, device: str) -> np.ndarray:
-    """XGBoost input of every edge, each period's edges embedded over that period's graph."""
+def embed_over_context(model: gnn.FraudGNN, graph: Graph, rate: float, seed: int, device: str) -> np.ndarray:
+    """XGBoost input of every edge of ``graph``, its nodes embedded over its context edges."""
+    g, context = _in_context(graph, rate, seed)
+    xu, xm, ei, ea = _tensors(g, device)
+    h_user, h_merchant = model.embed(xu, xm, torch.as_tensor(context, device=device))
+    return gnn._edge_features(xu, h_user, xm, h_merchant, ei, ea).cpu().numpy()
+
+
+def embed_edges(model: gnn.FraudGNN, graph: Graph, rate: float, seed: int, device: str) -> np.ndarray:
+    """XGBoost input of every edge, each period's edges embedded over that period's context."""
     out = None
     for mask in period_masks(graph):
-        features = model.edge_features(*_tensors(compact(graph.edges(mask)), device)).cpu().numpy()
+        features = embed_over_context(model, graph.edges(mask), rate, seed, device)
         if out is None:
             out = np.empty((graph.num_edges, features.shape[1]), dtype=np.float32)
         out[mask] = features
@@ -237,10 +293,22 @@ def _class_weights(labels: torch.Tensor) -> torch.Tensor:
     return counts.sum() / (2 * counts)
 
 
+def _with_context(graph: Graph, rate: float, seed: int, device: str) -> tuple[torch.Tensor, ...]:
+    """(x_user, x_merchant, context edge index, edge index, edge attr) tensors of ``graph``."""
+    g, context = _in_context(graph, rate, seed)
+    xu, xm, ei, ea = _tensors(g, device)
+    return xu, xm, torch.as_tensor(context, device=device), ei, ea
+
+
+def _logits(model: gnn.FraudGNN, xu, xm, context, ei, ea) -> torch.Tensor:
+    h_user, h_merchant = model.embed(xu, xm, context)
+    return model.classify(h_user, h_merchant, ei, ea)
+
+
 def _train_gnn(model: gnn.FraudGNN, train: Graph, val: Graph, s: GNNSettings, device: str,
-               progress: bool) -> dict:
+               progress: bool, rate: float, seed: int) -> dict:
     y = torch.as_tensor(train.label, device=device)
-    val_tensors = _tensors(compact(val), device)
+    val_tensors = _with_context(val, rate, seed, device)
     weight = _class_weights(y)
     optimizer = torch.optim.Adam(model.parameters(), lr=GNN_LEARNING_RATE)
     sampled = neighbor_sampling_available()
@@ -248,7 +316,7 @@ def _train_gnn(model: gnn.FraudGNN, train: Graph, val: Graph, s: GNNSettings, de
         loader = _link_loader(train, s)
         ea = torch.as_tensor(train.edge_attr, device=device)
     else:
-        periods = [_tensors(compact(train.edges(m)), device) + (y[torch.as_tensor(m, device=device)],)
+        periods = [_with_context(train.edges(m), rate, seed, device) + (y[torch.as_tensor(m, device=device)],)
                    for m in period_masks(train)]
         order = np.random.default_rng(0)
     curve = {"epoch": [], "loss": [], "val_auprc": []}
@@ -259,16 +327,16 @@ def _train_gnn(model: gnn.FraudGNN, train: Graph, val: Graph, s: GNNSettings, de
         else:
             losses = []
             for period in order.permutation(len(periods)):
-                pxu, pxm, pei, pea, py = periods[period]
+                *tensors, py = periods[period]
                 optimizer.zero_grad()
-                loss_t = F.cross_entropy(model(pxu, pxm, pei, pea), py, weight=weight)
+                loss_t = F.cross_entropy(_logits(model, *tensors), py, weight=weight)
                 loss_t.backward()
                 optimizer.step()
                 losses.append(loss_t.item() * len(py))
             loss = sum(losses) / len(y)
         model.eval()
         with torch.no_grad():
-            val_scores = torch.softmax(model(*val_tensors), dim=1)[:, 1].cpu().numpy()
+            val_scores = torch.softmax(_logits(model, *val_tensors), dim=1)[:, 1].cpu().numpy()
         curve["epoch"].append(epoch)
         curve["loss"].append(loss)
         curve["val_auprc"].append(metrics.auprc(val.label, val_scores))
@@ -411,17 +479,20 @@ def train(graph_dir: Path | str, out_dir: Path | str, gnn_params: dict | None = 
                     "edge_channels": test.edge_attr.shape[1], "hidden_channels": gnn_s.hidden_channels,
                     "n_hops": gnn_s.n_hops, "layer": gnn_s.layer, "dropout_prob": gnn_s.dropout_prob}
     model = gnn.FraudGNN(**architecture).to(device)
+    rate = context_rate(graph_dir)
     with repeatable(device):
-        curve = _train_gnn(model, graphs["train"], graphs["validation"], gnn_s, device, progress)
+        curve = _train_gnn(model, graphs["train"], graphs["validation"], gnn_s, device, progress, rate, seed)
     seconds["gnn"] = time.perf_counter() - t
 
     t = time.perf_counter()
     model.eval()
-    # Validation (2018) and test (2019-2020) are one graph each, as Triton is sent them.
+    # Train (per year) and validation (2018) edges embedded over their label-independent
+    # context; the test edges (2019-2020) over the whole test graph, as Triton is sent it by
+    # the evaluate stage (its scores are the served model's).
     with repeatable(device):
-        x_emb = {"train": embed_edges(model, graphs["train"], device),
-                 **{split: model.edge_features(*_tensors(compact(graphs[split]), device)).cpu().numpy()
-                    for split in ("validation", "test")}}
+        x_emb = {"train": embed_edges(model, graphs["train"], rate, seed, device),
+                 "validation": embed_over_context(model, graphs["validation"], rate, seed, device),
+                 "test": model.edge_features(*_tensors(compact(graphs["test"]), device)).cpu().numpy()}
     seconds["embed"] = time.perf_counter() - t
 
     names = _feature_names(test, gnn_s.hidden_channels)

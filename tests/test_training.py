@@ -331,3 +331,49 @@ def test_a_target_alert_rate_sets_the_threshold_that_flags_that_share_of_validat
 def test_an_alert_rate_outside_0_1_is_refused_before_training(planted_graph, tmp_path):
     with pytest.raises(training.HyperparameterError, match="alert_rate"):
         training.train(planted_graph, tmp_path / "model", alert_rate=1.5, progress=False)
+
+
+# --- message passing over a label-independent context -------------------------------------------
+
+def _star_graph(labels: list[int], users: list[int], merchants: list[int]) -> Graph:
+    n = len(labels)
+    return Graph(x_user=np.zeros((max(users) + 1, 1), np.float32), x_merchant=np.zeros((max(merchants) + 1, 1), np.float32),
+                 edge_index=np.array([users, merchants], np.int64), edge_attr=np.zeros((n, 1), np.float32),
+                 label=np.array(labels, np.int64), split=np.full(n, "train", dtype=object))
+
+
+def test_context_keeps_every_non_fraud_edge_and_fraud_edges_at_the_non_fraud_rate():
+    rng = np.random.default_rng(0)
+    n = 20_000
+    labels = (rng.random(n) < 0.5).astype(int).tolist()
+    # Every node has non-fraud edges too, so no node needs an edge kept for it.
+    users = (np.arange(n) % 50).tolist()
+    merchants = (np.arange(n) % 40).tolist()
+    g = _star_graph(labels, users, merchants)
+    keep = training.context_mask(g, 0.1, seed=3)
+    fraud = g.label == 1
+    assert keep[~fraud].all()
+    share = keep[fraud].mean()
+    assert abs(share - 0.1) < 4 * np.sqrt(0.1 * 0.9 / fraud.sum())  # binomial, 4 sigma
+    np.testing.assert_array_equal(keep, training.context_mask(g, 0.1, seed=3))  # seeded
+    assert training.context_mask(g, 1.0, seed=3).all()
+
+
+def test_context_gives_a_node_seen_only_in_fraud_edges_one_of_them():
+    # user 1 and merchants 4, 5 appear in fraud edges only; with rate 0 no fraud edge is drawn.
+    g = _star_graph([0, 0, 1, 1, 1, 1], users=[0, 0, 1, 1, 1, 0], merchants=[2, 3, 4, 4, 5, 5])
+    for seed in range(20):
+        keep = training.context_mask(g, 0.0, seed=seed)
+        assert keep[:2].all()
+        users, merchants = g.edge_index[:, keep]
+        # every node has a context edge (none is embedded from its own features alone) ...
+        assert set(users) == {0, 1} and set(merchants) == {2, 3, 4, 5}
+        # ... and no more fraud edges than the lonely nodes need: one for merchant 4 (whose
+        # edge also serves user 1) and one for merchant 5, or one more when user 1 drew edge 4
+        assert 2 <= keep[2:].sum() <= 3
+
+
+def test_context_rate_is_the_kept_share_of_non_fraud_rows_from_the_manifest(tmp_path):
+    (tmp_path / graph_store.MANIFEST).write_text(json.dumps({"rows": {"non_fraud_kept": 50, "non_fraud_unique": 2000}}))
+    assert training.context_rate(tmp_path) == 0.025
+    assert training.context_rate(tmp_path / "missing") == 1.0  # not undersampled: every edge is context
