@@ -111,3 +111,32 @@ def delta_interval(delta: float, low: float, high: float, metric: str, min_impro
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def edges_per_year(years) -> "plt.Figure":
+    """Edges and fraud edges per year, coloured by split (``preprocess.report_tables()["years"]``)."""
+    colors = years["split"].map({"train": "tab:blue", "validation": "tab:orange", "test": "tab:green"})
+    fig, ax = plt.subplots(figsize=(10, 3))
+    ax.bar(years.index, years["edges"].astype(int), color=colors)
+    ax.bar(years.index, years["fraud"].astype(int), color="black", label="fraud")
+    ax.set(title="edges per year (blue train, orange validation, green test; black = fraud)", ylabel="edges")
+    ax.tick_params(axis="x", rotation=90)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def degree_histograms(degree: dict[str, np.ndarray]):
+    """Log-binned degree histogram per node type (``preprocess.degrees``); isolated nodes counted in the title."""
+    fig, axes = plt.subplots(1, len(degree), figsize=(10, 3), squeeze=False)
+    for ax, (node, d) in zip(axes[0], degree.items()):
+        ax.hist(d[d > 0], bins=np.unique(np.geomspace(1, d.max() + 1, 30).astype(int)), log=True)
+        ax.set(xscale="log", title=f"{node}: {len(d):,} nodes, {(d == 0).sum():,} isolated", xlabel="degree (edges)")
+    fig.tight_layout()
+    return fig
+
+
+def close(*figures) -> None:
+    """Closes figures that were saved, so Jupyter does not show them a second time."""
+    for fig in figures:
+        plt.close(fig)
