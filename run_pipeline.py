@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run the fraud-model pipeline: the stage notebooks, in order, executed with papermill.
 
-The logic lives in fraudlib/runner.py; this file only reads the command line.
+The logic lives in the fraudlib.runner package; this file only reads the command line.
 """
 
 from __future__ import annotations
@@ -15,13 +15,17 @@ from fraudlib import runner, settings
 
 DESCRIPTION = """\
 Executes the stage notebooks notebooks/NN_name.ipynb in NN order with papermill into
-runs/<run_id>/: each executed notebook (NN_name.ipynb), an HTML copy (NN_name.html) and
-run.json (status, timings, parameters, outputs and errors of every stage, git commit,
-package versions). Adding a stage is adding a notebook.
+runs/<run_id>/: each executed notebook (NN_name.ipynb, opening with the stage's summary), an
+HTML report (NN_name.html: code hidden, a link to the notebook that keeps it), index.html
+(the reports, the MLflow run, the Triton version serving afterwards) and run.json (status,
+timings, parameters, outputs and errors of every stage, git commit, package versions).
+Adding a stage is adding a notebook.
 
 Before any stage runs, every parameter given is checked against the notebooks'
-`parameters` cells (type annotations and # help comments; see --list): an unknown name or
-a value that is not of the declared type stops the run with exit status 2.
+`parameters` cells (type annotations and # help comments; see --list) and, for a stage
+notebook naming its fraudlib.stages module, against that stage's Params dataclass (value
+rules such as num_epochs >= 1): an unknown name or an invalid value stops the run with exit
+status 2.
 
 Each stage's glued outputs (scrapbook.glue) are passed to every later stage that declares a
 parameter of that name; `run_dir` is passed to stages that declare it; for stages that

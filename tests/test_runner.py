@@ -292,7 +292,7 @@ def test_executed_notebooks_html_and_run_json_are_logged_to_the_glued_mlflow_run
 
     assert result.status == runner.SUCCEEDED and result.warnings == []
     logged = {Path(a.path).name for a in client.list_artifacts(mlflow_run_id, "notebooks")}
-    assert logged == {"01_record_mlflow_run.ipynb", "01_record_mlflow_run.html", "run.json"}
+    assert logged == {"01_record_mlflow_run.ipynb", "01_record_mlflow_run.html", "index.html", "run.json"}
 
 
 def test_failing_to_log_to_mlflow_is_a_warning_and_the_run_still_succeeds(tmp_path, monkeypatch):
