@@ -84,6 +84,18 @@ def decide(labels, challenger_scores, champion_scores=None, metric: str = DEFAUL
         missing = [name for name, t in thresholds.items() if t is None]
         if missing:
             raise ValueError(f"promotion metric {metric!r} needs the operating threshold of the {' and '.join(missing)}")
+    classes = np.unique(np.asarray(labels))
+    if classes.size < 2:
+        # AUPRC, recall, ... are undefined without both classes: no evidence either way.
+        what = "no transactions" if classes.size == 0 else \
+            f"one class only ({len(labels):,} {'fraud' if classes[0] == 1 else 'non-fraud'} transactions)"
+        verdict, outcome = ((PROMOTE, "no champion yet: the first model is promoted without a measure")
+                            if champion_scores is None else
+                            (REJECT, "nothing shows the challenger is better: reject (the champion keeps serving)"))
+        return Decision(verdict, f"the test transactions hold {what}: {metric} is undefined; {outcome}. "
+                                 "Evaluate on a test period with both fraud and non-fraud transactions.",
+                        metric=metric, challenger_value=None, champion_value=None,
+                        min_improvement=float(min_improvement), n_transactions=len(labels))
     b = metrics.bootstrap(labels, scores, metric, n_boot, level, seed, thresholds)
     new = b.values["challenger"]
     common = dict(metric=metric, challenger_value=new, min_improvement=float(min_improvement), level=b.level,

@@ -34,6 +34,18 @@ def test_an_identical_retrain_is_rejected_its_interval_is_exactly_zero():
     assert "[+0.0000, +0.0000]" in d.reason and "not > min_improvement 0" in d.reason
 
 
+def test_a_test_period_with_one_class_rejects_the_challenger_and_says_why():
+    _, scores, rng = scored()
+    better = scores + 10.0
+    for labels, said in ((np.zeros(scores.size, int), "non-fraud"), (np.ones(scores.size, int), "fraud")):
+        d = decide(labels, better, scores)
+        assert d.decision == REJECT
+        assert f"one class only ({scores.size:,} {said} transactions)" in d.reason and "undefined" in d.reason
+        assert d.delta is None and d.challenger_value is None
+    # without a champion there is nothing to keep serving: the first model is still promoted
+    assert decide(np.zeros(scores.size, int), scores, None).decision == PROMOTE
+
+
 def test_a_clearly_better_challenger_is_promoted_and_the_reason_names_everything():
     labels, champion, rng = scored(n=24_607)
     challenger = champion + labels * 0.6 + rng.normal(0, 0.3, labels.size)
