@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_reports import browser, check_report, open_page  # noqa: F401  (browser is a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -58,6 +59,26 @@ def test_first_run_promotes_and_leaves_an_audit_trail(runs_dir):
     assert outputs["deploy"]["champion_version"] == 1
     state = registry_state(runs_dir)
     assert state["triton"] == 1 and ["champion"] == state["versions"][0][1]
+
+
+def test_every_report_of_the_run_reads_first_in_a_browser_and_the_index_links_them(runs_dir, browser):
+    run_dir = next(p for p in sorted(runs_dir.iterdir()) if (p / "04_deploy.html").is_file())
+    record = json.loads((run_dir / "run.json").read_text())
+    outputs = {s["name"]: s["outputs"] for s in record["stages"]}
+    images = {"01_preprocess": 2, "02_train": 4, "03_evaluate": 2, "04_deploy": 1}
+    for stage, least in images.items():
+        rows = ("run", "git commit", "data manifest", "outcome") + (("decision", "reason") if stage == "03_evaluate" else ())
+        facts = check_report(open_page(browser, run_dir / f"{stage}.html"), rows, min_images=least)
+        assert run_dir.name in facts["text"] and outputs["preprocess"]["manifest_hash"][:16] in facts["text"]
+    evaluate = open_page(browser, run_dir / "03_evaluate.html").inner_text("body")
+    assert "PROMOTE" in evaluate and outputs["evaluate"]["promotion_reason"][:40] in evaluate
+    index = open_page(browser, run_dir / "index.html")
+    hrefs = index.evaluate("Array.from(document.links).map(a => a.getAttribute('href'))")
+    for stage in images:
+        assert f"{stage}.html" in hrefs and f"{stage}.ipynb" in hrefs and (run_dir / f"{stage}.html").is_file()
+    mlflow_run = outputs["train"]["mlflow_run_id"]
+    assert any(mlflow_run in h for h in hrefs), hrefs
+    assert "Triton version serving after the run: 1" in index.inner_text("body")
 
 
 def test_status_reports_a_consistent_serving_state(runs_dir):

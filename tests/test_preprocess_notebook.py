@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import nbformat
 import papermill as pm
 import scrapbook as sb
 
@@ -31,3 +32,8 @@ def test_notebook_builds_the_graph_from_synthetic_data_and_glues_its_outputs(tmp
     assert glued["feature_dims"] == graph_store.read_manifest(graph_dir)["dims"]
     assert glued["edges"]["test"] == graph_store.read_part(graph_dir, "test").num_edges > 0
     assert (tmp_path / "runs" / "data" / f"synthetic-v{synthetic.VERSION}-20000-seed0.csv").is_file()
+    # The notebook opens with the stage's summary: run, data hash, outcome, and the input named
+    # as the embedded default data (no raw_path was given).
+    summary = nbformat.read(executed, as_version=4).cells[0].outputs[0]["data"]["text/markdown"]
+    assert "`run-1`" in summary and glued["manifest_hash"][:16] in summary and "succeeded" in summary
+    assert "embedded default data" in summary

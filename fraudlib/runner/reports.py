@@ -47,7 +47,7 @@ def export_html(notebook: Path, target: Path) -> None:
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     with warnings.catch_warnings():  # scrapbook's glue mimetypes have no HTML form; that is expected
         warnings.filterwarnings("ignore", message="Your element with mimetype")
-        body, _ = exporter.from_notebook_node(nb)
+        body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": notebook.stem}})
     write_atomic(target, body)
 
 

@@ -9,7 +9,7 @@ import os
 import warnings
 from pathlib import Path
 
-from IPython.display import DisplayHandle, Image, Markdown, display
+from IPython.display import HTML, DisplayHandle, Image, Markdown, display
 
 from fraudlib.stages.base import glue_values
 
@@ -31,6 +31,18 @@ def start() -> DisplayHandle:
     """The report's first output: a placeholder the stage's summary replaces when it has run."""
     quiet()
     return display(Markdown("*The stage's summary appears here once it has run.*"), display_id=True)
+
+
+def parameters(params) -> None:
+    """The values the stage runs with, as a folded table (the code, and so the parameters cell,
+    is hidden in the HTML report)."""
+    import dataclasses
+    import html
+
+    rows = "".join(f"<tr><td><code>{f.name}</code></td><td><code>{html.escape(repr(getattr(params, f.name)))}</code></td>"
+                   f"<td>{html.escape(f.metadata.get('help', ''))}</td></tr>" for f in dataclasses.fields(params))
+    display(HTML(f"<details><summary>Parameters of this run ({type(params).__module__}.Params)</summary>"
+                 f"<table><tr><th>name</th><th>value</th><th>meaning</th></tr>{rows}</table></details>"))
 
 
 def finish(handle: DisplayHandle, outputs) -> None:
