@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         _child(args.child, str(args.raw), args.out, args.rows)
         return 0
 
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench_preprocess.", dir=args.workdir) as work:
         work = Path(work)
         raw = args.raw or work / "card_transaction.v1.csv"
