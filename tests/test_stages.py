@@ -149,3 +149,49 @@ def test_summary_names_run_commit_data_and_outcome(tmp_path):
     assert "`run-7`" in text and git["commit"][:12] in text and "abababababababab" in text
     assert "decision reject" in text and r"\| not above 0" in text  # a | in a reason does not break the table
     assert "a notebook run alone" in base.summary("x", tmp_path / "scratch", None, "ok")
+
+
+# --- JupyterLab and the triton/ folder -------------------------------------------------------
+
+ROOT = NOTEBOOKS.parent
+
+
+def test_the_fraudlib_kernel_make_setup_registers_runs_this_interpreter():
+    import sys
+
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec("fraudlib")
+    assert spec.display_name == "Python (fraudlib)"
+    assert Path(spec.argv[0]).resolve() == Path(sys.executable).resolve()
+
+
+def test_every_notebook_in_the_project_opens_in_the_fraudlib_kernel():
+    for path in [*NOTEBOOKS.glob("*.ipynb"), *(ROOT / "tests" / "notebooks").glob("*.ipynb")]:
+        assert nbformat.read(path, as_version=4).metadata["kernelspec"]["name"] == "fraudlib", path
+
+
+def python_at_root(code: str, **env) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+
+
+def test_a_python_started_at_the_repo_root_imports_torch_geometric():
+    done = python_at_root("import sys; assert sys.path[0] == ''; import torch_geometric, torch; print('ok')")
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_the_triton_folder_is_not_the_triton_package_missing_or_installed(tmp_path):
+    missing = python_at_root("import triton")
+    assert "ModuleNotFoundError: No module named 'triton'" in missing.stderr
+    installed = tmp_path / "site" / "triton"  # the real package on a GPU host, after the repo root on sys.path
+    installed.mkdir(parents=True)
+    (installed / "__init__.py").write_text("__version__ = '3.9.0'\n")
+    (installed / "language.py").write_text("dtype = 'real'\n")
+    done = python_at_root("import triton, triton.language; print(triton.__version__, triton.language.dtype)",
+                          PYTHONPATH=str(tmp_path / "site"))
+    assert done.stdout.split() == ["3.9.0", "real"], done.stderr[-2000:]
