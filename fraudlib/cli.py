@@ -1,26 +1,35 @@
 """``fraud``: operate the served model between pipeline runs.
 
-    fraud status                 champion, staged challenger, archive, Triton, registry
+    fraud status                 champion, challenger, last rejected version, Triton, registry
     fraud serve                  keep the champion online with the embedded Triton until Ctrl-C
     fraud score FILE.csv         score raw TabFormer-format rows against the served champion
     fraud reconcile              repair repository and registry after a crash
     fraud generate --rows N      write a synthetic TabFormer-format file
+    fraud ingest / replay        add months of transactions to the store (fraudlib.store)
 
 Without ``--triton-url`` (or ``$TRITON_URL``) the commands that need a server start the
 embedded one on the repository under runs/ (``$TRITON_MODEL_REPO``) for their duration.
+Every command takes ``--version`` and ``--verbose`` (fraudlib's log at DEBUG on stderr; by
+default only warnings are logged). A command's answer goes to stdout, its log to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
-from fraudlib import settings
+from fraudlib import __version__, settings
+
+log = logging.getLogger("fraudlib.cli")
+# fraud status: a Triton that does not answer within this is reported unreachable.
+STATUS_TIMEOUT_S = 0.5
 
 
 def _server_args(parser: argparse.ArgumentParser) -> None:
@@ -59,9 +68,37 @@ def _advice() -> str | None:
     return lifecycle.diagnose().advice
 
 
+def _describe(v) -> str:
+    return f"version {v.version} (Triton v{v.triton_version}, run {v.run_id})"
+
+
+def _rejection(v) -> str:
+    """Why a version was rejected: stage 3's reason (its run's promotion_reason) unless deploy
+    wrote another (a roll-back after a failed health check)."""
+    if v.rejected and v.rejected.startswith("rolled back"):
+        return v.rejected
+    return v.reason or v.rejected or "?"
+
+
+def _triton_lines(url: str) -> tuple[list[str], bool]:
+    """What the Triton at ``url`` serves (short timeouts), and whether it answered."""
+    from fraudlib.triton_server import TritonClient, TritonError
+
+    try:
+        with TritonClient(url, network_timeout_s=STATUS_TIMEOUT_S, connection_timeout_s=STATUS_TIMEOUT_S) as client:
+            models = client.repository_index()
+    except TritonError as e:  # unreachable, or its control API refused us: not a healthy status
+        return [f"  triton {url}: {e}"], False
+    return [f"  triton {url}: {m.get('name')} v{m.get('version')} {m.get('state')}" for m in models] \
+        or [f"  triton {url}: no model loaded"], True
+
+
 def cmd_status(args) -> int:
+    """Disk, registry and Triton, read without MLflow's client (``registry.read_versions``) and
+    with short Triton timeouts: the answer comes in well under two seconds, also when Triton is
+    down. Exit 1: inconsistent; 3: the registry or a Triton that should answer does not."""
     from fraudlib import lifecycle, registry
-    from fraudlib.triton_server import TritonError
+    from fraudlib.triton_server import running_servers
 
     state = lifecycle.repository(None).state()
     print(f"repository: {settings.triton_model_repository()}")
@@ -69,29 +106,43 @@ def cmd_status(args) -> int:
           f"on disk: {list(state.versions_on_disk)}  archived: {list(state.archived)}")
     if state.journal:
         print(f"  unfinished transition: {state.journal}")
-    triton_failed = False
-    if args.triton_url:
-        try:
-            with _client(args.triton_url, "status") as client:
-                for model in client.repository_index():
-                    print(f"  triton: {model.get('name')} v{model.get('version')} {model.get('state')}")
-        except TritonError as e:  # unreachable, or its control API refused us: not a healthy status
-            print(f"  triton: {e}")
-            triton_failed = True
+    unreachable = []
     print(f"registry: {settings.REGISTERED_MODEL_NAME} at {settings.mlflow_tracking_uri()}")
-    for v in registry.versions():
-        print(f"  version {v.version}: triton v{v.triton_version} aliases [{', '.join(v.aliases)}] run {v.run_id}")
-    problems = consistency_problems()
-    for p in problems:
-        print(f"INCONSISTENT: {p}")
-    if problems:
-        print(f"fix: {_advice()}")
-    if problems:
-        return 1
-    if triton_failed:
-        print(f"TRITON UNAVAILABLE: {args.triton_url}")
-        return 3
-    return 0
+    try:
+        versions = registry.read_versions()
+    except RuntimeError as e:
+        versions = None
+        unreachable.append(f"registry: {e}")
+        print(f"  {e}")
+    if versions is not None:
+        for label, alias in (("champion", settings.CHAMPION_ALIAS), ("challenger", settings.CHALLENGER_ALIAS)):
+            v = registry.alias_of(versions, alias)
+            print(f"  {label}: {_describe(v) if v else 'none'}")
+        rejected = registry.last_rejected(versions)
+        print(f"  last rejected: {_describe(rejected) + ': ' + _rejection(rejected) if rejected else 'none'}")
+        for v in versions:
+            print(f"  version {v.version}: triton v{v.triton_version} aliases [{', '.join(v.aliases)}] run {v.run_id}"
+                  + (" rejected" if v.rejected else ""))
+    urls = [args.triton_url] if args.triton_url else [r["url"] for r in running_servers()]
+    if not urls:
+        print("triton: no embedded server is running (`fraud serve` starts one; --triton-url or $TRITON_URL "
+              "for another)")
+    for url in urls:
+        lines, answered = _triton_lines(url)
+        print("\n".join(lines))
+        if not answered:
+            unreachable.append(f"triton: {url}")
+    problems = []
+    if versions is not None:
+        d = lifecycle.diagnose(versions=versions)
+        problems = [*d.live, *d.problems, *d.fatal]
+        for p in problems:
+            print(f"INCONSISTENT: {p}")
+        if problems:
+            print(f"fix: {d.advice}")
+    for what in unreachable:
+        print(f"UNREACHABLE: {what}")
+    return 1 if problems else 3 if unreachable else 0
 
 
 def cmd_reconcile(args) -> int:
@@ -121,8 +172,6 @@ def cmd_serve(args) -> int:
             print(f"refusing to serve: {p}", file=sys.stderr)
         print(f"fix: {_advice()}; then `fraud serve` again", file=sys.stderr)
         return 2
-    import time
-
     from fraudlib.triton_server import EmbeddedTriton, Supervisor, TritonError
 
     stop = threading.Event()
@@ -130,7 +179,7 @@ def cmd_serve(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
 
     def report(message: str) -> None:
-        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} fraud serve: {message}", file=sys.stderr, flush=True)
+        log.warning("fraud serve: %s", message)
 
     def serve_champion(server: EmbeddedTriton):
         """Load the champion and check it answers (at start, and after each restart)."""
@@ -165,19 +214,33 @@ def cmd_serve(args) -> int:
 
 
 def cmd_score(args) -> int:
+    """The file is read and validated, and the champion found in the registry, before any
+    server starts: a bad file fails in well under two seconds."""
     import pandas as pd
 
     from fraudlib import scoring
 
+    started = time.monotonic()
+    if args.out:
+        scoring.output_format(args.out)
+    frame = scoring.read_rows(args.csv)
+    log.info("%s: %d rows valid (%s) in %.2f s", args.csv, len(frame),
+             "labelled" if scoring.LABEL in frame else "no labels", time.monotonic() - started)
+    graph_dir = scoring.champion_graph_dir()
     with _client(args.triton_url, "score", load_champion=True) as client:
-        scored = scoring.score_transactions(client, Path(args.csv))
+        scored = scoring.score_transactions(client, frame, graph_dir)
+        threshold = scoring.champion_meta(client).get("threshold", 0.5)
+    scored.insert(0, "line", range(2, len(scored) + 2))
     with pd.option_context("display.max_rows", args.max_rows, "display.width", 160):
         print(scored.to_string(index=False, max_rows=args.max_rows))
     print(f"scored by the champion inside their graph context: {scored.attrs.get('context_edges', 0)} edges "
           "(the new rows plus the champion's test transactions of the same cards and merchants, 2 hops)")
+    summary = scoring.label_metrics(scored, threshold)
+    if summary is not None:
+        print("against the rows' labels (Is Fraud?): " + ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     if args.out:
-        scored.to_csv(args.out, index=False)
-        print(f"written to {args.out}")
+        print(f"written to {scoring.write_scores(scored, args.out)}")
     return 0
 
 
@@ -189,9 +252,30 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common_args(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    """--version and --verbose, on the command and on each subcommand (whose default must not
+    overwrite the command's: SUPPRESS)."""
+    parser.add_argument("--version", action="version", version=f"fraud (fraudlib) {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="log fraudlib's steps (DEBUG) and libraries' notes (INFO) on stderr")
+
+
+STORE_COMMANDS = ("ingest", "replay")
+
+
+def _needs_store(argv: list[str] | None) -> bool:
+    """Whether the command line may need fraudlib.store's commands (they, help, or nothing):
+    importing it costs half a second (pandas) that `fraud status` must not pay."""
+    argv = sys.argv[1:] if argv is None else argv
+    return not argv or any(a in (*STORE_COMMANDS, "-h", "--help") for a in argv)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``fraud`` parser; ``argv`` (default: sys.argv) decides whether the store's commands
+    are added (:func:`_needs_store`)."""
     parser = argparse.ArgumentParser(prog="fraud", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common_args(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("status", help="print the serving state: repository, Triton, registry")
@@ -209,8 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("score", help="score raw TabFormer-format rows against the served champion")
-    p.add_argument("csv", help="CSV with the 15 TabFormer columns (e.g. card_transaction.v1.csv rows)")
-    p.add_argument("--out", help="also write the scores to this CSV")
+    p.add_argument("csv", help="TabFormer-format rows (CSV, .gz or .tgz); Is Fraud? optional: new transactions "
+                               "have no label yet, and with one the scores are also measured against it")
+    p.add_argument("--out", help="also write the scores here: .csv or .parquet (checked before anything runs)")
     p.add_argument("--max-rows", type=int, default=50, help="rows printed (default 50)")
     _server_args(p)
     p.set_defaults(func=cmd_score)
@@ -233,11 +318,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraud in the file: default (all mechanisms), compromised_merchant, fraud_ring, "
                         "card_testing (one alone) or row_only (no graph structure, a control)")
     p.set_defaults(func=cmd_generate)
+
+    if _needs_store(argv):
+        from fraudlib import store
+
+        store.add_commands(sub)
+    for command in sub.choices.values():
+        _common_args(command)
     return parser
 
 
+def configure_logging(verbose: bool) -> None:
+    """fraudlib's log on stderr: warnings by default; with --verbose fraudlib at DEBUG and
+    other libraries at INFO."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    logging.getLogger("fraudlib").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
+    configure_logging(args.verbose)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     try:
         return args.func(args)

@@ -25,20 +25,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fraudlib import metrics, promotion, registry, settings, tracking
+# metrics and promotion (scikit-learn) and tracking (MLflow) are imported where used: the
+# diagnosis that `fraud status` runs needs neither, and answers in well under two seconds.
+from fraudlib import registry, settings
 from fraudlib.graph_store import ENCODERS, Graph, manifest_hash, read_encoders, read_part
 from fraudlib.triton_repo import (PROMOTE_STEPS, REJECT_STEPS, STAGE_STEPS, InjectedCrash, PromotionFailed,
                                   ReconcileReport, RepositoryError, TritonRepository, crash_point,
                                   describe_owner, graph_inputs, owned_by_this_process)
 from fraudlib.triton_server import TritonClient, TritonError
 
-REJECTED_TAG = "rejected"
+if TYPE_CHECKING:
+    from fraudlib import promotion
+
+log = logging.getLogger(__name__)
+
+REJECTED_TAG = registry.REJECTED_TAG
 ROLLED_BACK = "rolled-back"
 
 EVALUATE_STEPS = ("reconciled", "staged", "registered", "challenger_marked", "scored", "logged")
@@ -119,8 +128,8 @@ def repository(client: TritonClient | None, root: Path | str | None = None,
     return TritonRepository(Path(root) if root else settings.triton_model_repository(), client, run_id=run_id)
 
 
-def registry_champion_triton_version() -> int | None:
-    champion = registry.champion()
+def registry_champion_triton_version(versions: list[registry.RegistryVersion] | None = None) -> int | None:
+    champion = registry.champion() if versions is None else registry.alias_of(versions, settings.CHAMPION_ALIAS)
     return champion.triton_version if champion else None
 
 
@@ -137,36 +146,38 @@ def reconcile(client: TritonClient | None, root: Path | str | None = None,
     return dataclasses.replace(report, actions=(*report.actions, *aliases)) if aliases else report
 
 
-def _by_triton_version() -> dict[int, registry.RegistryVersion]:
+def _by_triton_version(versions: list[registry.RegistryVersion]) -> dict[int, registry.RegistryVersion]:
     found: dict[int, registry.RegistryVersion] = {}
-    for v in registry.versions():  # oldest first: the newest registration of a Triton version wins
+    for v in versions:  # oldest first: the newest registration of a Triton version wins
         if v.triton_version is not None:
             found[v.triton_version] = v
     return found
 
 
-def alias_problems(repo: TritonRepository) -> list[tuple[str, str, int | None]]:
+def alias_problems(repo: TritonRepository, versions: list[registry.RegistryVersion] | None = None
+                   ) -> list[tuple[str, str, int | None]]:
     """Aliases that disagree with the repository: (description, alias, the registry version it
     should be on, None: removed). ``champion`` is the repository reconcile's business, except
     when the registry has none while a version serves (a first promotion that died before the
-    registry was written)."""
+    registry was written). ``versions``: the registry as read already (default: read it now)."""
     state = repo.state()
-    by_triton = _by_triton_version()
+    versions = registry.versions() if versions is None else versions
+    by_triton = _by_triton_version(versions)
     problems = []
-    champion = registry.champion()
+    champion = registry.alias_of(versions, settings.CHAMPION_ALIAS)
     if champion is None and state.champion is not None and state.champion in by_triton:
         champion = by_triton[state.champion]
         problems.append((f"alias champion is on no version while Triton version {state.champion} "
                          f"(registry version {champion.version}) serves", settings.CHAMPION_ALIAS, champion.version))
     want = by_triton.get(state.challenger) if state.challenger is not None else None
-    have = registry.by_alias(settings.CHALLENGER_ALIAS)
+    have = registry.alias_of(versions, settings.CHALLENGER_ALIAS)
     if have is not None and (want is None or have.version != want.version):
         where = (f"version {want.version} (Triton version {state.challenger}, staged)" if want
                  else "no version (no challenger is staged)")
         problems.append((f"alias challenger is on registry version {have.version} (Triton version "
                          f"{have.triton_version}, not staged); it belongs on {where}",
                          settings.CHALLENGER_ALIAS, want.version if want else None))
-    previous = registry.by_alias(settings.PREVIOUS_CHAMPION_ALIAS)
+    previous = registry.alias_of(versions, settings.PREVIOUS_CHAMPION_ALIAS)
     if previous is not None and champion is not None and previous.version == champion.version:
         before = repo.previous_champion()
         target = by_triton.get(before) if before is not None else None
@@ -218,8 +229,9 @@ class Diagnosis:
         return None
 
 
-def diagnose(root: Path | str | None = None) -> Diagnosis:
-    """Tell a live pipeline apart from state a crashed run left (disk and registry only)."""
+def diagnose(root: Path | str | None = None, versions: list[registry.RegistryVersion] | None = None) -> Diagnosis:
+    """Tell a live pipeline apart from state a crashed run left (disk and registry only).
+    ``versions``: the registry as read already (``registry.read_versions``; default: read it now)."""
     repo = repository(None, root)
     live, problems, fatal = [], [], []
     holder = repo.lock_holder()
@@ -246,19 +258,22 @@ def diagnose(root: Path | str | None = None) -> Diagnosis:
                             f"{describe_owner(owner)}, which is gone (staged at {at})")
     if live:  # the registry may lag the repository while a pipeline works: not a problem yet
         return Diagnosis(tuple(live), tuple(problems))
-    registry_version = registry_champion_triton_version()
+    versions = registry.versions() if versions is None else versions
+    registry_version = registry_champion_triton_version(versions)
     if state.champion is None and registry_version is None:
         fatal.append("no champion is on disk: run the pipeline first (make run)")
     elif registry_version != state.champion:
         problems.append(f"the repository serves version {state.champion} but the registry's champion is "
                         f"Triton version {registry_version}")
     else:
-        problems.extend(p for p, _, _ in alias_problems(repo))
+        problems.extend(p for p, _, _ in alias_problems(repo, versions))
     return Diagnosis((), tuple(problems), tuple(fatal))
 
 
 def find_training_run(model_dir: Path | str) -> str:
     """The MLflow training run that logged this model package (tag ``model_dir``)."""
+    from fraudlib import tracking
+
     client = tracking.configure()
     experiment = client.get_experiment_by_name(settings.EXPERIMENT_NAME)
     runs = client.search_runs(
@@ -276,6 +291,8 @@ def operating_threshold(version_dir: Path | str, role: str) -> tuple[float, str 
     its validation set at training. A version whose meta.json has none (a package from outside
     the train stage) gets 0.5, and the note says so; a threshold that is not a finite number is
     a ValueError."""
+    from fraudlib import metrics
+
     path = Path(version_dir) / "meta.json"
     meta = json.loads(path.read_text())
     value = meta.get("threshold")
@@ -374,15 +391,14 @@ def _wait_for_another_runs_challenger(repo: TritonRepository, mlflow_run_id: str
             return
         if said is None or time.monotonic() - said >= 30:
             staged, owner = other
-            print(f"waiting for {describe_owner(owner)} to promote or reject challenger version {staged} "
-                  f"(staged at {owner.get('at', '?')}; until {deadline - time.monotonic():.0f} s from now)",
-                  flush=True)
+            log.warning("waiting for %s to promote or reject challenger version %s (staged at %s; until %.0f s "
+                        "from now)", describe_owner(owner), staged, owner.get("at", "?"), deadline - time.monotonic())
             said = time.monotonic()
         time.sleep(_WAIT_POLL_S)
 
 
 def evaluate(model_dir: Path | str, graph_dir: Path | str, client: TritonClient, mlflow_run_id: str,
-             metric: str = promotion.DEFAULT_METRIC, min_improvement: float = 0.0, bootstrap_samples: int = 1000,
+             metric: str | None = None, min_improvement: float = 0.0, bootstrap_samples: int = 1000,
              confidence_level: float = 0.95, bootstrap_seed: int = 0,
              repo_root: Path | str | None = None, fail_after: str | None = None,
              wait_s: float = CHALLENGER_WAIT_S) -> Evaluation:
@@ -395,7 +411,10 @@ def evaluate(model_dir: Path | str, graph_dir: Path | str, client: TritonClient,
     A challenger that another live run staged is waited for (up to ``wait_s``: that run promotes
     or rejects it in its stage 4; then staging refuses, naming the run). State a crashed run left
     is repaired first, and what was repaired is printed (and kept in ``Evaluation.repairs``). ``fail_after``: a step of :data:`EVALUATE_STEPS` or of staging
-    (tests)."""
+    (tests). ``metric``: default ``promotion.DEFAULT_METRIC``."""
+    from fraudlib import metrics, promotion
+
+    metric = metric or promotion.DEFAULT_METRIC
     _check_fail_after(fail_after, EVALUATE_STEPS, STAGE_STEPS)
     promotion.check_settings(metric, min_improvement, bootstrap_samples, confidence_level, bootstrap_seed)
     challenger_threshold, note = operating_threshold(_package_version_dir(Path(model_dir)), "challenger")
@@ -416,7 +435,7 @@ def evaluate(model_dir: Path | str, graph_dir: Path | str, client: TritonClient,
         own = _reject_own_earlier_challenger(repo, mlflow_run_id)
         repairs += [own] if own else []
         if repairs:
-            print("repaired the Triton repository before staging: " + "; ".join(repairs), flush=True)
+            log.warning("repaired the Triton repository before staging: %s", "; ".join(repairs))
         _point("evaluate", "reconciled", fail_after)
         try:
             version = repo.stage(Path(model_dir), registry_champion_version=registry_champion_triton_version(),
@@ -492,6 +511,8 @@ def pending_decision(client: TritonClient | None, root: Path | str | None = None
     """(decision, challenger Triton version, registry version) of the staged challenger, as
     evaluate logged it on its training run; None when no challenger is staged. Lets stage 4
     act on stage 3's decision when the notebooks run one by one, without the runner's glue."""
+    from fraudlib import tracking
+
     staged = repository(client, root).state().challenger
     challenger = registry.by_alias(settings.CHALLENGER_ALIAS)
     if staged is None or challenger is None or challenger.triton_version != staged:
@@ -513,6 +534,8 @@ def deploy(decision: str, challenger_version: int, registry_version: int, client
     ``fail_after``: a step of the repository's promote/reject or of :data:`PROMOTE_DEPLOY_STEPS`
     / :data:`REJECT_DEPLOY_STEPS` (tests).
     """
+    from fraudlib import promotion
+
     if decision not in (promotion.PROMOTE, promotion.REJECT):
         raise ValueError(f"decision must be {promotion.PROMOTE!r} or {promotion.REJECT!r}, got {decision!r}")
     promoting = decision == promotion.PROMOTE

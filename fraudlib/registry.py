@@ -3,19 +3,41 @@
 Aliases: ``champion`` (what Triton serves), ``challenger`` (while staged),
 ``previous-champion`` (after a promotion, for rollback). Each registry version carries the
 Triton version it is served as and the data manifest it was trained on, as tags.
+
+Writes go through the MLflow client. :func:`read_versions` reads the registry without importing
+MLflow (2-3 s of imports): straight from the embedded SQLite store, or over the REST API of a
+tracking server; ``fraud status`` uses it to answer in well under two seconds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import sqlite3
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlflow.exceptions import MlflowException
-
-from fraudlib import settings, tracking
+from fraudlib import settings
 
 TRITON_VERSION_TAG = "triton_version"
 MANIFEST_TAG = "data_manifest"
+REJECTED_TAG = "rejected"
+REASON_TAG = "promotion_reason"  # on the training run: why stage 3 decided as it did
+_HTTP_TIMEOUT_S = 1.0
+
+
+def _mlflow_error():
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException
+
+
+def _client():
+    from fraudlib import tracking
+
+    return tracking.configure()
 
 
 @dataclass(frozen=True)
@@ -25,24 +47,26 @@ class RegistryVersion:
     triton_version: int | None
     manifest_hash: str | None
     aliases: tuple[str, ...]
+    rejected: str | None = None  # the ``rejected`` tag: why deploy rejected or rolled it back
+    reason: str | None = field(default=None, compare=False)  # its run's promotion_reason (read_versions)
+
+
+def _make_version(version, run_id, tags: dict, aliases, reason: str | None = None) -> RegistryVersion:
+    triton = tags.get(TRITON_VERSION_TAG)
+    return RegistryVersion(version=int(version), run_id=run_id,
+                           triton_version=int(triton) if triton not in (None, "") else None,
+                           manifest_hash=tags.get(MANIFEST_TAG), aliases=tuple(aliases or ()),
+                           rejected=tags.get(REJECTED_TAG), reason=reason)
 
 
 def _to_version(mv) -> RegistryVersion:
-    tags = mv.tags or {}
-    triton = tags.get(TRITON_VERSION_TAG)
-    return RegistryVersion(
-        version=int(mv.version),
-        run_id=mv.run_id,
-        triton_version=int(triton) if triton not in (None, "") else None,
-        manifest_hash=tags.get(MANIFEST_TAG),
-        aliases=tuple(getattr(mv, "aliases", ()) or ()),
-    )
+    return _make_version(mv.version, mv.run_id, mv.tags or {}, getattr(mv, "aliases", ()))
 
 
 def _ensure_registered_model(client, name: str) -> None:
     try:
         client.get_registered_model(name)
-    except MlflowException:
+    except _mlflow_error():
         client.create_registered_model(
             name, description="GNN embeddings + XGBoost fraud classifier served by Triton "
             f"as '{settings.TRITON_MODEL_NAME}'.")
@@ -51,22 +75,28 @@ def _ensure_registered_model(client, name: str) -> None:
 def register(run_id: str, triton_version: int, manifest_hash: str | None,
              name: str = settings.REGISTERED_MODEL_NAME) -> RegistryVersion:
     """Register the training run's pyfunc model as a new version linked to that run."""
-    client = tracking.configure()
+    client = _client()
     _ensure_registered_model(client, name)
     mv = client.create_model_version(
         name=name,
-        source=tracking.pyfunc_model_uri(run_id),
+        source=_pyfunc_model_uri(run_id),
         run_id=run_id,
         tags={TRITON_VERSION_TAG: str(triton_version), MANIFEST_TAG: manifest_hash or ""},
     )
     return _to_version(client.get_model_version(name, mv.version))
 
 
+def _pyfunc_model_uri(run_id: str) -> str:
+    from fraudlib import tracking
+
+    return tracking.pyfunc_model_uri(run_id)
+
+
 def by_alias(alias: str, name: str = settings.REGISTERED_MODEL_NAME) -> RegistryVersion | None:
-    client = tracking.configure()
+    client = _client()
     try:
         return _to_version(client.get_model_version_by_alias(name, alias))
-    except MlflowException:
+    except _mlflow_error():
         return None
 
 
@@ -78,15 +108,15 @@ def graph_dir_of(version: RegistryVersion | None) -> Path | None:
     """The graph directory the version was trained on (its training run's ``graph_dir`` tag)."""
     if version is None:
         return None
-    tag = tracking.configure().get_run(version.run_id).data.tags.get("graph_dir")
+    tag = _client().get_run(version.run_id).data.tags.get("graph_dir")
     return Path(tag) if tag else None
 
 
 def versions(name: str = settings.REGISTERED_MODEL_NAME) -> list[RegistryVersion]:
-    client = tracking.configure()
+    client = _client()
     try:
         found = client.search_model_versions(f"name = '{name}'")
-    except MlflowException:
+    except _mlflow_error():
         return []
     return sorted((_to_version(client.get_model_version(name, mv.version)) for mv in found),
                   key=lambda v: v.version)
@@ -101,16 +131,16 @@ def for_run(run_id: str, name: str = settings.REGISTERED_MODEL_NAME) -> Registry
 def _delete_alias(client, name: str, alias: str) -> None:
     try:
         client.delete_registered_model_alias(name, alias)
-    except MlflowException:
+    except _mlflow_error():
         pass
 
 
 def mark_challenger(version: int, name: str = settings.REGISTERED_MODEL_NAME) -> None:
-    tracking.configure().set_registered_model_alias(name, settings.CHALLENGER_ALIAS, str(version))
+    _client().set_registered_model_alias(name, settings.CHALLENGER_ALIAS, str(version))
 
 
 def clear_challenger(name: str = settings.REGISTERED_MODEL_NAME) -> None:
-    _delete_alias(tracking.configure(), name, settings.CHALLENGER_ALIAS)
+    _delete_alias(_client(), name, settings.CHALLENGER_ALIAS)
 
 
 PROMOTE_STEPS = ("previous_champion_alias_written", "champion_alias_written", "challenger_alias_removed")
@@ -123,7 +153,7 @@ def promote(version: int, name: str = settings.REGISTERED_MODEL_NAME, on_step=No
     running it again after a crash between them finishes it, and ``lifecycle.reconcile``
     repairs what a crash left (``previous-champion`` on the champion, a stale ``challenger``).
     """
-    client = tracking.configure()
+    client = _client()
     step = on_step or (lambda _: None)
     old = champion(name)
     if old is not None and old.version != version:
@@ -136,16 +166,16 @@ def promote(version: int, name: str = settings.REGISTERED_MODEL_NAME, on_step=No
 
 
 def set_alias(alias: str, version: int, name: str = settings.REGISTERED_MODEL_NAME) -> None:
-    tracking.configure().set_registered_model_alias(name, alias, str(version))
+    _client().set_registered_model_alias(name, alias, str(version))
 
 
 def delete_alias(alias: str, name: str = settings.REGISTERED_MODEL_NAME) -> None:
-    _delete_alias(tracking.configure(), name, alias)
+    _delete_alias(_client(), name, alias)
 
 
 def restore_champion(version: int, name: str = settings.REGISTERED_MODEL_NAME) -> None:
     """Point ``champion`` back at ``version`` after a rollback, leaving other aliases."""
-    client = tracking.configure()
+    client = _client()
     client.set_registered_model_alias(name, settings.CHAMPION_ALIAS, str(version))
     _delete_alias(client, name, settings.CHALLENGER_ALIAS)
 
@@ -175,9 +205,95 @@ def log_evaluation(run_id: str, challenger: dict[str, float], champion_metrics: 
         if detail.n_boot is not None:
             tags.update({"promotion_level": detail.level, "promotion_resamples": detail.n_boot,
                          "promotion_seed": detail.seed})
+    from fraudlib import tracking
+
     tracking.log_metrics(run_id, metrics)
     tracking.set_tags(run_id, tags)
 
 
 def tag_version(version: int, key: str, value: str, name: str = settings.REGISTERED_MODEL_NAME) -> None:
-    tracking.configure().set_model_version_tag(name, str(version), key, value)
+    _client().set_model_version_tag(name, str(version), key, value)
+
+
+def alias_of(versions: list[RegistryVersion], alias: str) -> RegistryVersion | None:
+    """The version among ``versions`` that carries ``alias``."""
+    return next((v for v in versions if alias in v.aliases), None)
+
+
+def last_rejected(versions: list[RegistryVersion]) -> RegistryVersion | None:
+    """The newest version deploy rejected or rolled back (its ``rejected`` tag)."""
+    return max((v for v in versions if v.rejected), key=lambda v: v.version, default=None)
+
+
+def read_versions(name: str = settings.REGISTERED_MODEL_NAME, uri: str | None = None) -> list[RegistryVersion]:
+    """Every version of the registered model, oldest first, with aliases, tags and its run's
+    ``promotion_reason``, read without importing MLflow: the embedded SQLite store is read
+    directly (read-only), a tracking server over its REST API. Other stores (e.g. Databricks)
+    go through the MLflow client. An unreachable server or unreadable store raises RuntimeError."""
+    uri = uri or settings.mlflow_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return _read_sqlite(Path(uri[len("sqlite:///"):]), name)
+    if uri.startswith(("http://", "https://")):
+        return _read_rest(uri.rstrip("/"), name)
+    client = _client()
+    found = versions(name)
+    reasons = {v.run_id: client.get_run(v.run_id).data.tags.get(REASON_TAG) for v in found}
+    return [_make_version(v.version, v.run_id, {TRITON_VERSION_TAG: v.triton_version, MANIFEST_TAG: v.manifest_hash,
+                                                REJECTED_TAG: v.rejected}, v.aliases, reasons[v.run_id])
+            for v in found]
+
+
+def _read_sqlite(path: Path, name: str) -> list[RegistryVersion]:
+    if not path.is_file():
+        return []  # no store yet: nothing was ever registered
+    try:
+        with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=1.0) as db:
+            rows = db.execute("SELECT version, run_id FROM model_versions WHERE name = ? "
+                              "AND current_stage != 'Deleted_Internal' ORDER BY version", (name,)).fetchall()
+            tags: dict[int, dict] = {}
+            for version, key, value in db.execute(
+                    "SELECT version, key, value FROM model_version_tags WHERE name = ?", (name,)):
+                tags.setdefault(int(version), {})[key] = value
+            aliases: dict[int, list] = {}
+            for alias, version in db.execute(
+                    "SELECT alias, version FROM registered_model_aliases WHERE name = ?", (name,)):
+                aliases.setdefault(int(version), []).append(alias)
+            runs = sorted({run for _, run in rows if run})
+            reasons = dict(db.execute(
+                f"SELECT run_uuid, value FROM tags WHERE key = ? AND run_uuid IN ({','.join('?' * len(runs))})",
+                (REASON_TAG, *runs)).fetchall()) if runs else {}
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):
+            return []  # created, never used by MLflow
+        raise RuntimeError(f"cannot read the MLflow registry in {path}: {e}") from e
+    return [_make_version(v, run, tags.get(int(v), {}), sorted(aliases.get(int(v), [])), reasons.get(run))
+            for v, run in rows]
+
+
+def _get_json(url: str) -> dict:
+    try:
+        with urllib.request.urlopen(url, timeout=_HTTP_TIMEOUT_S) as answer:
+            return json.loads(answer.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return {}
+        raise RuntimeError(f"the MLflow server answered {e.code} to {url}: {e.reason}") from e
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"the MLflow server at {url.split('/api/')[0]} is not reachable: {e}") from e
+
+
+def _read_rest(base: str, name: str) -> list[RegistryVersion]:
+    query = urllib.parse.urlencode({"filter": f"name = '{name}'", "max_results": 1000})
+    found = _get_json(f"{base}/api/2.0/mlflow/model-versions/search?{query}").get("model_versions", [])
+    out, reasons = [], {}
+    for mv in sorted(found, key=lambda m: int(m["version"])):
+        run = mv.get("run_id", "")
+        if run and run not in reasons:
+            data = _get_json(f"{base}/api/2.0/mlflow/runs/get?run_id={run}").get("run", {}).get("data", {})
+            reasons[run] = next((t["value"] for t in data.get("tags", []) if t["key"] == REASON_TAG), None)
+        # search leaves the aliases out: get has them
+        full = _get_json(f"{base}/api/2.0/mlflow/model-versions/get?"
+                         + urllib.parse.urlencode({"name": name, "version": mv["version"]})).get("model_version", mv)
+        out.append(_make_version(mv["version"], run, {t["key"]: t["value"] for t in full.get("tags", [])},
+                                 full.get("aliases", []), reasons.get(run)))
+    return out

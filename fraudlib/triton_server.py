@@ -247,6 +247,18 @@ def control_key(url: str) -> str | None:
     return os.environ.get(CONTROL_KEY_ENV) or None
 
 
+def running_servers() -> list[dict]:
+    """The embedded servers that are up (``fraud serve``, a pipeline's, a notebook's), from their
+    key files under the runs folder: ``{"url", "server_pid", "owner_pid"}`` each, by URL."""
+    found = []
+    with contextlib.suppress(OSError):
+        for path in sorted(key_directory().glob("*.key")):
+            record = _read_key_file(path)
+            if record and isinstance(record.get("url"), str) and _pid_alive(int(record.get("server_pid", 0))):
+                found.append({k: record.get(k) for k in ("url", "server_pid", "owner_pid")})
+    return found
+
+
 def clean_stale_state() -> list[Path]:
     """Remove what killed runs left behind: shared-memory regions in /dev/shm of embedded
     servers whose starting process is gone, and key files of servers that are gone. Returns

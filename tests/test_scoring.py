@@ -128,3 +128,32 @@ def test_rows_lacking_a_column_are_refused_naming_it():
         parse_raw(pd.DataFrame({c: ["1"] for c in ("User", "Card", "Year", "Month", "Day", "Time", "Amount",
                                                    "Use Chip", "Merchant Name", "Merchant City",
                                                    "Merchant State", "MCC", "Errors?")}))
+
+
+def test_scores_are_measured_against_labels_only_when_the_rows_have_them():
+    import pandas as pd
+
+    from fraudlib.scoring import label_metrics
+
+    scored = pd.DataFrame({"fraud_probability": [0.9, 0.2, 0.7, np.nan, 0.1], "Is Fraud?": [1, 0, 0, 1, 0]})
+    summary = label_metrics(scored, threshold=0.5)
+    assert summary["rows"] == 4 and summary["fraud"] == 1  # the unscored row is left out
+    assert summary["auprc"] == pytest.approx(1.0) and summary["recall_at_threshold"] == 1.0
+    assert summary["alert_rate_at_threshold"] == pytest.approx(0.5)
+    assert label_metrics(scored.drop(columns=["Is Fraud?"]), 0.5) is None
+    one_class = label_metrics(scored[scored["Is Fraud?"] == 0], 0.5)
+    assert "auprc" not in one_class and "one class only" in one_class["note"]
+
+
+@pytest.mark.parametrize("name", ["scores.csv", "scores.parquet"])
+def test_scores_are_written_whole_as_csv_or_parquet_by_the_suffix(tmp_path, name):
+    import pandas as pd
+
+    from fraudlib.scoring import write_scores
+
+    scored = pd.DataFrame({"line": [2, 3], "fraud_probability": [0.25, np.nan], "note": ["", "not scored"]})
+    out = write_scores(scored, tmp_path / name)
+    back = pd.read_parquet(out) if name.endswith(".parquet") else pd.read_csv(out, keep_default_na=False,
+                                                                              na_values=[""])
+    assert back["line"].tolist() == [2, 3] and back["fraud_probability"].iloc[0] == 0.25
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left beside it

@@ -163,3 +163,31 @@ def test_evaluation_metrics_and_decision_are_logged_to_the_training_run(trained)
     assert run.data.metrics["challenger_f1"] == 0.6 and run.data.metrics["champion_f1"] == 0.5
     assert run.data.metrics["f1_delta"] == pytest.approx(0.1)
     assert run.data.tags["promotion_decision"] == "promote"
+
+
+def test_the_fast_registry_reader_agrees_with_mlflow_and_status_shows_the_last_rejection(trained, store):
+    """`fraud status` reads the registry without MLflow's client: the same versions, aliases and
+    tags; and it names the champion, the challenger and the last rejected version with its reason."""
+    _, _, run_id = trained
+    rejected = registry.register(run_id, triton_version=11, manifest_hash=None)
+    registry.tag_version(rejected.version, registry.REJECTED_TAG, "not better than the champion")
+    reason = "AUPRC interval of challenger - champion [-0.02, 0.01] does not clear min_improvement 0"
+    tracking.set_tags(run_id, {registry.REASON_TAG: reason})
+    staged = registry.register(run_id, triton_version=12, manifest_hash=None)
+    registry.mark_challenger(staged.version)
+
+    fast = registry.read_versions()
+    assert fast == registry.versions() and len(fast) >= 3
+    assert registry.last_rejected(fast).version == rejected.version and registry.last_rejected(fast).reason == reason
+
+    env = {**os.environ, "FRAUD_RUNS_DIR": str(store), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run([str(Path(sys.executable).parent / "fraud"), "status"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    champion = registry.champion()
+    assert f"  champion: version {champion.version} (Triton v{champion.triton_version}" in done.stdout
+    assert f"  challenger: version {staged.version} (Triton v12" in done.stdout
+    assert f"  last rejected: version {rejected.version} (Triton v11, run {run_id}): {reason}" in done.stdout
+    # No Triton repository under this runs folder: the registry's champion is not on disk.
+    assert done.returncode == 1 and "INCONSISTENT: the repository serves version None" in done.stdout
+    registry.clear_challenger()
