@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-e2e test-all bench lab clean
+.PHONY: setup run test test-e2e test-all bench lab schedule clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench: $(STAMP)  ## benchmarks at full size (print figures; see docs/benchmarks.
 
 lab: $(STAMP)  ## JupyterLab on the notebooks with the registered "Python (fraudlib)" kernel
 	$(BIN)/python -m jupyter lab notebooks/
+
+schedule: $(STAMP)  ## a local Prefect server (127.0.0.1:4200, under runs/prefect) serving the monthly and on-ingest lifecycle deployments until Ctrl-C
+	$(BIN)/python -m fraudlib.flow schedule $(ARGS)
 
 clean:
 	rm -rf runs/* $(VENV)
