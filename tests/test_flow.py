@@ -1,0 +1,234 @@
+"""The lifecycle on Prefect: a real local Prefect server started by the test, the deployments
+served by ``python -m fraudlib.flow serve``, and tiny real stage notebooks run by the real runner.
+
+The stage notebooks here stand in for the four stages and the monitor (the real ones train a
+model: tests/test_lifecycle_over_time.py runs those); they record what they were given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from fraudlib import flow, store
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def notebook(path: Path, parameters: str, body: str) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    cell = nbformat.v4.new_code_cell(parameters)
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell, nbformat.v4.new_code_cell("import json, os, time\nimport scrapbook as sb\n" + body)]
+    nbformat.write(nb, path)
+
+
+WINDOW = ('raw_path: str = ""  # store\nas_of: str = ""  # month\ntrain_months: int = 12  # months\n'
+          'val_months: int = 1  # months\ntest_months: int = 1  # months\nrun_dir: str = ""  # run folder\n')
+
+
+def stage_notebooks(folder: Path) -> Path:
+    """01-04 record their parameters; 01 fails once when the file ``fail_once`` exists beside
+    the store; 02 takes a second (to see overlap); 05 alerts when the file ``alert`` exists."""
+    folder.mkdir()
+    notebook(folder / "01_preprocess.ipynb", WINDOW,
+             "marker = os.path.join(os.path.dirname(raw_path), 'fail_once')\n"
+             "if os.path.exists(marker):\n    os.remove(marker)\n    raise RuntimeError('failing once')\n"
+             "sb.glue('graph_dir', os.path.join(run_dir, 'graph'))\n"
+             "json.dump({'as_of': as_of, 'raw_path': raw_path, 'months': [train_months, val_months, test_months],"
+             " 'start': time.time()}, open(os.path.join(run_dir, 'seen.json'), 'w'))")
+    notebook(folder / "02_train.ipynb", 'graph_dir: str = ""  # graph\nrun_dir: str = ""  # run folder\n',
+             "time.sleep(1.0)\nsb.glue('model_dir', graph_dir + '/model')")
+    notebook(folder / "03_evaluate.ipynb", 'model_dir: str = ""  # model\nrun_dir: str = ""  # run folder\n',
+             "sb.glue('decision', 'promote')")
+    notebook(folder / "04_deploy.ipynb", 'decision: str = ""  # decision\nrun_dir: str = ""  # run folder\n',
+             "json.dump({'end': time.time()}, open(os.path.join(run_dir, 'done.json'), 'w'))")
+    notebook(folder / "05_monitor.ipynb",
+             'store_dir: str = ""  # store\nmonth: str = ""  # month\nauprc_drop_alert: float = 0.1  # margin\n'
+             'psi_alert: float = 0.2  # limit\nrun_dir: str = ""  # run folder\n',
+             "alert = 'PSI of Amount 0.31 > 0.2' if os.path.exists(os.path.join(store_dir, '..', 'alert')) else ''\n"
+             "sb.glue('alert', alert)\nsb.glue('month', month)")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real Prefect server on loopback (home and database in a temp folder) and a serve process."""
+    base = tmp_path_factory.mktemp("prefect")
+    defaults = {"notebooks_dir": str(stage_notebooks(base / "notebooks")), "runs_dir": str(base / "runs")}
+    env = flow.local_environment(free_port(), base / "home") | {"PREFECT_UI_ENABLED": "false"}
+    process = flow.start_server(env, base / "server.log")
+    serve_env = {**os.environ, **env, "FRAUD_RUNS_DIR": str(base / "runs"), "MLFLOW_DISABLE_TELEMETRY": "true",
+                 "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    with open(base / "serve.log", "ab") as log:
+        serving = subprocess.Popen([sys.executable, "-m", "fraudlib.flow", "serve",
+                                    "--parameters", json.dumps(defaults)], env=serve_env, cwd=ROOT,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # Prefect read its settings when imported: point this process's client at the server.
+    with client_settings(env["PREFECT_API_URL"]):
+        try:
+            _wait_for_deployment(base / "serve.log", serving)
+            yield defaults
+        finally:
+            for p in (serving, process):
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(timeout=30)
+
+
+def client_settings(url: str):
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
+
+    return temporary_settings(updates={PREFECT_API_URL: url, PREFECT_SERVER_EPHEMERAL_ENABLED: False})
+
+
+def _wait_for_deployment(log: Path, serving: subprocess.Popen, timeout: float = 90) -> None:
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            assert serving.poll() is None, log.read_text()[-3000:]
+            try:
+                client.read_deployment_by_name(f"{flow.FLOW_NAME}/{flow.ON_INGEST}")
+                return
+            except Exception:
+                time.sleep(0.5)
+    raise AssertionError("the deployments were not served in time:\n" + log.read_text()[-3000:])
+
+
+@pytest.fixture
+def lifecycle_setup(server, tmp_path, synthetic_csv):
+    """A store of 2019-05 and 2019-06; the flow's parameters (the served defaults run the test notebooks)."""
+    root = tmp_path / "data" / "store"
+    store.replay(synthetic_csv, "2019-05", 2, root)
+    return {"store_dir": str(root)}
+
+
+def run_and_wait(parameters: dict, timeout: float = 240):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(f"{flow.FLOW_NAME}/{flow.ON_INGEST}", parameters=parameters, timeout=0, as_subflow=False)
+    return wait(run.id, timeout)
+
+
+def wait(flow_run_id, timeout: float = 240):
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            run = client.read_flow_run(flow_run_id)
+            if run.state and run.state.is_final():
+                return run
+            time.sleep(0.5)
+    raise AssertionError(f"flow run {flow_run_id} did not finish in {timeout} s")
+
+
+def record(runs_dir: str, run_id: str) -> dict:
+    return json.loads((Path(runs_dir) / run_id / "run.json").read_text())
+
+
+def test_a_flow_run_monitors_then_retrains_on_the_windows_before_the_next_month(server, lifecycle_setup):
+    run = run_and_wait(lifecycle_setup)
+    assert run.state.is_completed(), run.state.message
+    run_id = run.name  # the flow run is named after the pipeline run
+    assert run_id.startswith("2019-07-")
+    rec = record(server["runs_dir"], run_id)
+    assert rec["status"] == "succeeded" and [s["name"] for s in rec["stages"]] == [
+        "preprocess", "train", "evaluate", "deploy"]
+    seen = json.loads((Path(server["runs_dir"]) / run_id / "seen.json").read_text())
+    assert seen["as_of"] == "2019-07" and seen["raw_path"] == lifecycle_setup["store_dir"]
+    assert seen["months"] == [12, 1, 1]
+    monitor = record(server["runs_dir"], f"{run_id}-monitor")
+    assert [s["name"] for s in monitor["stages"]] == ["monitor"]
+    assert monitor["stages"][0]["outputs"]["month"] == "2019-06"
+    assert monitor["ended"] <= rec["started"]  # monitor, then the pipeline
+
+
+def test_a_failed_stage_is_retried_by_resuming_the_same_run_and_an_alert_is_the_flows_state(server, lifecycle_setup):
+    (Path(lifecycle_setup["store_dir"]).parent / "fail_once").touch()
+    (Path(lifecycle_setup["store_dir"]).parent / "alert").touch()
+    run = run_and_wait(lifecycle_setup)
+    assert run.state.is_completed() and run.state.name == flow.ALERT_STATE, run.state.message
+    assert "PSI of Amount 0.31 > 0.2" in run.state.message
+    rec = record(server["runs_dir"], run.name)
+    assert rec["status"] == "succeeded" and len(rec["resumed"]) == 1
+    first = rec["stages"][0]
+    assert first["previous_attempts"][0]["status"] == "failed" and "failing once" in first["previous_attempts"][0]["error"]
+    assert (Path(server["runs_dir"]) / run.name / "01_preprocess.failed-1.ipynb").is_file()
+
+
+@pytest.mark.slow
+def test_two_lifecycles_never_run_at_once(server, lifecycle_setup):
+    from prefect.deployments import run_deployment
+
+    runs = [run_deployment(f"{flow.FLOW_NAME}/{flow.ON_INGEST}", parameters=lifecycle_setup, timeout=0,
+                           as_subflow=False) for _ in range(2)]
+    done = [wait(r.id) for r in runs]
+    assert all(r.state.is_completed() for r in done), [r.state.message for r in done]
+    spans = sorted((record(server["runs_dir"], f"{r.name}-monitor")["started"],
+                    record(server["runs_dir"], r.name)["ended"]) for r in done)
+    assert spans[0][1] <= spans[1][0], spans  # the second started after the first ended
+
+
+def test_fraud_ingest_trigger_starts_the_on_ingest_deployment(server, lifecycle_setup, synthetic_csv, tmp_path):
+    import argparse
+
+    header, *lines = synthetic_csv.read_text().splitlines()
+    month = tmp_path / "2019-07.csv"
+    month.write_text("\n".join([header, *[l for l in lines if l.split(",", 4)[2:4] == ["2019", "7"]]]) + "\n")
+    parser = argparse.ArgumentParser()
+    store.add_commands(parser.add_subparsers())
+    args = parser.parse_args(["ingest", str(month), "--store", lifecycle_setup["store_dir"], "--trigger"])
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        before = {r.id for r in client.read_flow_runs()}
+    assert args.func(args) == 0
+    with get_client(sync_client=True) as client:
+        new = [r for r in client.read_flow_runs() if r.id not in before]
+    assert len(new) == 1 and new[0].parameters["store_dir"] == lifecycle_setup["store_dir"]
+    run = wait(new[0].id)
+    assert run.state.is_completed() and run.name.startswith("2019-08-")  # 2019-07 is now the newest month
+
+
+def test_an_unreachable_server_stops_ingest_trigger_before_anything_is_written(month_store, capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    store.add_commands(parser.add_subparsers())
+    args = parser.parse_args(["ingest", str(month_store["file"]), "--store", str(month_store["root"]), "--trigger"])
+    with client_settings(f"http://127.0.0.1:{free_port()}/api"):
+        assert args.func(args) == 3
+    err = capsys.readouterr().err
+    assert "Prefect server at http://127.0.0.1:" in err and "unreachable" in err and "nothing was ingested" in err
+    assert not (month_store["root"] / store.LEDGER).exists()
+    with client_settings(""):
+        assert args.func(args) == 3
+    assert "PREFECT_API_URL is not set" in capsys.readouterr().err
+    assert not (month_store["root"] / store.LEDGER).exists()
+
+
+@pytest.fixture
+def month_store(synthetic_csv, tmp_path):
+    header, *lines = synthetic_csv.read_text().splitlines()
+    path = tmp_path / "2019-03.csv"
+    path.write_text("\n".join([header, *[l for l in lines if l.split(",", 4)[2:4] == ["2019", "3"]]]) + "\n")
+    return {"file": path, "root": tmp_path / "store"}
