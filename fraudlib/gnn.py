@@ -11,6 +11,13 @@ For hop k = 1..n_hops, with E the user->merchant edges and E^T their reverse::
 
 with h^0 = the node features. ``edge_features`` gives the XGBoost input of each edge:
 [x_user | h_user | x_merchant | h_merchant | edge_attr].
+
+With ``edge_means = k > 0``, h^0 of a node is its features followed by the mean of the last k
+columns of its edges' features in the graph messages pass over (the causal graph/time
+features: a merchant's mean new-card surge or reported fraud, a card's mean novelty), so two
+hops carry what a card's merchants have seen. A mean, not a sum or a degree: it does not
+depend on how densely the graph samples the stream (training passes messages over a sample,
+serving over what it is sent).
 """
 
 from __future__ import annotations
@@ -98,6 +105,14 @@ def _sage_embed(x_user: Tensor, x_merchant: Tensor, edge_index: Tensor, rev_edge
 
 
 @torch.jit.script
+def _mean_by(values: Tensor, index: Tensor, size: int) -> Tensor:
+    """Per node (``size`` rows): the mean of ``values``' rows whose ``index`` is the node, 0 for none."""
+    total = values.new_zeros((size, values.size(1))).index_add_(0, index, values)
+    count = values.new_zeros(size).index_add_(0, index, values.new_ones(index.numel()))
+    return total / count.clamp(min=1).view(-1, 1)
+
+
+@torch.jit.script
 def _edge_features(x_user: Tensor, h_user: Tensor, x_merchant: Tensor, h_merchant: Tensor, edge_index: Tensor,
                    edge_attr: Tensor) -> Tensor:
     """Each edge's [x_user | h_user | x_merchant | h_merchant | edge_attr]: the XGBoost input."""
@@ -117,29 +132,48 @@ class FraudGNN(nn.Module):
 
     def __init__(self, user_channels: int, merchant_channels: int, edge_channels: int,
                  hidden_channels: int = 32, n_hops: int = 2, layer: str = "SAGEConv",
-                 dropout_prob: float = 0.1):
+                 dropout_prob: float = 0.1, edge_means: int = 0):
         super().__init__()
         if layer not in LAYERS:
             raise ValueError(f"unknown GNN layer {layer!r}: choose one of {sorted(LAYERS)}")
+        if not 0 <= edge_means <= edge_channels:
+            raise ValueError(f"edge_means = {edge_means} must be in [0, edge_channels = {edge_channels}]")
         make = LAYERS[layer]
         self.dropout_prob = dropout_prob
+        self.edge_means = edge_means
         self.convs = nn.ModuleList()
-        user_in, merchant_in = user_channels, merchant_channels
+        user_in, merchant_in = user_channels + edge_means, merchant_channels + edge_means
         for _ in range(n_hops):
             self.convs.append(HeteroConv({
                 USER_TO_MERCHANT: make((user_in, merchant_in), hidden_channels),
                 MERCHANT_TO_USER: make((merchant_in, user_in), hidden_channels),
             }))
             user_in = merchant_in = hidden_channels
-        self._plain_sage = all(_is_plain_sage(c) for hop in self.convs for c in hop.convs.values())
+        self._sage_layers = all(_is_plain_sage(c) for hop in self.convs for c in hop.convs.values())
+        # The compiled serving path (triton/model.py, sage.c) handles plain SAGEConv over the node
+        # features as sent, without edge means.
+        self._plain_sage = self._sage_layers and edge_means == 0
         self._sage_weights: list[Tensor] | None = None
         self.head = nn.Linear(2 * hidden_channels + edge_channels, 2)
 
+    def node_inputs(self, x_user: Tensor, x_merchant: Tensor, edge_index: Tensor,
+                    edge_attr: Tensor | None) -> tuple[Tensor, Tensor]:
+        """h^0: the node features, with the means of their edges' last ``edge_means`` columns."""
+        if self.edge_means == 0:
+            return x_user, x_merchant
+        if edge_attr is None:
+            raise ValueError("this GNN averages edge features into its node inputs: pass edge_attr")
+        tail = edge_attr[:, edge_attr.size(1) - self.edge_means:]
+        return (torch.cat([x_user, _mean_by(tail, edge_index[0], x_user.size(0))], dim=1),
+                torch.cat([x_merchant, _mean_by(tail, edge_index[1], x_merchant.size(0))], dim=1))
+
     def embed(self, x_user: Tensor, x_merchant: Tensor, edge_index: Tensor,
-              rev_edge_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+              rev_edge_index: Tensor | None = None, edge_attr: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Node embeddings (h_user [U, H], h_merchant [M, H]) by message passing over ``edge_index``
-        and its reverse (``rev_edge_index`` when a neighbour sampler drew the reverse edges apart)."""
-        if self._plain_sage and not self.training:  # scoring, embedding for XGBoost, validation
+        and its reverse (``rev_edge_index`` when a neighbour sampler drew the reverse edges apart);
+        ``edge_attr`` (of ``edge_index``) when the model averages edge features into node inputs."""
+        x_user, x_merchant = self.node_inputs(x_user, x_merchant, edge_index, edge_attr)
+        if self._sage_layers and not self.training:  # scoring, embedding for XGBoost, validation
             return _sage_embed(x_user, x_merchant, edge_index, rev_edge_index, self._sage_weights_list())
         x = {"user": x_user, "merchant": x_merchant}
         edges = {USER_TO_MERCHANT: edge_index,
@@ -178,7 +212,7 @@ class FraudGNN(nn.Module):
     def forward(self, x_user: Tensor, x_merchant: Tensor, edge_index: Tensor, edge_attr: Tensor,
                 return_embeddings: bool = False):
         """Fraud logits [E, 2] of every edge; with ``return_embeddings`` also (h_user, h_merchant)."""
-        h_user, h_merchant = self.embed(x_user, x_merchant, edge_index)
+        h_user, h_merchant = self.embed(x_user, x_merchant, edge_index, edge_attr=edge_attr)
         logits = self.classify(h_user, h_merchant, edge_index, edge_attr)
         return (logits, (h_user, h_merchant)) if return_embeddings else logits
 
@@ -191,5 +225,5 @@ class FraudGNN(nn.Module):
         """
         if self._plain_sage and not self.training:
             return _sage_edge_features(x_user, x_merchant, edge_index, edge_attr, self._sage_weights_list())
-        h_user, h_merchant = self.embed(x_user, x_merchant, edge_index)
+        h_user, h_merchant = self.embed(x_user, x_merchant, edge_index, edge_attr=edge_attr)
         return _edge_features(x_user, h_user, x_merchant, h_merchant, edge_index, edge_attr)

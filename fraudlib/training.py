@@ -77,6 +77,8 @@ class GNNSettings:
     batch_size: int = _rule(4096, lambda v: v >= 1, ">= 1")
     fan_out: int = _rule(10, lambda v: v >= 1, ">= 1")
     num_epochs: int = _rule(8, lambda v: v >= 1, ">= 1")
+    # Not a container name: node inputs with the mean of their edges' causal features (gnn.py).
+    node_edge_means: int = _rule(1, lambda v: v in (0, 1), "0 (id codes only) or 1 (with edge means)")
 
 
 @dataclass(frozen=True)
@@ -262,18 +264,25 @@ def context_mask(graph: Graph, rate: float, seed: int) -> np.ndarray:
     return keep
 
 
-def _in_context(graph: Graph, rate: float, seed: int) -> tuple[Graph, np.ndarray]:
-    """``graph`` with its node ids compacted, and its context edges' index (same node ids)."""
+def _with_context(graph: Graph, rate: float, seed: int, device: str) -> tuple[torch.Tensor, ...]:
+    """(x_user, x_merchant, context edge index, context edge attr, edge index, edge attr)
+    tensors of ``graph`` with its node ids compacted."""
     g = compact(graph)
-    return g, g.edge_index[:, context_mask(g, rate, seed)]
+    keep = torch.as_tensor(context_mask(g, rate, seed), device=device)
+    xu, xm, ei, ea = _tensors(g, device)
+    return xu, xm, ei[:, keep], ea[keep], ei, ea
+
+
+def _logits(model: gnn.FraudGNN, xu, xm, context, context_attr, ei, ea) -> torch.Tensor:
+    h_user, h_merchant = model.embed(xu, xm, context, edge_attr=context_attr)
+    return model.classify(h_user, h_merchant, ei, ea)
 
 
 @torch.no_grad()
 def embed_over_context(model: gnn.FraudGNN, graph: Graph, rate: float, seed: int, device: str) -> np.ndarray:
     """XGBoost input of every edge of ``graph``, its nodes embedded over its context edges."""
-    g, context = _in_context(graph, rate, seed)
-    xu, xm, ei, ea = _tensors(g, device)
-    h_user, h_merchant = model.embed(xu, xm, torch.as_tensor(context, device=device))
+    xu, xm, context, context_attr, ei, ea = _with_context(graph, rate, seed, device)
+    h_user, h_merchant = model.embed(xu, xm, context, edge_attr=context_attr)
     return gnn._edge_features(xu, h_user, xm, h_merchant, ei, ea).cpu().numpy()
 
 
@@ -288,21 +297,17 @@ def embed_edges(model: gnn.FraudGNN, graph: Graph, rate: float, seed: int, devic
     return out
 
 
+def _edge_means(graph: Graph, s: GNNSettings) -> int:
+    """How many trailing edge columns the GNN averages into node inputs: the causal features
+    (preprocessing appends them last), when the graph has them and ``node_edge_means`` is on."""
+    causal = len(features.NAMES)
+    tail = list(graph.edge_features[-causal:])
+    return causal if s.node_edge_means and tail == list(features.NAMES) else 0
+
+
 def _class_weights(labels: torch.Tensor) -> torch.Tensor:
     counts = torch.bincount(labels, minlength=2).clamp(min=1).float()
     return counts.sum() / (2 * counts)
-
-
-def _with_context(graph: Graph, rate: float, seed: int, device: str) -> tuple[torch.Tensor, ...]:
-    """(x_user, x_merchant, context edge index, edge index, edge attr) tensors of ``graph``."""
-    g, context = _in_context(graph, rate, seed)
-    xu, xm, ei, ea = _tensors(g, device)
-    return xu, xm, torch.as_tensor(context, device=device), ei, ea
-
-
-def _logits(model: gnn.FraudGNN, xu, xm, context, ei, ea) -> torch.Tensor:
-    h_user, h_merchant = model.embed(xu, xm, context)
-    return model.classify(h_user, h_merchant, ei, ea)
 
 
 def _train_gnn(model: gnn.FraudGNN, train: Graph, val: Graph, s: GNNSettings, device: str,
@@ -370,7 +375,8 @@ def _sampled_epoch(model, loader, ea, y, weight, optimizer) -> float:
         ids = edges.edge_label
         optimizer.zero_grad()
         h_user, h_merchant = model.embed(batch["user"].x, batch["merchant"].x, edges.edge_index,
-                                         batch[gnn.MERCHANT_TO_USER].edge_index)
+                                         batch[gnn.MERCHANT_TO_USER].edge_index,
+                                         edge_attr=ea[edges.e_id] if model.edge_means else None)
         logits = model.classify(h_user, h_merchant, edges.edge_label_index, ea[ids])
         loss = F.cross_entropy(logits, y[ids], weight=weight)
         loss.backward()
@@ -477,7 +483,8 @@ def train(graph_dir: Path | str, out_dir: Path | str, gnn_params: dict | None = 
     torch.manual_seed(seed)
     architecture = {"user_channels": test.x_user.shape[1], "merchant_channels": test.x_merchant.shape[1],
                     "edge_channels": test.edge_attr.shape[1], "hidden_channels": gnn_s.hidden_channels,
-                    "n_hops": gnn_s.n_hops, "layer": gnn_s.layer, "dropout_prob": gnn_s.dropout_prob}
+                    "n_hops": gnn_s.n_hops, "layer": gnn_s.layer, "dropout_prob": gnn_s.dropout_prob,
+                    "edge_means": _edge_means(test, gnn_s)}
     model = gnn.FraudGNN(**architecture).to(device)
     rate = context_rate(graph_dir)
     with repeatable(device):

@@ -104,11 +104,12 @@ def _random_graph(n_users: int, n_merchants: int, n_edges: int, seed: int):
 def _through_heteroconv(method, inputs) -> torch.Tensor:
     """``method(*inputs)`` computed by PyG's HeteroConv/SAGEConv modules themselves."""
     model = method.__self__
-    model._plain_sage = False
+    flags = model._plain_sage, model._sage_layers
+    model._plain_sage = model._sage_layers = False
     try:
         return method(*inputs)
     finally:
-        model._plain_sage = True
+        model._plain_sage, model._sage_layers = flags
 
 
 @pytest.mark.parametrize("size", [(1, 1, 1), (U, M, 0), (40, 300, 1000), (2000, 5000, 20000)])
@@ -171,3 +172,43 @@ def test_the_module_imports_only_torch_and_torch_geometric():
         elif isinstance(node, ast.ImportFrom):
             roots.add(node.module.split(".")[0])
     assert roots <= {"__future__", "torch", "torch_geometric"}
+
+
+# --- node inputs with the means of their edges' features ------------------------------------------
+
+def test_edge_means_append_each_nodes_mean_of_its_edges_last_columns():
+    x_user, x_merchant, edge_index, edge_attr = _graph()
+    model = gnn.FraudGNN(FU, FM, FE, hidden_channels=H, edge_means=1).eval()
+    xu, xm = model.node_inputs(x_user, x_merchant, edge_index, edge_attr)
+    assert xu.shape == (U, FU + 1) and xm.shape == (M, FM + 1)
+    assert torch.equal(xu[:, :FU], x_user) and torch.equal(xm[:, :FM], x_merchant)
+    last = edge_attr[:, -1]
+    assert torch.allclose(xu[0, -1], last[[0, 1]].mean())  # user 0: edges 0 and 1
+    assert torch.allclose(xm[0, -1], last[[0, 4]].mean())  # merchant 0: edges 0 and 4
+    assert xu[4, -1] == 0  # user 4 has no edge
+    with pytest.raises(ValueError, match="pass edge_attr"):
+        model.embed(x_user, x_merchant, edge_index)
+    with pytest.raises(ValueError, match="edge_means"):
+        gnn.FraudGNN(FU, FM, FE, edge_means=FE + 1)
+
+
+def test_with_edge_means_a_users_embedding_follows_its_merchants_edges_two_hops_away():
+    x_user, x_merchant, edge_index, edge_attr = _graph()
+    torch.manual_seed(0)
+    model = gnn.FraudGNN(FU, FM, FE, hidden_channels=H, edge_means=FE).eval()
+    assert not model._plain_sage  # the compiled serving path (sage.c) does not average edge features
+    with torch.no_grad():
+        before = model.embed(x_user, x_merchant, edge_index, edge_attr=edge_attr)[0]
+        changed = edge_attr.clone()
+        changed[4] += 1.0  # user 2 -> merchant 0: user 0 pays at merchant 0 too
+        after = model.embed(x_user, x_merchant, edge_index, edge_attr=changed)[0]
+    assert not torch.allclose(before[0], after[0]) and torch.equal(before[3], after[3])
+
+
+@pytest.mark.parametrize("size", [(1, 1, 1), (40, 300, 1000)])
+def test_with_edge_means_inference_without_heteroconv_is_bitwise_what_pyg_computes(size):
+    torch.manual_seed(0)
+    model = gnn.FraudGNN(FU, FM, FE, hidden_channels=H, edge_means=1).eval()
+    inputs = _random_graph(*size, seed=sum(size))
+    with torch.no_grad():
+        assert torch.equal(model.edge_features(*inputs), _through_heteroconv(model.edge_features, inputs))

@@ -98,7 +98,7 @@ def trained(planted_graph, tmp_path_factory) -> training.TrainResult:
 def test_defaults_are_the_training_containers():
     assert vars(training.GNNSettings()) == {"hidden_channels": 32, "n_hops": 2, "layer": "SAGEConv",
                                             "dropout_prob": 0.1, "batch_size": 4096, "fan_out": 10,
-                                            "num_epochs": 8}
+                                            "num_epochs": 8, "node_edge_means": 1}
     assert vars(training.XGBSettings()) == {"max_depth": 6, "learning_rate": 0.2, "num_parallel_tree": 3,
                                             "num_boost_round": 512, "gamma": 0.0}
 
