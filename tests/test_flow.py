@@ -232,3 +232,22 @@ def month_store(synthetic_csv, tmp_path):
     path = tmp_path / "2019-03.csv"
     path.write_text("\n".join([header, *[l for l in lines if l.split(",", 4)[2:4] == ["2019", "3"]]]) + "\n")
     return {"file": path, "root": tmp_path / "store"}
+
+
+def test_the_orchestration_compose_pins_requirements_versions_and_binds_only_to_bind_address():
+    import re
+
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.orchestration.yml").read_text())
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==([^\s#]+)", (ROOT / "requirements.txt").read_text(), re.M))
+    services = compose["services"]
+    assert services["prefect"]["image"].startswith(f"prefecthq/prefect:{pins['prefect']}-")
+    assert services["mlflow"]["image"].endswith(f":v{pins['mlflow']}")
+    assert services["prefect"]["environment"]["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    for service in services.values():
+        assert all(p.startswith("${BIND_ADDRESS:-127.0.0.1}:") for p in service["ports"]), service["ports"]
+    # The flow's local server keeps its database under the runs folder, on loopback, analytics off.
+    env = flow.local_environment(4200, Path("/r/prefect"))
+    assert env["PREFECT_API_URL"] == "http://127.0.0.1:4200/api" and env["PREFECT_SERVER_API_HOST"] == "127.0.0.1"
+    assert env["PREFECT_HOME"] == "/r/prefect" and env["DO_NOT_TRACK"] == "1"
