@@ -595,7 +595,8 @@ def _per_year(year: np.ndarray, label: np.ndarray, split: np.ndarray) -> dict:
     table = {}
     for y in np.unique(year):
         mask = year == y
-        table[str(int(y))] = {"split": ", ".join(pd.unique(split[mask])), "edges": int(mask.sum()),
+        splits, counts = np.unique(split[mask], return_counts=True)  # windows: a year may span splits
+        table[str(int(y))] = {"split": str(splits[counts.argmax()]), "edges": int(mask.sum()),
                               "fraud": int(label[mask].sum())}
     return table
 
