@@ -15,7 +15,8 @@ from fraudlib import settings
 from fraudlib.stages import base
 from fraudlib.stages.base import param
 
-GNN_FIELDS = ("hidden_channels", "n_hops", "layer", "dropout_prob", "batch_size", "fan_out", "num_epochs")
+GNN_FIELDS = ("hidden_channels", "n_hops", "layer", "dropout_prob", "batch_size", "fan_out", "num_epochs",
+              "node_edge_means")
 XGB_FIELDS = ("max_depth", "learning_rate", "num_parallel_tree", "num_boost_round", "gamma")
 LAYERS = ("SAGEConv", "GraphConv", "GATConv", "GATv2Conv")  # fraudlib.gnn.LAYERS (a test keeps them equal)
 PLOTS = ("training_curve", "pr_curve", "confusion", "importance")
@@ -40,6 +41,8 @@ class Params(base.StageParams):
                             lambda v: v >= 1, ">= 1")
     fan_out: int = param(10, "neighbors sampled per hop (only with neighbor sampling)", lambda v: v >= 1, ">= 1")
     num_epochs: int = param(8, "GNN training epochs", lambda v: v >= 1, ">= 1")
+    node_edge_means: int = param(1, "1: node inputs also hold the mean of their edges' causal features; 0: id codes only",
+                                 lambda v: v in (0, 1), "0 (id codes only) or 1 (with edge means)")
     max_depth: int = param(6, "XGBoost tree depth", lambda v: 1 <= v <= 32, "in [1, 32]")
     learning_rate: float = param(0.2, "XGBoost learning rate", lambda v: 0.0 < v <= 1.0, "in (0, 1]")
     num_parallel_tree: int = param(3, "XGBoost trees per boosting round", lambda v: v >= 1, ">= 1")
