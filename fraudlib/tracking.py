@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 PYFUNC_ARTIFACT_PATH = "model"
 MODEL_DIR_ARTIFACT_PATH = "triton_model"
 TRAIN_NOTEBOOK = "notebooks/02_train.ipynb"
+# MLflow 3's UI opens an experiment in its GenAI view unless the experiment's kind says it is
+# classic model development (the UI's own tag and value; the URL's ?workflowType=machine_learning
+# switches the view too).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # What the logged model imports (through the fraudlib it ships), pinned at the versions that
 # trained it (requirements.txt's pins in the project's venv). The first installed name of each
 # tuple is used (xgboost-cpu in the pinned CPU venv, xgboost in the conda/GPU one).
@@ -60,13 +64,15 @@ def ensure_experiment(name: str = settings.EXPERIMENT_NAME) -> str:
     client = configure()
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     location = None
     if settings.mlflow_tracking_uri().startswith("sqlite:"):
         root = settings.mlflow_artifact_root()
         root.mkdir(parents=True, exist_ok=True)
         location = root.as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def _flatten(prefix: str, params: dict[str, Any]) -> dict[str, str]:

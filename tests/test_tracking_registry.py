@@ -68,6 +68,8 @@ def test_the_training_run_records_its_data_and_its_notebook(trained):
     graph_dir, _, run_id = trained
     run = tracking.configure().get_run(run_id)
     assert run.data.tags["mlflow.source.name"].endswith("notebooks/02_train.ipynb")
+    experiment = tracking.configure().get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's classic view
     (dataset,) = run.inputs.dataset_inputs
     assert [t.value for t in dataset.tags if t.key == "mlflow.data.context"] == ["training"]
     assert json.loads(dataset.dataset.profile)["num_rows"] == graph_store.read_part(graph_dir, "train").num_edges
