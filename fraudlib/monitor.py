@@ -141,6 +141,10 @@ def run(store_dir: str = "", month: str = "", triton_url: str = "", run_dir: str
     with contextlib.ExitStack() as services:
         client = services.enter_context(connect_or_start(triton_url or os.environ.get("TRITON_URL"),
                                                          settings.run_folder(run_dir) / "triton.log"))
+        if not client.is_model_ready(settings.TRITON_MODEL_NAME):  # a server just started (explicit model control)
+            from fraudlib import lifecycle
+
+            lifecycle.repository(client).load()
         return monitor_month(store_dir, month, client, auprc_drop_alert, psi_alert)
 
 
