@@ -437,3 +437,29 @@ def test_triton_answers_invalid_requests_with_an_error_and_keeps_serving(triton,
         triton.infer(TRITON_MODEL_NAME, dict(inputs, COMPUTE_SHAP=np.array([True]),
                                              feature_mask_user=np.zeros(1, np.int32)))
     assert triton.infer(TRITON_MODEL_NAME, inputs)["PREDICTION"].shape == (test_graph.num_edges, 1)
+
+
+def test_the_serving_contracts_worked_example_reads_one_value_per_feature_group(triton, model, graph_dir,
+                                                                                test_graph, capsys):
+    """docs/serving_contract.md's tritonclient code, run as written against the served model."""
+    import re
+
+    doc = (project_root() / "docs" / "serving_contract.md").read_text()
+    code = re.search(r"## Worked example.*?```python\n(.*?)```", doc, re.S).group(1)
+    code, n = re.subn(r'^url, graph_dir = .*$', f"url, graph_dir = {triton.url!r}, {str(graph_dir)!r}", code,
+                      flags=re.M)
+    assert n == 1
+    namespace: dict = {}
+    exec(compile(code, "docs/serving_contract.md", "exec"), namespace)  # noqa: S102 - our own documentation
+
+    np.testing.assert_allclose(namespace["probability"], model.predict(test_graph), atol=1e-5)
+    top = namespace["top"]
+    lone = test_graph.edges(np.arange(test_graph.num_edges) == top)
+    expected = model.shapley(lone)
+    printed = capsys.readouterr().out.splitlines()
+    for output, groups in namespace["names"].items():
+        mask = {"shap_values_user": test_graph.feature_mask_user, "shap_values_merchant":
+                test_graph.feature_mask_merchant, "shap_values_user_to_merchant": test_graph.feature_mask_edge}[output]
+        assert namespace["alone"][output].shape == (1, len(np.unique(mask))) == (1, len(groups))
+        np.testing.assert_allclose(namespace["alone"][output], expected[output], atol=1e-5)
+        assert any(line.startswith(output + " {") for line in printed)
