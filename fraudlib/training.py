@@ -56,6 +56,10 @@ from fraudlib.graph_store import MANIFEST, Graph, compact, read_part
 # Not container hyperparameters: fixed here so that a run is described by the container's names.
 GNN_LEARNING_RATE = 0.01
 EARLY_STOPPING_ROUNDS = 32
+# Rounds that raise the validation AUPRC by less than this (within EARLY_STOPPING_ROUNDS) do
+# not count as progress: on the full-size graph the model with edge means kept 502 rounds for
+# gains in the fourth decimal, 3x the training time (docs/benchmarks.md).
+EARLY_STOPPING_MIN_DELTA = 1e-3
 
 
 class HyperparameterError(ValueError):
@@ -402,9 +406,10 @@ def _fit_xgboost(x: dict, y: dict, s: XGBSettings, device: str, seed: int) -> tu
     train = xgb.QuantileDMatrix(x["train"], label=y["train"], nthread=params["nthread"])
     validation = xgb.QuantileDMatrix(x["validation"], label=y["validation"], ref=train,
                                      nthread=params["nthread"])
+    stop = xgb.callback.EarlyStopping(rounds=EARLY_STOPPING_ROUNDS, min_delta=EARLY_STOPPING_MIN_DELTA,
+                                      maximize=True)
     booster = xgb.train(params, train, num_boost_round=s.num_boost_round,
-                        evals=[(validation, "validation")],
-                        early_stopping_rounds=EARLY_STOPPING_ROUNDS, verbose_eval=False)
+                        evals=[(validation, "validation")], callbacks=[stop], verbose_eval=False)
     booster = booster[: booster.best_iteration + 1]
     # Scored from the raw features, as the served model scores them.
     return booster, {split: booster.predict(xgb.DMatrix(x[split], nthread=params["nthread"]))
