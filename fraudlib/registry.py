@@ -25,7 +25,7 @@ TRITON_VERSION_TAG = "triton_version"
 MANIFEST_TAG = "data_manifest"
 REJECTED_TAG = "rejected"
 REASON_TAG = "promotion_reason"  # on the training run: why stage 3 decided as it did
-_HTTP_TIMEOUT_S = 1.0
+_HTTP_TIMEOUT_S = 3.0  # a tracking server answers in milliseconds; a cold one takes a second
 
 
 def _mlflow_error():
@@ -48,7 +48,8 @@ class RegistryVersion:
     manifest_hash: str | None
     aliases: tuple[str, ...]
     rejected: str | None = None  # the ``rejected`` tag: why deploy rejected or rolled it back
-    reason: str | None = field(default=None, compare=False)  # its run's promotion_reason (read_versions)
+    # a rejected version's run's promotion_reason (read_versions only)
+    reason: str | None = field(default=None, compare=False)
 
 
 def _make_version(version, run_id, tags: dict, aliases, reason: str | None = None) -> RegistryVersion:
@@ -226,8 +227,8 @@ def last_rejected(versions: list[RegistryVersion]) -> RegistryVersion | None:
 
 
 def read_versions(name: str = settings.REGISTERED_MODEL_NAME, uri: str | None = None) -> list[RegistryVersion]:
-    """Every version of the registered model, oldest first, with aliases, tags and its run's
-    ``promotion_reason``, read without importing MLflow: the embedded SQLite store is read
+    """Every version of the registered model, oldest first, with aliases and tags (and for a
+    rejected one its run's ``promotion_reason``), read without importing MLflow: the embedded SQLite store is read
     directly (read-only), a tracking server over its REST API. Other stores (e.g. Databricks)
     go through the MLflow client. An unreachable server or unreadable store raises RuntimeError."""
     uri = uri or settings.mlflow_tracking_uri()
@@ -237,9 +238,9 @@ def read_versions(name: str = settings.REGISTERED_MODEL_NAME, uri: str | None = 
         return _read_rest(uri.rstrip("/"), name)
     client = _client()
     found = versions(name)
-    reasons = {v.run_id: client.get_run(v.run_id).data.tags.get(REASON_TAG) for v in found}
     return [_make_version(v.version, v.run_id, {TRITON_VERSION_TAG: v.triton_version, MANIFEST_TAG: v.manifest_hash,
-                                                REJECTED_TAG: v.rejected}, v.aliases, reasons[v.run_id])
+                                                REJECTED_TAG: v.rejected}, v.aliases,
+                          client.get_run(v.run_id).data.tags.get(REASON_TAG) if v.rejected else None)
             for v in found]
 
 
@@ -266,7 +267,8 @@ def _read_sqlite(path: Path, name: str) -> list[RegistryVersion]:
         if "no such table" in str(e):
             return []  # created, never used by MLflow
         raise RuntimeError(f"cannot read the MLflow registry in {path}: {e}") from e
-    return [_make_version(v, run, tags.get(int(v), {}), sorted(aliases.get(int(v), [])), reasons.get(run))
+    return [_make_version(v, run, tags.get(int(v), {}), sorted(aliases.get(int(v), [])),
+                          reasons.get(run) if REJECTED_TAG in tags.get(int(v), {}) else None)
             for v, run in rows]
 
 
@@ -283,17 +285,21 @@ def _get_json(url: str) -> dict:
 
 
 def _read_rest(base: str, name: str) -> list[RegistryVersion]:
+    """Versions with tags from the search, aliases from the registered model, and the reason of
+    each rejected version from its run: 2 requests plus one per rejected run."""
     query = urllib.parse.urlencode({"filter": f"name = '{name}'", "max_results": 1000})
     found = _get_json(f"{base}/api/2.0/mlflow/model-versions/search?{query}").get("model_versions", [])
+    model = _get_json(f"{base}/api/2.0/mlflow/registered-models/get?"
+                      + urllib.parse.urlencode({"name": name})).get("registered_model", {})
+    aliases: dict[int, list] = {}
+    for a in model.get("aliases", []):
+        aliases.setdefault(int(a["version"]), []).append(a["alias"])
     out, reasons = [], {}
     for mv in sorted(found, key=lambda m: int(m["version"])):
-        run = mv.get("run_id", "")
-        if run and run not in reasons:
+        run, tags = mv.get("run_id", ""), {t["key"]: t["value"] for t in mv.get("tags", [])}
+        if REJECTED_TAG in tags and run and run not in reasons:
             data = _get_json(f"{base}/api/2.0/mlflow/runs/get?run_id={run}").get("run", {}).get("data", {})
             reasons[run] = next((t["value"] for t in data.get("tags", []) if t["key"] == REASON_TAG), None)
-        # search leaves the aliases out: get has them
-        full = _get_json(f"{base}/api/2.0/mlflow/model-versions/get?"
-                         + urllib.parse.urlencode({"name": name, "version": mv["version"]})).get("model_version", mv)
-        out.append(_make_version(mv["version"], run, {t["key"]: t["value"] for t in full.get("tags", [])},
-                                 full.get("aliases", []), reasons.get(run)))
+        out.append(_make_version(mv["version"], run, tags, sorted(aliases.get(int(mv["version"]), [])),
+                                 reasons.get(run) if REJECTED_TAG in tags else None))
     return out

@@ -193,3 +193,37 @@ def test_the_fast_registry_reader_agrees_with_mlflow_and_status_shows_the_last_r
     # No Triton repository under this runs folder: the registry's champion is not on disk.
     assert done.returncode == 1 and "INCONSISTENT: the repository serves version None" in done.stdout
     registry.clear_challenger()
+
+
+def test_the_fast_reader_reads_a_tracking_server_over_rest_as_the_store_itself(trained, store, tmp_path):
+    """A real `mlflow server` on the same store: the REST reader gives the SQLite reader's answer."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", settings.mlflow_tracking_uri(),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+                time.sleep(0.5)
+        over_rest = registry.read_versions(uri=f"http://127.0.0.1:{port}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    direct = registry.read_versions()
+    assert over_rest == direct and any(v.aliases for v in direct)
+    assert [v.reason for v in over_rest] == [v.reason for v in direct] and any(v.reason for v in direct)
+    with pytest.raises(RuntimeError, match=f"MLflow server at http://127.0.0.1:{port} is not reachable"):
+        registry.read_versions(uri=f"http://127.0.0.1:{port}")
