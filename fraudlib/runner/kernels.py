@@ -48,7 +48,6 @@ def choose_kernel(requested: str | None = None) -> str:
     )
 
 
-
 class UnixSocketKernelManager(AsyncKernelManager):
     """Stage kernels talk over Unix sockets, not over loopback TCP in plain text that any local
     user could read (ipykernel warned about it at the top of every stage's output).

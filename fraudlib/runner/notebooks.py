@@ -40,7 +40,6 @@ class Stage:
         return f"{self.number:02d}_{self.name}"
 
 
-
 def read_stage(notebook: Path) -> Stage:
     """The stage a notebook ``NN_name.ipynb`` defines, with its declared parameters."""
     match = re.fullmatch(r"(\d\d)_(.+)\.ipynb", notebook.name)

@@ -46,15 +46,12 @@ class RunResult:
     warnings: list[str] = field(default_factory=list)
 
 
-
 def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def new_run_id() -> str:
     return f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
-
-
 
 
 def package_versions() -> dict[str, str | None]:
@@ -107,7 +104,6 @@ def stage_record(stage: Stage) -> dict:
         "error": None,
         "previous_attempts": [],
     }
-
 
 
 def check_writable(folder: Path, what: str, create: bool = True) -> None:
@@ -167,7 +163,6 @@ def exclusive(run_dir: Path):
         yield
     finally:
         lock.release()
-
 
 
 def format_summary(record: dict, width: int = 70) -> str:
