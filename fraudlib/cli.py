@@ -88,9 +88,9 @@ def _triton_lines(url: str) -> tuple[list[str], bool]:
         with TritonClient(url, network_timeout_s=STATUS_TIMEOUT_S, connection_timeout_s=STATUS_TIMEOUT_S) as client:
             models = client.repository_index()
     except TritonError as e:  # unreachable, or its control API refused us: not a healthy status
-        return [f"  triton {url}: {e}"], False
-    return [f"  triton {url}: {m.get('name')} v{m.get('version')} {m.get('state')}" for m in models] \
-        or [f"  triton {url}: no model loaded"], True
+        return [f"triton at {url}:", f"  triton: {e}"], False
+    return [f"triton at {url}:"] + ([f"  triton: {m.get('name')} v{m.get('version')} {m.get('state')}"
+                                     for m in models] or ["  triton: no model loaded"]), True
 
 
 def cmd_status(args) -> int:
@@ -112,7 +112,7 @@ def cmd_status(args) -> int:
         versions = registry.read_versions()
     except RuntimeError as e:
         versions = None
-        unreachable.append(f"registry: {e}")
+        unreachable.append(f"REGISTRY UNAVAILABLE: {settings.mlflow_tracking_uri()}")
         print(f"  {e}")
     if versions is not None:
         for label, alias in (("champion", settings.CHAMPION_ALIAS), ("challenger", settings.CHALLENGER_ALIAS)):
@@ -131,7 +131,7 @@ def cmd_status(args) -> int:
         lines, answered = _triton_lines(url)
         print("\n".join(lines))
         if not answered:
-            unreachable.append(f"triton: {url}")
+            unreachable.append(f"TRITON UNAVAILABLE: {url}")
     problems = []
     if versions is not None:
         d = lifecycle.diagnose(versions=versions)
@@ -141,7 +141,7 @@ def cmd_status(args) -> int:
         if problems:
             print(f"fix: {d.advice}")
     for what in unreachable:
-        print(f"UNREACHABLE: {what}")
+        print(what)
     return 1 if problems else 3 if unreachable else 0
 
 

@@ -80,7 +80,7 @@ def test_score_refuses_an_output_it_cannot_write_before_reading_anything(tmp_pat
 def test_status_reports_an_unreachable_triton_and_exits_non_zero(tmp_path):
     done = fraud("status", "--triton-url", "127.0.0.1:9", runs_dir=tmp_path)
     assert done.returncode != 0
-    assert "UNREACHABLE: triton: 127.0.0.1:9" in done.stdout and "not reachable" in done.stdout
+    assert "TRITON UNAVAILABLE: 127.0.0.1:9" in done.stdout and "not reachable" in done.stdout
     assert not list(tmp_path.iterdir())  # status only reads
 
 
