@@ -188,7 +188,7 @@ def test_two_lifecycles_never_run_at_once(server, lifecycle_setup):
     assert spans[0][1] <= spans[1][0], spans  # the second started after the first ended
 
 
-def test_fraud_ingest_trigger_starts_the_on_ingest_deployment(server, lifecycle_setup, synthetic_csv, tmp_path):
+def test_fraud_ingest_trigger_starts_the_on_ingest_deployment(server, lifecycle_setup, synthetic_csv, tmp_path, capsys):
     import argparse
 
     header, *lines = synthetic_csv.read_text().splitlines()
@@ -199,13 +199,13 @@ def test_fraud_ingest_trigger_starts_the_on_ingest_deployment(server, lifecycle_
     args = parser.parse_args(["ingest", str(month), "--store", lifecycle_setup["store_dir"], "--trigger"])
     from prefect.client.orchestration import get_client
 
-    with get_client(sync_client=True) as client:
-        before = {r.id for r in client.read_flow_runs()}
     assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "added 2019-07" in out and "started lifecycle flow run " in out
+    flow_run_id = out.split("started lifecycle flow run ")[1].split()[0]
     with get_client(sync_client=True) as client:
-        new = [r for r in client.read_flow_runs() if r.id not in before]
-    assert len(new) == 1 and new[0].parameters["store_dir"] == lifecycle_setup["store_dir"]
-    run = wait(new[0].id)
+        assert client.read_flow_run(flow_run_id).parameters["store_dir"] == lifecycle_setup["store_dir"]
+    run = wait(flow_run_id)
     assert run.state.is_completed() and run.name.startswith("2019-08-")  # 2019-07 is now the newest month
 
 
