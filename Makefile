@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-e2e test-all bench lab schedule clean
+.PHONY: setup run test test-e2e test-all bench lab schedule clean browser
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,18 +14,22 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name fraudlib --display-name "Python (fraudlib)" >/dev/null
 	touch $(STAMP)
 
+browser:  ## Debian's chromium for the report tests (headless, driven by playwright), when missing
+	@command -v chromium >/dev/null || { echo "installing Debian's chromium for the report tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 setup: $(STAMP)  ## create/update .venv from the pinned requirements
 
 run: $(STAMP)  ## the whole pipeline on the embedded defaults (synthetic data, embedded MLflow + Triton)
 	$(BIN)/python run_pipeline.py $(ARGS)
 
-test: $(STAMP)  ## the test suite (real Triton, MLflow, papermill), without the slow end-to-end tests
+test: $(STAMP) browser  ## the test suite (real Triton, MLflow, papermill), without the slow end-to-end tests
 	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/pytest -q -m "not slow" $(ARGS)
 
-test-e2e: $(STAMP)  ## the slow end-to-end tests: the whole pipeline twice, then the fraud commands
+test-e2e: $(STAMP) browser  ## the slow end-to-end tests: the whole pipeline twice, then the fraud commands
 	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/pytest -q -m slow $(ARGS)
 
-test-all: $(STAMP)  ## both
+test-all: $(STAMP) browser  ## both
 	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/pytest -q $(ARGS)
 
 bench: $(STAMP)  ## benchmarks at full size (print figures; see docs/benchmarks.md)
