@@ -28,6 +28,15 @@ REASON_TAG = "promotion_reason"  # on the training run: why stage 3 decided as i
 _HTTP_TIMEOUT_S = 3.0  # a tracking server answers in milliseconds; a cold one takes a second
 
 
+def __getattr__(name: str):
+    """``registry.tracking``, imported on first use (importing it imports MLflow)."""
+    if name == "tracking":
+        from fraudlib import tracking
+
+        return tracking
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _mlflow_error():
     from mlflow.exceptions import MlflowException
 
