@@ -16,7 +16,7 @@ inputs) finishes or undoes what the crash interrupted, from what it finds:
   switch, before the registry), the registry's aliases are written; when it is already archived
   as rejected, the registry is told; an interrupted promotion is undone and done again.
 
-Crash points (``fail_after`` and ``triton_repo.set_crash_hook``): :data:`EVALUATE_STEPS`
+Crash points (tests install a hook with ``triton_repo.set_crash_hook``): :data:`EVALUATE_STEPS`
 (``evaluate.<step>``), :data:`PROMOTE_DEPLOY_STEPS` and :data:`REJECT_DEPLOY_STEPS`
 (``deploy.<step>``), besides the repository's own steps.
 """
@@ -37,7 +37,7 @@ import numpy as np
 # diagnosis that `fraud status` runs needs neither, and answers in well under two seconds.
 from fraudlib import registry, settings
 from fraudlib.graph_store import ENCODERS, Graph, manifest_hash, read_encoders, read_part
-from fraudlib.triton_repo import (PROMOTE_STEPS, REJECT_STEPS, STAGE_STEPS, InjectedCrash, PromotionFailed,
+from fraudlib.triton_repo import (PromotionFailed,
                                   ReconcileReport, RepositoryError, TritonRepository, crash_point,
                                   describe_owner, graph_inputs, owned_by_this_process)
 from fraudlib.triton_server import TritonClient, TritonError
@@ -55,16 +55,8 @@ PROMOTE_DEPLOY_STEPS = ("triton_promoted", *registry.PROMOTE_STEPS)
 REJECT_DEPLOY_STEPS = ("triton_rejected", "challenger_alias_removed", "rejected_tag_written")
 
 
-def _point(stage: str, step: str, fail_after: str | None) -> None:
+def _point(stage: str, step: str) -> None:
     crash_point(f"{stage}.{step}")
-    if fail_after == step:
-        raise InjectedCrash(f"injected crash after step {step!r} of {stage}")
-
-
-def _check_fail_after(fail_after: str | None, *allowed: tuple[str, ...]) -> None:
-    steps = tuple(s for group in allowed for s in group)
-    if fail_after is not None and fail_after not in steps:
-        raise ValueError(f"fail_after={fail_after!r} is not one of {steps}")
 
 
 @dataclass
@@ -400,7 +392,7 @@ def _wait_for_another_runs_challenger(repo: TritonRepository, mlflow_run_id: str
 def evaluate(model_dir: Path | str, graph_dir: Path | str, client: TritonClient, mlflow_run_id: str,
              metric: str | None = None, min_improvement: float = 0.0, bootstrap_samples: int = 1000,
              confidence_level: float = 0.95, bootstrap_seed: int = 0,
-             repo_root: Path | str | None = None, fail_after: str | None = None,
+             repo_root: Path | str | None = None,
              wait_s: float = CHALLENGER_WAIT_S) -> Evaluation:
     """Stage the model as the challenger, score it and the champion on the test graph with
     explicit versions, and decide (``promotion.decide``: paired bootstrap of ``metric``, promote
@@ -410,12 +402,10 @@ def evaluate(model_dir: Path | str, graph_dir: Path | str, client: TritonClient,
 
     A challenger that another live run staged is waited for (up to ``wait_s``: that run promotes
     or rejects it in its stage 4; then staging refuses, naming the run). State a crashed run left
-    is repaired first, and what was repaired is printed (and kept in ``Evaluation.repairs``). ``fail_after``: a step of :data:`EVALUATE_STEPS` or of staging
-    (tests). ``metric``: default ``promotion.DEFAULT_METRIC``."""
+    is repaired first, and what was repaired is printed (and kept in ``Evaluation.repairs``). ``metric``: default ``promotion.DEFAULT_METRIC``."""
     from fraudlib import metrics, promotion
 
     metric = metric or promotion.DEFAULT_METRIC
-    _check_fail_after(fail_after, EVALUATE_STEPS, STAGE_STEPS)
     promotion.check_settings(metric, min_improvement, bootstrap_samples, confidence_level, bootstrap_seed)
     challenger_threshold, note = operating_threshold(_package_version_dir(Path(model_dir)), "challenger")
     notes = [note] if note else []
@@ -436,19 +426,18 @@ def evaluate(model_dir: Path | str, graph_dir: Path | str, client: TritonClient,
         repairs += [own] if own else []
         if repairs:
             log.warning("repaired the Triton repository before staging: %s", "; ".join(repairs))
-        _point("evaluate", "reconciled", fail_after)
+        _point("evaluate", "reconciled")
         try:
-            version = repo.stage(Path(model_dir), registry_champion_version=registry_champion_triton_version(),
-                                 fail_after=fail_after if fail_after in STAGE_STEPS else None)
+            version = repo.stage(Path(model_dir), registry_champion_version=registry_champion_triton_version())
             break
         except RepositoryError:  # another run staged first: wait for it, unless time is up
             if _another_live_challenger(repo, mlflow_run_id) is None or time.monotonic() >= deadline:
                 raise
-    _point("evaluate", "staged", fail_after)
+    _point("evaluate", "staged")
     registered = registry.register(mlflow_run_id, version, manifest_hash(graph_dir))
-    _point("evaluate", "registered", fail_after)
+    _point("evaluate", "registered")
     registry.mark_challenger(registered.version)
-    _point("evaluate", "challenger_marked", fail_after)
+    _point("evaluate", "challenger_marked")
 
     challenger_scores = _prediction(repo.score(version, graph_inputs(test)))
     challenger_metrics = metrics.report(test.label, challenger_scores, challenger_threshold)
@@ -498,10 +487,10 @@ def evaluate(model_dir: Path | str, graph_dir: Path | str, client: TritonClient,
         notes += [champion_note] if champion_note else []
         if comparison:
             decision = dataclasses.replace(decision, reason=f"{decision.reason} ({comparison})")
-    _point("evaluate", "scored", fail_after)
+    _point("evaluate", "scored")
     registry.log_evaluation(mlflow_run_id, challenger_metrics, champion_metrics,
                             decision.decision, decision.reason, detail=decision)
-    _point("evaluate", "logged", fail_after)
+    _point("evaluate", "logged")
     return Evaluation(version, champion_version, registered.version, challenger_metrics, champion_metrics,
                       decision, thresholds, labels, challenger_scores, champion_scores, unusable, comparison, notes,
                       repairs)
@@ -522,7 +511,7 @@ def pending_decision(client: TritonClient | None, root: Path | str | None = None
 
 
 def deploy(decision: str, challenger_version: int, registry_version: int, client: TritonClient,
-           repo_root: Path | str | None = None, fail_after: str | None = None) -> Deployment:
+           repo_root: Path | str | None = None) -> Deployment:
     """Act on the decision: promote (Triton, then registry alias) or reject.
 
     A failed health check after promotion restores the previous champion in Triton, leaves
@@ -531,17 +520,12 @@ def deploy(decision: str, challenger_version: int, registry_version: int, client
     Run again after a crash with the same arguments (a resumed stage 4), it finishes what the
     crashed attempt began: Triton already switched or already rejected, only the registry is
     written (``Deployment.repairs`` says so); an interrupted Triton step is undone and done again.
-    ``fail_after``: a step of the repository's promote/reject or of :data:`PROMOTE_DEPLOY_STEPS`
-    / :data:`REJECT_DEPLOY_STEPS` (tests).
     """
     from fraudlib import promotion
 
     if decision not in (promotion.PROMOTE, promotion.REJECT):
         raise ValueError(f"decision must be {promotion.PROMOTE!r} or {promotion.REJECT!r}, got {decision!r}")
     promoting = decision == promotion.PROMOTE
-    _check_fail_after(fail_after, *((PROMOTE_STEPS, PROMOTE_DEPLOY_STEPS) if promoting
-                                    else (REJECT_STEPS, REJECT_DEPLOY_STEPS)))
-    repo_fail_after = fail_after if fail_after in (PROMOTE_STEPS if promoting else REJECT_STEPS) else None
     repo = repository(client, repo_root)
     registry_champion = registry_champion_triton_version()
     state = repo.state()
@@ -565,14 +549,13 @@ def deploy(decision: str, challenger_version: int, registry_version: int, client
             return Deployment(ROLLED_BACK, state.champion, current.version if current else None,
                               f"an earlier attempt rolled version {challenger_version} back ({left})",
                               (f"registry told of the earlier attempt's roll-back of version {challenger_version}",))
-    step = lambda name: _point("deploy", name, fail_after)  # noqa: E731
+    step = lambda name: _point("deploy", name)  # noqa: E731
     if promoting:
         if repairs:
             health = repo.health_check()
         else:
             try:
-                health = repo.promote(challenger_version, registry_champion_version=registry_champion,
-                                      fail_after=repo_fail_after)
+                health = repo.promote(challenger_version, registry_champion_version=registry_champion)
             except PromotionFailed as e:
                 _rolled_back_in_registry(registry_version, f"rolled back: {e}")
                 current = registry.champion()
@@ -581,7 +564,7 @@ def deploy(decision: str, challenger_version: int, registry_version: int, client
         registry.promote(registry_version, on_step=step)
         return Deployment(promotion.PROMOTE, challenger_version, registry_version, health.reason, tuple(repairs))
     if not repairs:
-        repo.reject(challenger_version, registry_champion_version=registry_champion, fail_after=repo_fail_after)
+        repo.reject(challenger_version, registry_champion_version=registry_champion)
     step("triton_rejected")
     challenger = registry.by_alias(settings.CHALLENGER_ALIAS)
     if challenger is None or challenger.version == registry_version:

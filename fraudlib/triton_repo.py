@@ -28,13 +28,13 @@ that started it: the pipeline runner), the host, the MLflow run and the time; :m
 and :meth:`challenger_owner` say whether that process still lives, so a live pipeline is told
 apart from state a crashed run left (``reconcile`` never rejects a live run's challenger).
 
-Crash injection (tests): stage/promote/reject/rollback take ``fail_after=<step>``; right after
-that step is done and journalled they raise :class:`InjectedCrash`, a ``BaseException`` that
-no rollback handler catches, so the repository is left exactly as a crash would leave it.
-The step names are :data:`STAGE_STEPS`, :data:`PROMOTE_STEPS`, :data:`REJECT_STEPS`,
-:data:`ROLLBACK_STEPS`. :func:`set_crash_hook` installs a function called at every such point
-(``"<op>.<step>"``, and ``"stage.copying"`` before each file of a staged copy) so a test can
-stop or kill a real process exactly there.
+Crash injection (tests): right after each step of stage/promote/reject/rollback is done and
+journalled, and before each file of a staged copy, the repository calls :func:`crash_point`
+(``"<op>.<step>"``, ``"stage.copying"``; the step names are :data:`STAGE_STEPS`,
+:data:`PROMOTE_STEPS`, :data:`REJECT_STEPS`, :data:`ROLLBACK_STEPS`). It does nothing unless a
+test installed a hook with :func:`set_crash_hook`, which may raise a ``BaseException`` (no
+rollback handler catches it, so the repository is left exactly as a crash would leave it) or
+stop the process there to be killed. No production signature carries a crash parameter.
 """
 
 from __future__ import annotations
@@ -76,8 +76,6 @@ PROMOTE_STEPS = ("challenger_checked", "public_config_written", "public_model_lo
 REJECT_STEPS = ("eval_model_removed", "challenger_archived")
 # A rollback stages the previous champion from the archive, then promotes it.
 ROLLBACK_STEPS = ("previous_champion_staged", *PROMOTE_STEPS)
-_STEPS = {"stage": STAGE_STEPS, "promote": PROMOTE_STEPS, "reject": REJECT_STEPS,
-          "rollback": ROLLBACK_STEPS}
 
 GRAPH_INPUTS = ("x_user", "x_merchant", "edge_index_user_to_merchant", "edge_attr_user_to_merchant")
 MASK_INPUTS = ("feature_mask_user", "feature_mask_merchant", "edge_feature_mask_user_to_merchant")
@@ -93,10 +91,6 @@ class RepositoryLocked(RepositoryError):
 
 class PromotionFailed(RepositoryError):
     """The new champion failed to load or its health check; the old one serves again."""
-
-
-class InjectedCrash(BaseException):
-    """Raised by ``fail_after`` to simulate a crash right after a step (tests only)."""
 
 
 _crash_hook = None
@@ -330,12 +324,10 @@ class TritonRepository:
         else:
             _atomic_write(path, json.dumps(journal, indent=1))
 
-    def _step(self, journal: dict, step: str, fail_after: str | None) -> None:
+    def _step(self, journal: dict, step: str) -> None:
         journal["steps"].append(step)
         self._write_journal(journal)
         crash_point(f"{journal['op']}.{step}")
-        if fail_after == step:
-            raise InjectedCrash(f"injected crash after step {step!r} of {journal['op']}")
 
     # -- lock --
 
@@ -397,10 +389,6 @@ class TritonRepository:
             raise RepositoryError(f"{operation} needs a Triton server: pass a TritonClient.")
         self.client.require_live()
         return self.client
-
-    def _check_fail_after(self, op: str, fail_after: str | None) -> None:
-        if fail_after is not None and fail_after not in _STEPS[op]:
-            raise ValueError(f"fail_after={fail_after!r} is not a step of {op}: {_STEPS[op]}")
 
     # -- disk moves --
 
@@ -553,11 +541,9 @@ class TritonRepository:
                 raise RepositoryError(f"{self.root} has no champion to load: stage and promote one.")
             client.load_model(self._model_for(version))
 
-    def stage(self, package_dir: Path, registry_champion_version: int | None = None,
-              fail_after: str | None = None) -> int:
+    def stage(self, package_dir: Path, registry_champion_version: int | None = None) -> int:
         """Stage a model package as the challenger (version champion+1) and load it for
         evaluation. Returns its version."""
-        self._check_fail_after("stage", fail_after)
         source, package_config = self._package_version_dir(Path(package_dir))
         client = self._require_client("stage")
         with self._locked("stage"):
@@ -586,9 +572,9 @@ class TritonRepository:
                 shutil.copytree(source, tmp, dirs_exist_ok=True, copy_function=_copy_file)
                 _copy_file(package_config, tmp / PACKAGE_CONFIG)
                 os.rename(tmp, self.public / str(version))
-                self._step(journal, "version_dir_written", fail_after)
+                self._step(journal, "version_dir_written")
                 self._write_eval_model(version)
-                self._step(journal, "eval_model_written", fail_after)
+                self._step(journal, "eval_model_written")
             except OSError as e:  # e.g. ENOSPC: a full disk
                 raise self._undo_failed_stage(package_dir, version, champion,
                                               registry_champion_version, e) from e
@@ -600,7 +586,7 @@ class TritonRepository:
                 self._write_journal(None)
                 raise RepositoryError(f"model package {package_dir} does not load in Triton "
                                       f"(moved to {self.archive / str(version)}): {e}") from e
-            self._step(journal, "eval_model_loaded", fail_after)
+            self._step(journal, "eval_model_loaded")
             self._write_journal(None)
             return version
 
@@ -633,8 +619,7 @@ class TritonRepository:
         _read_config(config)  # fails early, before the repository changes
         return source, config
 
-    def promote(self, version: int, registry_champion_version: int | None = None,
-                fail_after: str | None = None) -> HealthCheck:
+    def promote(self, version: int, registry_champion_version: int | None = None) -> HealthCheck:
         """Make the staged challenger ``version`` the champion.
 
         The challenger is health-checked through the evaluation model before the public
@@ -644,7 +629,6 @@ class TritonRepository:
         :class:`PromotionFailed`. On success the old champion moves to the archive and
         exactly one version serves.
         """
-        self._check_fail_after("promote", fail_after)
         client = self._require_client("promote")
         with self._locked("promote"):
             self._reconcile(registry_champion_version)
@@ -653,12 +637,10 @@ class TritonRepository:
             journal = {"op": "promote", "version": version, "champion": old,
                        "challenger": version, "steps": []}
             self._write_journal(journal)
-            return self._switch(client, journal, old, version, fail_after)
+            return self._switch(client, journal, old, version)
 
-    def rollback(self, registry_champion_version: int | None = None,
-                 fail_after: str | None = None) -> HealthCheck:
+    def rollback(self, registry_champion_version: int | None = None) -> HealthCheck:
         """Serve the previous champion again (the one the current champion replaced)."""
-        self._check_fail_after("rollback", fail_after)
         client = self._require_client("rollback")
         with self._locked("rollback"):
             self._reconcile(registry_champion_version)
@@ -679,8 +661,8 @@ class TritonRepository:
             except TritonError as e:
                 self._undo_switch(client, journal, current, previous, switched=False,
                                   check=HealthCheck(previous, EVAL_MODEL, False, f"load failed: {e}"))
-            self._step(journal, "previous_champion_staged", fail_after)
-            return self._switch(client, journal, current, previous, fail_after)
+            self._step(journal, "previous_champion_staged")
+            return self._switch(client, journal, current, previous)
 
     def archive_reason(self, version: int) -> str | None:
         """Why an archived version left (``rejected``, ``replaced``, ``failed_promote``...);
@@ -698,31 +680,30 @@ class TritonRepository:
                     if m.get("reason") == "replaced"]
         return max(replaced, key=lambda m: m["at"])["version"] if replaced else None
 
-    def _switch(self, client: TritonClient, journal: dict, old: int | None, new: int,
-                fail_after: str | None) -> HealthCheck:
+    def _switch(self, client: TritonClient, journal: dict, old: int | None, new: int) -> HealthCheck:
         """Public model from ``old`` to ``new`` (loaded in the evaluation model): check it
         there, switch the public config, load, check again, archive ``old``."""
         check = self._health_check(client, EVAL_MODEL, new)
         if not check.ok:
             self._undo_switch(client, journal, old, new, switched=False, check=check)
-        self._step(journal, "challenger_checked", fail_after)
+        self._step(journal, "challenger_checked")
         self._write_public_config(new)
-        self._step(journal, "public_config_written", fail_after)
+        self._step(journal, "public_config_written")
         try:
             client.load_model(PUBLIC_MODEL)
-            self._step(journal, "public_model_loaded", fail_after)
+            self._step(journal, "public_model_loaded")
             check = self._health_check(client, PUBLIC_MODEL, new)
         except TritonError as e:
             check = HealthCheck(new, PUBLIC_MODEL, False, f"load failed: {e}")
         if not check.ok:
             self._undo_switch(client, journal, old, new, switched=True, check=check)
-        self._step(journal, "health_checked", fail_after)
+        self._step(journal, "health_checked")
         if old is not None:
             reason = "rolled_back" if journal["op"] == "rollback" else "replaced"
             self._archive_version(old, reason, replaced_by=new)
-        self._step(journal, "old_champion_archived", fail_after)
+        self._step(journal, "old_champion_archived")
         self._remove_eval_model()
-        self._step(journal, "eval_model_removed", fail_after)
+        self._step(journal, "eval_model_removed")
         self._write_journal(None)
         return check
 
@@ -744,10 +725,8 @@ class TritonRepository:
             f"version {new} did not become the champion of {self.root}: {check.reason}. "
             f"{serving} as before; version {new} was moved to {self.archive}.")
 
-    def reject(self, version: int, registry_champion_version: int | None = None,
-               fail_after: str | None = None) -> None:
+    def reject(self, version: int, registry_champion_version: int | None = None) -> None:
         """Drop the staged challenger ``version``: unload it and move it to the archive."""
-        self._check_fail_after("reject", fail_after)
         self._require_client("reject")
         with self._locked("reject"):
             self._reconcile(registry_champion_version)
@@ -756,9 +735,9 @@ class TritonRepository:
                        "challenger": version, "steps": []}
             self._write_journal(journal)
             self._remove_eval_model()
-            self._step(journal, "eval_model_removed", fail_after)
+            self._step(journal, "eval_model_removed")
             self._archive_version(version, "rejected")
-            self._step(journal, "challenger_archived", fail_after)
+            self._step(journal, "challenger_archived")
             self._write_journal(None)
 
     # -- reconcile --

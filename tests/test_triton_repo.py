@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 from fraudlib.triton_repo import (EVAL_MODEL, LOCK_HOLDER, PROMOTE_STEPS, PUBLIC_MODEL,
-                                  REJECT_STEPS, ROLLBACK_STEPS, STAGE_STEPS, InjectedCrash,
+                                  REJECT_STEPS, ROLLBACK_STEPS, STAGE_STEPS,
                                   PromotionFailed, RepositoryError, RepositoryLocked,
                                   TritonRepository, health_check_inputs)
+from crashes import InjectedCrash, crash_after
 from fraudlib.triton_server import EmbeddedTriton, TritonClient, TritonError, TritonUnreachable
 
 TINY_MODEL = Path(__file__).parent / "triton_models" / "prediction_and_shapley"
@@ -255,8 +256,8 @@ def test_crash_at_each_promotion_step_is_reconciled(repo, client, packages, step
     champion_repo(repo, packages[0])
     repo.stage(packages[1])
     answers = {v: repo.score(v, GRAPH)["PREDICTION"] for v in (1, 2)}
-    with pytest.raises(InjectedCrash):
-        repo.promote(2, fail_after=step)
+    with pytest.raises(InjectedCrash), crash_after(f"promote.{step}"):
+        repo.promote(2)
 
     registry = 2 if registry_follows else 1
     report = repo.reconcile(registry)
@@ -290,10 +291,9 @@ def test_crash_at_each_step_of_other_transitions_is_reconciled(repo, client, pac
         repo.stage(packages[1])
     champion = repo.state().champion
     champion_answer = repo.score(champion, GRAPH)["PREDICTION"]
-    action = {"stage": lambda: repo.stage(packages[2], fail_after=step),
-              "reject": lambda: repo.reject(2, fail_after=step),
-              "rollback": lambda: repo.rollback(fail_after=step)}[op]
-    with pytest.raises(InjectedCrash):
+    action = {"stage": lambda: repo.stage(packages[2]), "reject": lambda: repo.reject(2),
+              "rollback": lambda: repo.rollback()}[op]
+    with pytest.raises(InjectedCrash), crash_after(f"{op}.{step}"):
         action()
 
     report = repo.reconcile(champion)
@@ -306,8 +306,8 @@ def test_crash_at_each_step_of_other_transitions_is_reconciled(repo, client, pac
 
 def test_next_operation_reconciles_an_interrupted_one_first(repo, packages):
     champion_repo(repo, packages[0])
-    with pytest.raises(InjectedCrash):
-        repo.stage(packages[1], fail_after="eval_model_written")
+    with pytest.raises(InjectedCrash), crash_after("stage.eval_model_written"):
+        repo.stage(packages[1])
 
     assert repo.stage(packages[2], registry_champion_version=1) == 3
     assert repo.state().archived == (2,)

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from fraudlib import cli, lifecycle, promotion, registry, settings, tracking, triton_repo
-from fraudlib.triton_repo import InjectedCrash
+from crashes import InjectedCrash
 from test_lifecycle import consistent, env, graph_dir, noisy_package, training_run  # noqa: F401 (fixtures)
 from test_triton_repo import make_package
 
@@ -225,7 +225,7 @@ def test_reconcile_repairs_a_previous_champion_alias_left_on_the_current_champio
     _, client = env
     evaluation = lifecycle.evaluate(make_package(tmp_path, 6.0), graph_dir, client, training_run())
     old_previous = registry.by_alias(settings.PREVIOUS_CHAMPION_ALIAS)
-    real_set = registry.tracking.configure().__class__.set_registered_model_alias
+    real_set = registry._client().__class__.set_registered_model_alias
     calls = []
 
     def set_alias(self, name, alias, version):  # dies after the first alias write of the promotion
@@ -234,7 +234,7 @@ def test_reconcile_repairs_a_previous_champion_alias_left_on_the_current_champio
         raise InjectedCrash(f"crash after writing alias {alias}")
 
     with monkeypatch.context() as m:
-        m.setattr(registry.tracking.configure().__class__, "set_registered_model_alias", set_alias)
+        m.setattr(registry._client().__class__, "set_registered_model_alias", set_alias)
         with pytest.raises(InjectedCrash):
             lifecycle.deploy(promotion.PROMOTE, evaluation.challenger_version, evaluation.registry_version, client)
     assert calls == [settings.PREVIOUS_CHAMPION_ALIAS]
@@ -283,7 +283,7 @@ def test_a_full_disk_ENOSPC_injected_at_the_copy_step_leaves_nothing_half_staged
 
 
 def test_the_next_run_repairs_a_copy_that_died_on_a_full_disk_ENOSPC_and_says_what_it_repaired(
-        env, graph_dir, champion, tmp_path, monkeypatch, capsys):
+        env, graph_dir, champion, tmp_path, monkeypatch, caplog):
     _, client = env
     repo = lifecycle.repository(client)
     # The copy fails on the full disk and the process dies before it can clean up.
@@ -295,11 +295,12 @@ def test_the_next_run_repairs_a_copy_that_died_on_a_full_disk_ENOSPC_and_says_wh
         with pytest.raises(InjectedCrash):
             lifecycle.evaluate(package, graph_dir, client, run)
     assert repo.state().journal is not None and list(repo.public.glob(".staging-*"))
-    capsys.readouterr()
+    caplog.clear()
 
-    evaluation = lifecycle.evaluate(package, graph_dir, client, training_run())  # the next run
+    with caplog.at_level("WARNING", logger="fraudlib"):
+        evaluation = lifecycle.evaluate(package, graph_dir, client, training_run())  # the next run
 
-    said = capsys.readouterr().out
+    said = caplog.text
     assert "repaired the Triton repository" in said and "unfinished stage" in said and ".staging-" in said
     assert any(".staging-" in r for r in evaluation.repairs)
     assert not list(repo.root.rglob(".staging-*"))
