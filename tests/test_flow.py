@@ -251,3 +251,41 @@ def test_the_orchestration_compose_pins_requirements_versions_and_binds_only_to_
     env = flow.local_environment(4200, Path("/r/prefect"))
     assert env["PREFECT_API_URL"] == "http://127.0.0.1:4200/api" and env["PREFECT_SERVER_API_HOST"] == "127.0.0.1"
     assert env["PREFECT_HOME"] == "/r/prefect" and env["DO_NOT_TRACK"] == "1"
+
+
+@pytest.mark.slow
+def test_split_machines_a_worker_in_its_own_pool_runs_the_deployed_flow(tmp_path, synthetic_csv):
+    """The GPU host's side: `python -m fraudlib.flow deploy --pool gpu` and a process worker in
+    that pool (no serve process), against a server reached only through PREFECT_API_URL."""
+    env = flow.local_environment(free_port(), tmp_path / "home") | {"PREFECT_UI_ENABLED": "false"}
+    server = flow.start_server(env, tmp_path / "server.log")
+    worker = None
+    try:
+        full = {**os.environ, **env, "FRAUD_RUNS_DIR": str(tmp_path / "runs"), "PREFECT_WORKER_QUERY_SECONDS": "1"}
+        prefect_cli = [sys.executable, "-m", "prefect"]
+        subprocess.run([*prefect_cli, "work-pool", "create", "gpu", "--type", "process"], env=full, check=True,
+                       capture_output=True)
+        done = subprocess.run([sys.executable, "-m", "fraudlib.flow", "deploy", "--pool", "gpu"], env=full, cwd=ROOT,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        with open(tmp_path / "worker.log", "ab") as log:
+            worker = subprocess.Popen([*prefect_cli, "worker", "start", "--pool", "gpu"], env=full, cwd=ROOT,
+                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        root = tmp_path / "store"
+        store.replay(synthetic_csv, "2019-06", 1, root)
+        with client_settings(env["PREFECT_API_URL"]):
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:
+                deployment = client.read_deployment_by_name(f"{flow.FLOW_NAME}/{flow.MONTHLY}")
+                assert deployment.work_pool_name == "gpu" and deployment.schedules[0].schedule.cron == flow.DEFAULT_CRON
+            parameters = {"store_dir": str(root), "notebooks_dir": str(stage_notebooks(tmp_path / "notebooks")),
+                          "runs_dir": str(tmp_path / "runs")}
+            run = run_and_wait(parameters)
+        assert run.state.is_completed(), (tmp_path / "worker.log").read_text()[-3000:]
+        assert json.loads((tmp_path / "runs" / run.name / "run.json").read_text())["status"] == "succeeded"
+    finally:
+        for p in (worker, server):
+            if p is not None:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(timeout=30)
