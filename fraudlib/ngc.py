@@ -21,7 +21,6 @@ parameter, never passed into the container and never written anywhere.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from fraudlib.settings import TRITON_MODEL_NAME
-from fraudlib.training import GNNSettings, XGBSettings, manifest_hash, parse_settings
+from fraudlib.training import GNNSettings, XGBSettings, container_settings, manifest_hash, parse_settings
 
 TRAINING_IMAGE = "nvcr.io/nvidia/cugraph/financial-fraud-training:2.0.0"
 MODEL_KIND = "GNN_XGBoost"
@@ -83,8 +82,9 @@ def build_training_config(graph_dir: Path | str, output_dir: Path | str,
     same rules as the local trainer (names and defaults are the container's); an unknown
     name, a wrong type or a value out of range raises HyperparameterError naming the key.
     """
-    gnn = dataclasses.asdict(parse_settings(GNNSettings, gnn_params, "gnn"))
-    xgb = dataclasses.asdict(parse_settings(XGBSettings, xgb_params, "xgb"))
+    # The container trains the blueprint's GNN: fraudlib's own settings (edge means) stay out.
+    gnn = container_settings(parse_settings(GNNSettings, gnn_params, "gnn"))
+    xgb = container_settings(parse_settings(XGBSettings, xgb_params, "xgb"))
     graph_dir, output_dir = Path(graph_dir).resolve(), Path(output_dir).resolve()
     gnn_data = graph_dir / "gnn"
     if not (gnn_data / "nodes").is_dir() or not (gnn_data / "edges").is_dir():

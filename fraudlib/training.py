@@ -66,8 +66,15 @@ class HyperparameterError(ValueError):
     """A hyperparameter is unknown, of the wrong type or out of range."""
 
 
-def _rule(default, check, text: str):
-    return field(default=default, metadata={"check": check, "text": text})
+def _rule(default, check, text: str, container: bool = True):
+    """A setting's default, value rule and its text; ``container=False``: not a training
+    container hyperparameter (fraudlib's own; the container's config leaves it out)."""
+    return field(default=default, metadata={"check": check, "text": text, "container": container})
+
+
+def container_settings(settings) -> dict:
+    """The training container's hyperparameters of ``settings`` (GNNSettings or XGBSettings)."""
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.metadata["container"]}
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,8 @@ class GNNSettings:
     fan_out: int = _rule(10, lambda v: v >= 1, ">= 1")
     num_epochs: int = _rule(8, lambda v: v >= 1, ">= 1")
     # Not a container name: node inputs with the mean of their edges' causal features (gnn.py).
-    node_edge_means: int = _rule(1, lambda v: v in (0, 1), "0 (id codes only) or 1 (with edge means)")
+    node_edge_means: int = _rule(1, lambda v: v in (0, 1), "0 (id codes only) or 1 (with edge means)",
+                                 container=False)
 
 
 @dataclass(frozen=True)
