@@ -157,13 +157,20 @@ def monitor_month(store_dir: str | Path, month: str, client, auprc_drop_alert: f
                   psi_alert: float = PSI_ALERT, history_dir: str | Path | None = None) -> MonitorResult:
     """Monitor the served champion on ``month`` of the store (module docstring); records the
     result in the history and, for an alert, on the champion's MLflow run."""
-    from fraudlib import graph_store, metrics, registry, scoring, tracking
+    from fraudlib import features, graph_store, metrics, registry, scoring, tracking
     from fraudlib.preprocess import encode_transactions, read_test_rows, with_causal_features
 
     champion = registry.champion()
     if champion is None:
         return MonitorResult(month=month, status="skipped", alert="", note="no champion yet: nothing to monitor")
     graph_dir = registry.graph_dir_of(champion)
+    encoders = graph_store.read_encoders(graph_dir)
+    starts = encoders.get("features", {}).get("history_from_minute")
+    if starts is not None and int(features.minutes(*(int(p) for p in month.split("-")), 1, 0)) < starts:
+        first = np.datetime64(int(starts), "m").astype("datetime64[D]")
+        return MonitorResult(month=month, status="skipped", alert="", champion_version=champion.version,
+                             note=f"{month} is older than the champion's test window (from {first}): "
+                                  "the champion is monitored on months after the data it was chosen on")
     frame = month_rows(store_dir, month)
     result = MonitorResult(month=month, status="ok", alert="", champion_version=champion.version, rows=len(frame),
                            fraud=int(frame["Is Fraud?"].sum()))
@@ -176,7 +183,6 @@ def monitor_month(store_dir: str | Path, month: str, client, auprc_drop_alert: f
     reference = scoring.score_transactions(client, reference_rows.drop(columns=_causal(reference_rows)), graph_dir)
     result.reference_auprc = (scoring.label_metrics(reference, threshold) or {}).get("auprc")
 
-    encoders = graph_store.read_encoders(graph_dir)
     legit = frame[frame["Is Fraud?"].to_numpy() == 0].reset_index(drop=True)
     _, _, current = encode_transactions(with_causal_features(legit, graph_dir, encoders), encoders)
     train = graph_store.read_part(graph_dir, "train")
