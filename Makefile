@@ -16,7 +16,8 @@ $(STAMP): requirements.txt pyproject.toml
 
 browser:  ## Debian's chromium for the report tests (headless, driven by playwright), when missing
 	@command -v chromium >/dev/null || { echo "installing Debian's chromium for the report tests"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	  sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$sudo apt-get update -qq && \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 setup: $(STAMP)  ## create/update .venv from the pinned requirements
 
