@@ -291,7 +291,11 @@ def main(argv: list[str] | None = None) -> int:
                 for process in (serving, server):
                     if process.poll() is None:
                         process.terminate()
-                        process.wait(timeout=30)
+                        try:
+                            process.wait(timeout=30)
+                        except subprocess.TimeoutExpired:  # still draining after 30 s: stop it
+                            process.kill()
+                            process.wait()
         elif args.command == "serve":
             serve(args.cron, args.parameters)
         else:

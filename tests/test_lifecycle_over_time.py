@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 
 from fraudlib import flow, store, synthetic
 
-from test_flow import _wait_for_deployment, client_settings, free_port, wait
+from test_flow import _wait_for_deployment, client_settings, free_port, stop_group, wait
 
 ROOT = Path(__file__).resolve().parent.parent
 MONTHS = ["2019-07", "2019-08", "2019-09", "2019-10", "2019-11", "2019-12"]
@@ -57,8 +56,7 @@ def world(tmp_path_factory):
             yield {"raw": raw, "store": root, "runs": runs, "env": serve_env, "base": base}
         finally:
             for p in (serving, server):
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait(timeout=60)
+                stop_group(p, grace=60)
 
 
 def registry_state(world) -> dict:
