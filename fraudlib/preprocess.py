@@ -358,13 +358,6 @@ def resolve_raw_path(raw_path: str, synthetic_rows: int, synthetic_seed: int = 0
     return path
 
 
-def resolve_output_dir(output_dir: str, run_dir: str) -> Path:
-    """``output_dir`` when given, else ``<run_dir>/graph`` (``runs_root()/scratch`` without a run)."""
-    if output_dir:
-        return Path(output_dir).expanduser().resolve()
-    return (Path(run_dir) if run_dir else settings.runs_root() / "scratch").resolve() / "graph"
-
-
 def report_tables(graph_dir: str | Path) -> dict[str, pd.DataFrame]:
     """The notebook's tables, from manifest.json: fraud rate through the row selection,
     edges per split and per year, feature dimensions."""
