@@ -37,7 +37,6 @@ import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 import hashlib
-import json
 import math
 import os
 import time
@@ -51,7 +50,7 @@ import torch.nn.functional as F
 import xgboost as xgb
 
 from fraudlib import features, gnn, metrics, model_export
-from fraudlib.graph_store import MANIFEST, Graph, compact, read_part
+from fraudlib.graph_store import MANIFEST, Graph, compact, read_manifest, read_part
 
 # Not container hyperparameters: fixed here so that a run is described by the container's names.
 GNN_LEARNING_RATE = 0.01
@@ -243,8 +242,7 @@ def period_masks(graph: Graph) -> list[np.ndarray]:
 def context_rate(graph_dir: Path | str) -> float:
     """The share of the stream's non-fraud rows that the graph holds (undersampling kept them
     uniformly), from the manifest; 1.0 when the graph was not undersampled or has no manifest."""
-    path = Path(graph_dir) / MANIFEST
-    rows = json.loads(path.read_text()).get("rows", {}) if path.is_file() else {}
+    rows = read_manifest(graph_dir).get("rows", {}) if (Path(graph_dir) / MANIFEST).is_file() else {}
     kept, total = rows.get("non_fraud_kept"), rows.get("non_fraud_unique")
     return min(1.0, kept / total) if kept and total else 1.0
 
