@@ -145,7 +145,10 @@ def _listening(pid: int) -> list[str]:
     """host:port of every TCP socket the process listens on."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
-        target = os.readlink(fd)
+        try:
+            target = os.readlink(fd)
+        except FileNotFoundError:  # the server closed this descriptor while we listed them
+            continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
     found = []
