@@ -5,12 +5,14 @@ Plain numpy/scikit-learn. A transaction is flagged when ``score >= threshold`` (
 ``sklearn.metrics.precision_recall_curve``, so a threshold it returns reproduces its point).
 Metrics that are undefined on the given labels (e.g. ROC AUC with one class) are NaN.
 
-The bootstrap resamples transactions with replacement. A resample is a vector of counts (how
-often each transaction was drawn), and every metric here is computed from such counts as sample
-weights, vectorized over a block of resamples on scores sorted once: a resample's AUPRC equals
-scikit-learn's ``average_precision_score`` on the resampled rows, without a sort per resample.
-Several score sets are resampled with the same counts (``bootstrap`` with several models): a
-paired bootstrap, whose per-resample differences give the interval of a difference.
+The bootstrap is a Poisson bootstrap: a resample weighs each transaction by an independent
+Poisson(1) count (how often it was drawn), and every metric here is computed from such counts as
+sample weights: a resample's AUPRC equals scikit-learn's ``average_precision_score`` on the
+resampled rows. Fraud is rare, so the non-fraud rows are grouped into cells that the metrics
+cannot tell apart (``_Cells``) and a cell's weight is drawn at once: on a test period of 1.5M
+transactions a resample costs the cells (a few per fraud row), not the rows. Two score sets are
+resampled with the same weights (``bootstrap`` with two models): a paired bootstrap, whose
+per-resample differences give the interval of a difference.
 """
 
 from __future__ import annotations
@@ -126,89 +128,103 @@ def report(labels, scores, threshold: float) -> dict[str, float]:
 # --- bootstrap ----------------------------------------------------------------------------------
 
 
-def resample_counts(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
-    """Blocks of bootstrap resamples of ``n`` rows as counts, shape (block, n): row ``b``, column
-    ``i`` is how often row ``i`` was drawn in resample ``b``. Deterministic for (n, n_boot, seed)."""
-    rng = np.random.default_rng(seed)
-    block = max(1, min(n_boot, _BLOCK_ELEMENTS // max(n, 1)))
-    for start in range(0, n_boot, block):
-        b = min(block, n_boot - start)
-        draws = rng.integers(0, n, (b, n)) + (np.arange(b) * n)[:, None]
-        yield np.bincount(draws.ravel(), minlength=b * n).reshape(b, n)
+class _Cells:
+    """The rows of one or more score sets, compressed for resampling: every fraud row is kept,
+    and the non-fraud rows fall into cells of rows that every metric here treats alike (per
+    model: the same position among its distinct fraud scores, ties included, and the same side
+    of its threshold). A Poisson bootstrap draws a weight per fraud row and, per cell, the sum
+    of its rows' weights (a Poisson variable of mean the cell's size): the same distribution as
+    a weight per row, at the cost of the cells (a few per fraud row) instead of the rows."""
 
-
-class _Weighted:
-    """One score set, sorted once, whose metrics are computed for many weight vectors at once."""
-
-    def __init__(self, y: np.ndarray, s: np.ndarray, metric: str, threshold: float | None):
+    def __init__(self, y: np.ndarray, scores: Mapping[str, np.ndarray], metric: str,
+                 thresholds: Mapping[str, float | None]):
         if metric not in BOOTSTRAP_METRICS:
             raise KeyError(f"unknown metric {metric!r}: use one of {', '.join(BOOTSTRAP_METRICS)}")
         self.metric = metric
-        if metric in THRESHOLD_METRICS:
-            if threshold is None:
+        fraud, other = y == 1, y == 0
+        self.n_fraud = int(fraud.sum())
+        keys, self.models = np.zeros(int(other.sum()), dtype=np.int64), {}
+        for name, s in scores.items():
+            threshold = thresholds.get(name)
+            if metric in THRESHOLD_METRICS and threshold is None:
                 raise ValueError(f"metric {metric!r} needs a threshold")
-            flagged = s >= threshold
-            self.tp_mask = (flagged & (y == 1)).astype(np.float64)
-            self.flag_mask = flagged.astype(np.float64)
-            self.pos_mask = (y == 1).astype(np.float64)
-            return
-        self.order = np.argsort(-s, kind="stable")
-        ordered = s[self.order]
-        # The last position of each group of tied scores: one point of the curve per distinct score.
-        self.ends = np.flatnonzero(np.r_[ordered[1:] != ordered[:-1], True])
-        self.pos = (y[self.order] == 1).astype(np.int64)
-        # AUPRC only moves where recall does: at the ends of groups holding fraud (few), so it
-        # needs the fraud's cumulative weight and the total weight at those ends only.
-        group = np.cumsum(np.r_[0, ordered[1:] != ordered[:-1]])  # group of each sorted position
-        fraud_at = np.flatnonzero(self.pos)  # sorted positions of the fraud
-        self.fraud_rows = self.order[fraud_at]
-        fraud_groups = group[fraud_at]
-        last = np.r_[fraud_groups[1:] != fraud_groups[:-1], True][:fraud_groups.size]  # last fraud of its group
-        self.last_fraud = np.flatnonzero(last)
-        self.fraud_group_ends = self.ends[fraud_groups[last]]
+            u = np.unique(s[fraud])  # distinct fraud scores, ascending: where recall moves
+            rest = s[other]
+            # 2k + 1: equal to u[k]; 2k: between u[k - 1] and u[k] (the ends: below all, above all).
+            code = np.searchsorted(u, rest, "left") + np.searchsorted(u, rest, "right")
+            flag = rest >= threshold if threshold is not None else np.zeros(rest.size, dtype=bool)
+            keys = (keys * (2 * u.size + 1) + code) * 2 + flag
+            self.models[name] = {"groups": u.size, "code": code, "flag": flag,
+                                 "fraud_group": np.searchsorted(u, s[fraud]),
+                                 "fraud_flag": s[fraud] >= threshold if threshold is not None else None}
+        _, first, self.cell_of, self.sizes = np.unique(keys, return_index=True, return_inverse=True,
+                                                        return_counts=True)  # cell_of: each non-fraud row's cell
+        for m in self.models.values():  # per cell, not per row
+            m["code"], m["flag"] = m["code"][first], m["flag"][first]
+        self.sizes = self.sizes.astype(np.float64)
 
-    def __call__(self, w: np.ndarray) -> np.ndarray:
-        """The metric under each row of weights ``w`` (block, n); NaN where it is undefined."""
+    def draws(self, n_boot: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Blocks of resamples: (cell weights (block, cells), fraud weights (block, fraud))."""
+        rng = np.random.default_rng(seed)
+        block = max(1, min(n_boot, _BLOCK_ELEMENTS // max(self.sizes.size + self.n_fraud, 1)))
+        for start in range(0, n_boot, block):
+            b = min(block, n_boot - start)
+            yield (rng.poisson(self.sizes, (b, self.sizes.size)).astype(np.float64),
+                   rng.poisson(1.0, (b, self.n_fraud)).astype(np.float64))
+
+    def all_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The weights of the rows as given: one resample."""
+        return self.sizes[None, :], np.ones((1, self.n_fraud))
+
+    def __call__(self, cells: np.ndarray, fraud: np.ndarray) -> dict[str, np.ndarray]:
+        """Per model, the metric under each resample's weights; NaN where it is undefined."""
+        return {name: self._metric(m, cells, fraud) for name, m in self.models.items()}
+
+    def _metric(self, m: dict, cells: np.ndarray, fraud: np.ndarray) -> np.ndarray:
+        b = cells.shape[0]
+        pos = fraud.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             if self.metric in THRESHOLD_METRICS:
-                tp, flagged, pos = w @ self.tp_mask, w @ self.flag_mask, w @ self.pos_mask
+                tp = fraud @ m["fraud_flag"].astype(np.float64)
+                flagged = tp + cells @ m["flag"].astype(np.float64)
+                if self.metric == "alert_rate":
+                    return flagged / (pos + cells.sum(axis=1))
                 precision = np.where(flagged > 0, tp / flagged, 0.0)
                 recall = np.where(pos > 0, tp / pos, 0.0)
                 if self.metric == "precision":
                     return precision
                 if self.metric == "recall":
                     return recall
-                if self.metric == "alert_rate":
-                    return flagged / w.sum(axis=1)
                 return np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+            g = m["groups"]
+            offsets = (np.arange(b) * (2 * g + 1))[:, None]
+            others = np.bincount((m["code"][None, :] + offsets).ravel(), weights=cells.ravel(),
+                                 minlength=b * (2 * g + 1)).reshape(b, 2 * g + 1)
+            frauds = np.bincount((m["fraud_group"][None, :] + (np.arange(b) * max(g, 1))[:, None]).ravel(),
+                                 weights=fraud.ravel(), minlength=b * max(g, 1)).reshape(b, max(g, 1))[:, :g]
             if self.metric == "auprc":
-                # sum over distinct thresholds of (R_k - R_{k-1}) P_k, as average_precision_score;
-                # R moves only at the ends of groups holding fraud. Integer counts: exact sums.
-                if self.fraud_rows.size == 0:
-                    return np.full(w.shape[0], np.nan)
-                tps = np.cumsum(w[:, self.fraud_rows], axis=1)[:, self.last_fraud].astype(np.float64)
-                flagged = np.cumsum(w[:, self.order], axis=1)[:, self.fraud_group_ends]
-                total_pos = tps[:, -1:]
-                precision = np.where(flagged > 0, tps / flagged, 0.0)
-                d_recall = np.diff(tps / total_pos, axis=1, prepend=0.0)
-                out = np.sum(d_recall * precision, axis=1)
-                return np.where(total_pos[:, 0] > 0, out, np.nan)
-            ws = w[:, self.order]  # integer counts: exact cumulative sums
-            tps = np.cumsum(ws * self.pos, axis=1)[:, self.ends].astype(np.float64)
-            fps = np.cumsum(ws, axis=1)[:, self.ends] - tps
-            total_pos, total_neg = tps[:, -1:], fps[:, -1:]
-            tpr, fpr = tps / total_pos, fps / total_neg  # roc_auc: trapezoids from (0, 0)
-            d_fpr = np.diff(fpr, axis=1, prepend=0.0)
-            mid_tpr = (tpr + np.concatenate([np.zeros_like(tpr[:, :1]), tpr[:, :-1]], axis=1)) / 2
-            out = np.sum(d_fpr * mid_tpr, axis=1)
-            return np.where((total_pos[:, 0] > 0) & (total_neg[:, 0] > 0), out, np.nan)
+                # average_precision_score: sum over the fraud scores u[k] of (recall step) x precision
+                # at threshold u[k]; flagged there are the fraud from group k up and the others
+                # whose code is 2k + 1 or more.
+                tps = np.cumsum(frauds[:, ::-1], axis=1)[:, ::-1]
+                flagged_others = np.cumsum(others[:, ::-1], axis=1)[:, ::-1][:, 1::2]
+                precision = np.where(tps + flagged_others > 0, tps / (tps + flagged_others), 0.0)
+                out = np.sum(frauds * precision, axis=1) / pos
+                return np.where(pos > 0, out, np.nan)
+            # roc_auc: each fraud of group k beats the others below u[k], and ties with those equal.
+            below = np.cumsum(others, axis=1)[:, 0:-1:2]
+            equal = others[:, 1::2]
+            negatives = others.sum(axis=1)
+            out = np.sum(frauds * (below + 0.5 * equal), axis=1) / (pos * negatives)
+            return np.where((pos > 0) & (negatives > 0), out, np.nan)
 
 
 def metric_value(labels, scores, metric: str, threshold: float | None = None) -> float:
     """One bootstrap metric (``BOOTSTRAP_METRICS``) on the rows as given, by the same code as
     ``bootstrap`` (equal to ``auprc``/``roc_auc``/``at_threshold`` up to float rounding)."""
     y, s = _check(labels, scores)
-    return float(_Weighted(y, s, metric, threshold)(np.ones((1, y.size)))[0])
+    cells = _Cells(y, {"model": s}, metric, {"model": threshold})
+    return float(cells(*cells.all_rows())["model"][0])
 
 
 @dataclass(frozen=True)
@@ -247,23 +263,23 @@ def bootstrap(labels, scores: Mapping[str, np.ndarray], metric: str = "auprc", n
     y = next(iter(checked.values()))[0]
     if y.size == 0:
         raise ValueError("no rows to bootstrap")
-    fns = {name: _Weighted(y, s, metric, thresholds.get(name)) for name, (_, s) in checked.items()}
-    values = {name: float(fn(np.ones((1, y.size)))[0]) for name, fn in fns.items()}
+    cells = _Cells(y, {name: s for name, (_, s) in checked.items()}, metric, thresholds)
+    values = {name: float(v[0]) for name, v in cells(*cells.all_rows()).items()}
     if not all(np.isfinite(v) for v in values.values()):
         raise ValueError(f"{metric} is undefined on these labels ({int(y.sum()):,} fraud of {y.size:,})")
-    draws = {name: [] for name in fns}
-    for counts in resample_counts(y.size, int(n_boot), seed):
-        for name, fn in fns.items():
-            draws[name].append(fn(counts))
+    draws = {name: [] for name in checked}
+    for block in cells.draws(int(n_boot), seed):
+        for name, v in cells(*block).items():
+            draws[name].append(v)
     stacked = np.vstack([np.concatenate(d) for d in draws.values()])  # (models, n_boot)
     stacked = stacked[:, np.isfinite(stacked).all(axis=0)]
     if stacked.shape[1] == 0:
         raise ValueError(f"{metric} is undefined on every resample")
     tail = (1 - level) / 2
     intervals = {name: tuple(float(q) for q in np.quantile(row, [tail, 1 - tail]))
-                 for name, row in zip(fns, stacked)}
+                 for name, row in zip(checked, stacked)}
     delta = delta_interval = None
-    if len(fns) == 2:
+    if len(checked) == 2:
         first, second = values.values()
         delta = first - second
         delta_interval = tuple(float(q) for q in np.quantile(stacked[0] - stacked[1], [tail, 1 - tail]))

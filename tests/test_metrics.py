@@ -99,17 +99,22 @@ def _tied_scores(n=3000, seed=0):
 
 
 @pytest.mark.parametrize("metric", metrics.BOOTSTRAP_METRICS)
-def test_a_resample_as_counts_gives_the_metric_of_the_resampled_rows(metric):
+def test_a_resample_as_cell_weights_gives_the_metric_of_the_resampled_rows(metric):
     labels, scores = _tied_scores()
+    other = np.round(scores + np.random.default_rng(3).normal(0, 0.2, scores.size), 2)  # a second model
     reference = {"auprc": metrics.auprc, "roc_auc": metrics.roc_auc,
                  **{m: (lambda y, s, m=m: metrics.at_threshold(y, s, 0.8)[m]) for m in metrics.THRESHOLD_METRICS}}
-    weighted = metrics._Weighted(labels, scores.astype(float), metric, 0.8)
-    counts = next(metrics.resample_counts(labels.size, 4, seed=5))
-    assert counts.shape == (4, labels.size) and (counts.sum(axis=1) == labels.size).all()
-    got = weighted(counts)
-    for row, value in zip(counts, got):
-        rows = np.repeat(np.arange(labels.size), row)
-        assert value == pytest.approx(reference[metric](labels[rows], scores[rows]), abs=1e-12)
+    cells = metrics._Cells(labels, {"a": scores, "b": other}, metric, {"a": 0.8, "b": 0.8})
+    assert cells.sizes.size < (labels == 0).sum()  # fewer cells than rows (far fewer at a natural fraud rate)
+    rng = np.random.default_rng(5)
+    for _ in range(4):  # a Poisson weight per row, summed per cell: the rows drawn that often
+        weights = rng.poisson(1.0, labels.size)
+        fraud, others = weights[labels == 1], weights[labels == 0]
+        got = cells(np.bincount(cells.cell_of, weights=others, minlength=cells.sizes.size)[None, :],
+                    fraud[None, :].astype(float))
+        rows = np.repeat(np.arange(labels.size), weights)
+        for name, s in (("a", scores), ("b", other)):
+            assert got[name][0] == pytest.approx(reference[metric](labels[rows], s[rows]), abs=1e-12)
     assert metrics.metric_value(labels, scores, metric, 0.8) == pytest.approx(reference[metric](labels, scores))
 
 
