@@ -37,7 +37,9 @@ On a failure (an exception in a cell, the kernel dying, a cell running past --ti
 failed notebook is still written with the error at its top, run.json says failed, later
 stages do not run and the exit status is 1; --resume continues from the failed stage
 (succeeded stages are kept and feed the later ones; the failed notebook is kept as
-NN_name.failed-<n>.ipynb, so a run folder is only ever added to).
+NN_name.failed-<n>.ipynb, so a run folder is only ever added to). --through STAGE stops after
+that stage with the later ones pending (run.json says pending); --resume continues them (the
+Prefect flow, fraudlib/flow.py, runs one stage per task this way).
 After the run the notebooks, HTML copies and run.json are logged to the MLflow run a stage
 glued as `mlflow_run_id` (artifact path notebooks/); a logging failure is only a warning.
 """
@@ -70,8 +72,8 @@ environment:
   Triton repository of the run live under the same root. MLFLOW_TRACKING_URI, TRITON_URL and
   TRITON_MODEL_REPO point at external services.
 
-exit status: 0 all stages succeeded, 1 a stage failed, 2 invalid arguments or parameters
-(nothing ran), 130 interrupted.
+exit status: 0 all stages (up to --through) succeeded, 1 a stage failed, 2 invalid arguments
+or parameters (nothing ran), 130 interrupted.
 
 examples:
   python run_pipeline.py                                 # all stages, notebook defaults
@@ -81,6 +83,7 @@ examples:
   python run_pipeline.py --stages 3,4 -p triton_url=localhost:8000
   python run_pipeline.py --timeout 1800 --run-id nightly-2026-11-26
   python run_pipeline.py --resume 20261126-153000-a1b2c3 -p num_epochs=2
+  python run_pipeline.py --run-id r1 --through preprocess && python run_pipeline.py --resume r1
 """
 
 
@@ -98,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-id", help="name of the run folder (default: YYYYMMDD-HHMMSS-<random>)")
     parser.add_argument("--resume", metavar="RUN_ID",
                         help="continue a failed run from its failed stage; -p/-f override its parameters")
+    parser.add_argument("--through", metavar="STAGE",
+                        help="run the stages up to this one (number or name); --resume continues the rest")
     parser.add_argument("--runs-dir", type=Path,
                         help=f"root of the run folders (default: $FRAUD_RUNS_DIR or {settings.runs_root()})")
     parser.add_argument("--notebooks-dir", type=Path, default=settings.project_root() / "notebooks",
@@ -127,13 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             result = runner.resume_pipeline(
                 args.resume, runs_dir, assignments=assignments, parameter_file=args.parameter_file,
-                timeout=args.timeout, kernel=args.kernel, progress=progress,
+                timeout=args.timeout, kernel=args.kernel, progress=progress, through=args.through,
             )
         else:
             result = runner.run_pipeline(
                 args.notebooks_dir, runs_dir, stages=args.stages, assignments=assignments,
                 parameter_file=args.parameter_file, run_id=args.run_id, timeout=args.timeout,
-                kernel=args.kernel, progress=progress,
+                kernel=args.kernel, progress=progress, through=args.through,
             )
     except runner.RunSetupError as exc:
         print(f"run_pipeline.py: error: {exc}", file=sys.stderr)
@@ -148,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"notebooks, HTML copies and run.json: {result.run_dir}")
     if result.status != runner.SUCCEEDED:
         print(f"continue with: python run_pipeline.py --resume {result.run_id}", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if result.status == runner.FAILED else 0
 
 
 if __name__ == "__main__":

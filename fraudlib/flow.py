@@ -7,7 +7,10 @@ the unit of work and the audit record: both steps go through the papermill runne
 ``runs/<run_id>/`` exactly as ``run_pipeline.py`` does; the Prefect flow run is named after the
 pipeline's run id, so the run folder, the MLflow runs and the flow run share one name.
 
-* A failed pipeline is retried once by Prefect, continuing the same run with ``--resume``.
+* Each stage is a Prefect task (the UI shows the task runs ``monitor``, ``preprocess``,
+  ``train``, ``evaluate``, ``deploy``); the four stages' tasks are one runner run: the first
+  creates it, each later one continues it with its next stage, fed by the recorded outputs.
+* A failed stage is retried once by Prefect, continuing the same run with ``--resume``.
 * Never two lifecycles at once: the deployments have a concurrency limit of 1, the serve
   process runs one flow at a time, and the flow holds the global concurrency limit
   ``fraud-lifecycle`` (1 slot) while it works, which also covers workers on other hosts.
@@ -129,18 +132,22 @@ def _failure(result) -> str:
     return f"run {result.run_id} failed ({'; '.join(failed) or result.status}); see {result.run_dir}"
 
 
-def run_stages(run_id: str, stages: str, assignments: dict[str, str], notebooks_dir: str, runs_dir: str) -> dict:
-    """Run ``stages`` as pipeline run ``run_id`` through the runner, or continue it from its
-    failed stage (``--resume``) when it already exists; the run record, or OrchestrationError."""
+def run_stage(run_id: str, stage: str, stages: str, assignments: dict[str, str], notebooks_dir: str,
+              runs_dir: str) -> dict:
+    """Run ``stage`` as part of pipeline run ``run_id`` (its ``stages``) through the runner: the
+    first stage creates the run (every stage recorded, the later ones pending, ``assignments``
+    checked for all), a later one continues it (``--resume --through``) fed by the earlier
+    stages' recorded outputs, as one ``run_pipeline.py`` run would be; after a failed attempt
+    the same call resumes from the failed stage. The run record, or OrchestrationError."""
     from fraudlib import runner
 
     runs = Path(runs_dir)
-    if (runs / run_id).is_dir():  # an earlier attempt of this run
-        result = runner.resume_pipeline(run_id, runs, progress=False)
+    if (runs / run_id).is_dir():
+        result = runner.resume_pipeline(run_id, runs, progress=False, through=stage)
     else:
         result = runner.run_pipeline(Path(notebooks_dir), runs, stages=stages, assignments=assignments,
-                                     run_id=run_id, progress=False)
-    if result.status != runner.SUCCEEDED:
+                                     run_id=run_id, progress=False, through=stage)
+    if result.status == runner.FAILED:
         raise OrchestrationError(_failure(result))
     return result.record
 
@@ -149,18 +156,14 @@ def next_month(month: str) -> str:
     return store.month_text(store.month_key(month) + 1)
 
 
-@prefect.task(name="pipeline", retries=1, retry_delay_seconds=1)
-def pipeline_task(run_id: str, assignments: dict[str, str], notebooks_dir: str, runs_dir: str) -> dict:
-    """The four stages; Prefect's retry continues the same run from its failed stage."""
-    return run_stages(run_id, LIFECYCLE_STAGES, assignments, notebooks_dir, runs_dir)
+@prefect.task(name="stage", task_run_name="{stage}", retries=1, retry_delay_seconds=1)
+def stage_task(run_id: str, stage: str, stages: str, assignments: dict[str, str], notebooks_dir: str,
+               runs_dir: str) -> dict:
+    """One stage of a pipeline run; Prefect's retry continues the same run from the failed stage."""
+    return run_stage(run_id, stage, stages, assignments, notebooks_dir, runs_dir)
 
 
-@prefect.task(name="monitor")
-def monitor_task(run_id: str, assignments: dict[str, str], notebooks_dir: str, runs_dir: str) -> dict:
-    return run_stages(run_id, MONITOR_STAGE, assignments, notebooks_dir, runs_dir)
-
-
-@prefect.flow(name=FLOW_NAME, log_prints=True)
+@prefect.flow(name=FLOW_NAME)
 def lifecycle(store_dir: str = "", as_of: str = "", train_months: int = 12, val_months: int = 1,
               test_months: int = 1, parameters: dict | None = None, monitor: bool = True,
               auprc_drop_alert: float = 0.1, psi_alert: float = 0.2, notebooks_dir: str = "",
@@ -184,16 +187,18 @@ def lifecycle(store_dir: str = "", as_of: str = "", train_months: int = 12, val_
     alert = ""
     with concurrency(CONCURRENCY_LIMIT, occupy=1):
         if monitor:
-            record = monitor_task(f"{run_id}-monitor", {"store_dir": store_dir, "month": month,
-                                                        "auprc_drop_alert": str(auprc_drop_alert),
-                                                        "psi_alert": str(psi_alert)}, notebooks_dir, runs_dir)
+            record = stage_task(f"{run_id}-monitor", MONITOR_STAGE, MONITOR_STAGE,
+                                {"store_dir": store_dir, "month": month, "auprc_drop_alert": str(auprc_drop_alert),
+                                 "psi_alert": str(psi_alert)}, notebooks_dir, runs_dir)
             alert = _outputs(record, MONITOR_STAGE).get("alert", "")
         window = {"raw_path": store_dir, "as_of": as_of, "train_months": str(train_months),
                   "val_months": str(val_months), "test_months": str(test_months)}
-        record = pipeline_task(run_id, {**window, **{k: str(v) for k, v in (parameters or {}).items()}},
-                               notebooks_dir, runs_dir)
+        assignments = {**window, **{k: str(v) for k, v in (parameters or {}).items()}}
+        for stage in LIFECYCLE_STAGES.split(","):  # one task each, all in run ``run_id``
+            record = stage_task(run_id, stage, LIFECYCLE_STAGES, assignments, notebooks_dir, runs_dir)
     decision = _outputs(record, "evaluate").get("decision", "")
-    print(f"run {run_id}: as_of {as_of}, decision {decision or '-'}" + (f"; ALERT: {alert}" if alert else ""))
+    prefect.get_run_logger().info("run %s: as_of %s, decision %s%s", run_id, as_of, decision or "-",
+                                  f"; ALERT: {alert}" if alert else "")
     result = {"run_id": run_id, "as_of": as_of, "month": month, "decision": decision, "alert": alert}
     if alert:
         return Completed(name=ALERT_STATE, message=alert, data=result)

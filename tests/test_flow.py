@@ -44,17 +44,18 @@ WINDOW = ('raw_path: str = ""  # store\nas_of: str = ""  # month\ntrain_months: 
 
 
 def stage_notebooks(folder: Path) -> Path:
-    """01-04 record their parameters; 01 fails once when the file ``fail_once`` exists beside
-    the store; 02 takes a second (to see overlap); 05 alerts when the file ``alert`` exists."""
+    """01-04 glue what the next one takes (recorded in run.json); 02 takes a second (to see
+    overlap) and fails once when the file ``fail_once`` exists in the runs folder; 05 alerts
+    when the file ``alert`` exists beside the store."""
     folder.mkdir()
     notebook(folder / "01_preprocess.ipynb", WINDOW,
-             "marker = os.path.join(os.path.dirname(raw_path), 'fail_once')\n"
-             "if os.path.exists(marker):\n    os.remove(marker)\n    raise RuntimeError('failing once')\n"
              "sb.glue('graph_dir', os.path.join(run_dir, 'graph'))\n"
              "json.dump({'as_of': as_of, 'raw_path': raw_path, 'months': [train_months, val_months, test_months],"
              " 'start': time.time()}, open(os.path.join(run_dir, 'seen.json'), 'w'))")
     notebook(folder / "02_train.ipynb", 'graph_dir: str = ""  # graph\nrun_dir: str = ""  # run folder\n',
-             "time.sleep(1.0)\nsb.glue('model_dir', graph_dir + '/model')")
+             "time.sleep(1.0)\nmarker = os.path.join(os.path.dirname(run_dir), 'fail_once')\n"
+             "if os.path.exists(marker):\n    os.remove(marker)\n    raise RuntimeError('failing once')\n"
+             "sb.glue('model_dir', graph_dir + '/model')")
     notebook(folder / "03_evaluate.ipynb", 'model_dir: str = ""  # model\nrun_dir: str = ""  # run folder\n',
              "sb.glue('decision', 'promote')")
     notebook(folder / "04_deploy.ipynb", 'decision: str = ""  # decision\nrun_dir: str = ""  # run folder\n',
@@ -155,15 +156,40 @@ def record(runs_dir: str, run_id: str) -> dict:
     return json.loads((Path(runs_dir) / run_id / "run.json").read_text())
 
 
-def test_a_flow_run_monitors_then_retrains_on_the_windows_before_the_next_month(server, lifecycle_setup):
+def task_runs(flow_run_id) -> list:
+    """The flow run's task runs, in the order they started."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return sorted(runs, key=lambda r: r.start_time)
+
+
+STAGES = ["preprocess", "train", "evaluate", "deploy"]
+NOTEBOOKS = ["01_preprocess.ipynb", "02_train.ipynb", "03_evaluate.ipynb", "04_deploy.ipynb"]
+
+
+def test_a_flow_run_monitors_then_runs_each_stage_as_a_task_of_one_pipeline_run(server, lifecycle_setup):
     run = run_and_wait(lifecycle_setup)
     assert run.state.is_completed(), run.state.message
     run_id = run.name  # the flow run is named after the pipeline run
     assert run_id.startswith("2019-07-")
+    tasks = task_runs(run.id)
+    assert [t.name for t in tasks] == ["monitor", *STAGES]
+    assert all(t.state.is_completed() and t.run_count == 1 for t in tasks)
+    # The four tasks are one runner run: one folder, one record, outputs chained by name.
+    runs = Path(server["runs_dir"])
+    assert sorted(p.name for p in runs.iterdir() if p.name.startswith(run_id)) == [run_id, f"{run_id}-monitor"]
+    assert sorted(p.name for p in (runs / run_id).glob("0*.ipynb")) == NOTEBOOKS
     rec = record(server["runs_dir"], run_id)
-    assert rec["status"] == "succeeded" and [s["name"] for s in rec["stages"]] == [
-        "preprocess", "train", "evaluate", "deploy"]
-    seen = json.loads((Path(server["runs_dir"]) / run_id / "seen.json").read_text())
+    assert rec["status"] == "succeeded" and [s["name"] for s in rec["stages"]] == STAGES
+    assert all(s["status"] == "succeeded" for s in rec["stages"]) and rec["resumed"] == []
+    stages = {s["name"]: s for s in rec["stages"]}
+    assert stages["train"]["parameters"]["graph_dir"] == str(runs / run_id / "graph")
+    assert stages["evaluate"]["parameters"]["model_dir"] == str(runs / run_id / "graph" / "model")
+    assert stages["deploy"]["parameters"]["decision"] == "promote"
+    seen = json.loads((runs / run_id / "seen.json").read_text())
     assert seen["as_of"] == "2019-07" and seen["raw_path"] == lifecycle_setup["store_dir"]
     assert seen["months"] == [12, 1, 1]
     monitor = record(server["runs_dir"], f"{run_id}-monitor")
@@ -173,16 +199,22 @@ def test_a_flow_run_monitors_then_retrains_on_the_windows_before_the_next_month(
 
 
 def test_a_failed_stage_is_retried_by_resuming_the_same_run_and_an_alert_is_the_flows_state(server, lifecycle_setup):
-    (Path(lifecycle_setup["store_dir"]).parent / "fail_once").touch()
+    (Path(server["runs_dir"]) / "fail_once").touch()  # train fails on its first attempt
     (Path(lifecycle_setup["store_dir"]).parent / "alert").touch()
     run = run_and_wait(lifecycle_setup)
     assert run.state.is_completed() and run.state.name == flow.ALERT_STATE, run.state.message
     assert "PSI of Amount 0.31 > 0.2" in run.state.message
+    assert [(t.name, t.run_count) for t in task_runs(run.id)] == [
+        ("monitor", 1), ("preprocess", 1), ("train", 2), ("evaluate", 1), ("deploy", 1)]
     rec = record(server["runs_dir"], run.name)
     assert rec["status"] == "succeeded" and len(rec["resumed"]) == 1
-    first = rec["stages"][0]
-    assert first["previous_attempts"][0]["status"] == "failed" and "failing once" in first["previous_attempts"][0]["error"]
-    assert (Path(server["runs_dir"]) / run.name / "01_preprocess.failed-1.ipynb").is_file()
+    preprocess, train, *_ = rec["stages"]
+    assert preprocess["status"] == "succeeded" and preprocess["previous_attempts"] == []  # kept, not run again
+    assert preprocess["end"] <= rec["resumed"][0]
+    failed = train["previous_attempts"][0]
+    assert train["status"] == "succeeded" and failed["status"] == "failed" and "failing once" in failed["error"]
+    assert train["parameters"]["graph_dir"] == preprocess["outputs"]["graph_dir"]
+    assert (Path(server["runs_dir"]) / run.name / "02_train.failed-1.ipynb").is_file()
 
 
 @pytest.mark.slow

@@ -266,6 +266,45 @@ def test_resume_reruns_from_the_failed_stage_keeps_the_failed_notebook_and_earli
     assert stages["consume"]["outputs"]["echo"] == produce_before["outputs"]["message"]
 
 
+def test_a_run_through_a_stage_leaves_the_rest_pending_and_resume_continues_it_stage_by_stage(tmp_path):
+    notebooks = make_pipeline(tmp_path / "notebooks", "produce", "consume")
+    runs = tmp_path / "runs"
+
+    first = runner.run_pipeline(notebooks, runs, run_id="r", assignments={"count": "2"}, through="produce",
+                                progress=False)
+
+    assert first.status == runner.PENDING and first.record["ended"] is None
+    assert [s["status"] for s in first.record["stages"]] == ["succeeded", "pending"]
+    assert not (runs / "r" / "02_consume.ipynb").exists()
+    with pytest.raises(runner.RunSetupError, match="--through: no stage 'produce'"):
+        runner.resume_pipeline("r", runs, through="produce", progress=False)  # it has run already
+
+    second = runner.resume_pipeline("r", runs, through="consume", progress=False)
+
+    assert second.status == runner.SUCCEEDED and second.record["ended"]
+    stages = stage_records(runs / "r")
+    assert stages["produce"] == first.record["stages"][0]  # kept, not run again
+    assert stages["consume"]["outputs"]["echo"] == "hello hello"  # fed by the first call's outputs
+    assert second.record["resumed"] == []  # continuing a pending run is no resume after a failure
+
+
+def test_a_failure_before_the_through_stage_skips_every_later_stage_as_a_whole_run_does(tmp_path):
+    notebooks = make_pipeline(tmp_path / "notebooks", "produce", "fail", "consume")
+    result = runner.run_pipeline(notebooks, tmp_path / "runs", through="fail", progress=False)
+    assert result.status == runner.FAILED and result.record["ended"]
+    assert [s["status"] for s in result.record["stages"]] == ["succeeded", "failed", "skipped"]
+
+
+def test_command_line_through_exits_0_and_says_how_to_continue(tmp_path, capsys):
+    cli = load_cli()
+    notebooks = make_pipeline(tmp_path / "notebooks", "produce", "consume")
+    assert cli.main(["--notebooks-dir", str(notebooks), "--run-id", "c", "--through", "1", "--no-progress"]) == 0
+    assert "continue with: python run_pipeline.py --resume c" in capsys.readouterr().err
+    assert cli.main(["--resume", "c", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "runs" / "c" / "run.json").read_text())["status"] == "succeeded"
+    assert cli.main(["--notebooks-dir", str(notebooks), "--through", "produce,consume"]) == 2
+
+
 def test_resuming_a_succeeded_run_is_refused(tmp_path):
     run_dir = tmp_path / "runs" / "done"
     run_dir.mkdir(parents=True)

@@ -15,7 +15,8 @@ order, so adding a stage is adding a notebook. One module per concern:
   once) passed on, the MLflow store created once; a failed stage's notebook is written with
   the error at its top;
 - :mod:`~fraudlib.runner.records`: ``run.json``, the run folder's checks and lock;
-- :mod:`~fraudlib.runner.resume`: continuing a failed run from its failed stage;
+- :mod:`~fraudlib.runner.resume`: continuing a failed run from its failed stage, or a run
+  executed ``through`` a stage with its next stages (one stage per orchestrator task);
 - :mod:`~fraudlib.runner.reports`: HTML reports that hide code, ``index.html``, logging to MLflow.
 
 ``run_pipeline.py`` is the command line over ``run_pipeline``, ``resume_pipeline``,

@@ -21,9 +21,9 @@ from papermill.execute import ERROR_MARKER_TAG, ERROR_STYLE
 from fraudlib import settings
 from fraudlib.runner.errors import RunSetupError
 from fraudlib.runner.kernels import UnixSocketKernelManager, choose_kernel, kernel_runtime_folder, remove_stale_kernel_files
-from fraudlib.runner.notebooks import Stage, discover_stages, select_stages
+from fraudlib.runner.notebooks import Stage, discover_stages, select_stages, stage_through
 from fraudlib.runner.parameters import read_parameter_file, resolve_parameters
-from fraudlib.runner.records import (FAILED, RUNNING, SKIPPED, SUCCEEDED, RunResult, check_run_folders,
+from fraudlib.runner.records import (FAILED, PENDING, RUNNING, SKIPPED, SUCCEEDED, RunResult, check_run_folders,
                                      exclusive, new_run_id, now, package_versions, stage_record, write_atomic,
                                      write_record)
 from fraudlib.runner.reports import MLFLOW_ARTIFACT_PATH, MLFLOW_RUN_ID_OUTPUT, export_html, log_notebooks_to_mlflow, write_index
@@ -177,14 +177,20 @@ def execute_run(
     kernel_name: str,
     timeout: int | None,
     progress: bool,
+    through: str | None = None,
 ) -> RunResult:
-    """Runs every stage of ``record`` that has not succeeded, in order, stopping at the first failure."""
+    """Runs every stage of ``record`` that has not succeeded, in order, stopping at the first
+    failure; with ``through`` (a stage name) only up to that stage: the later ones stay pending
+    (the run's status ``pending``) for a later call (``resume_pipeline``), e.g. one stage per
+    orchestrator task, fed by the outputs recorded here."""
     run_warnings: list[str] = []
     outputs: dict[str, Any] = {}
     for rec in record["stages"]:
         if rec["status"] == SUCCEEDED:
             outputs.update(rec["outputs"])
     to_run = [rec for rec in record["stages"] if rec["status"] != SUCCEEDED]
+    if through:
+        to_run = to_run[:[rec["name"] for rec in to_run].index(through) + 1]
     triton_url = os.environ.get("TRITON_URL") or None
     for removed in remove_stale_kernel_files(*sorted({s.notebook.parent for s in stages.values()})):
         say(progress, f"removed {removed}, left by a killed run")
@@ -241,15 +247,19 @@ def execute_run(
                        duration_s=round(time.monotonic() - started, 1))
             say(progress, f"{label}: {rec['status']} in {rec['duration_s']} s" + (f": {error}" if error else ""))
             if error:
-                for later in to_run[position:]:
-                    later["status"] = SKIPPED
+                for later in record["stages"]:
+                    if later["status"] == PENDING:
+                        later["status"] = SKIPPED
                 break
             write_record(run_dir, record)
             write_index(run_dir, record)
-    record.update(status=FAILED if any(r["status"] == FAILED for r in record["stages"]) else SUCCEEDED,
-                  ended=now())
+    statuses = {r["status"] for r in record["stages"]}
+    status = FAILED if FAILED in statuses else PENDING if PENDING in statuses else SUCCEEDED
+    record.update(status=status, ended=None if status == PENDING else now())
     write_record(run_dir, record)
     write_index(run_dir, record)
+    if status == PENDING:  # logged to MLflow when the run ends
+        return RunResult(record["run_id"], run_dir, status, record, run_warnings)
     try:
         logged_to = log_notebooks_to_mlflow(run_dir, record)
     except Exception as exc:
@@ -273,16 +283,20 @@ def run_pipeline(
     timeout: int | None = None,
     kernel: str | None = None,
     progress: bool = True,
+    through: str | None = None,
 ) -> RunResult:
     """Validates, then executes the selected stages of ``notebooks_dir`` into ``runs_dir/<run_id>/``.
 
     ``stages``: ``--stages`` text (``"1,2"`` or ``"preprocess,train"``), None for all.
+    ``through``: a selected stage (number or name): run up to it, leaving the later ones
+    pending for ``resume_pipeline`` (the parameters of every selected stage are checked now).
     ``assignments``: ``-p`` values as typed (``{"num_epochs": "3"}``). ``parameter_file``: ``-f``.
     Raises ``RunSetupError``/``ParameterError`` before anything runs; a failing stage gives a
     result with status ``failed`` (its notebook, HTML copy and run.json are written).
     """
     all_stages = discover_stages(Path(notebooks_dir))
     selected = select_stages(all_stages, stages)
+    through = stage_through(selected, through)
     file_values = read_parameter_file(parameter_file) if parameter_file else {}
     requested = resolve_parameters(all_stages, selected, assignments or {}, file_values, f"-f {parameter_file}")
     kernel_name = choose_kernel(kernel)
@@ -316,5 +330,5 @@ def run_pipeline(
     with exclusive(run_dir):
         write_record(run_dir, record)
         say(progress, f"run {run_id}: {len(selected)} stage(s) into {run_dir}")
-        return execute_run(run_dir, record, {s.name: s for s in selected}, kernel_name, timeout, progress)
+        return execute_run(run_dir, record, {s.name: s for s in selected}, kernel_name, timeout, progress, through)
 

@@ -163,7 +163,7 @@ def discover_stages(notebooks_dir: Path) -> list[Stage]:
     return stages
 
 
-def select_stages(stages: list[Stage], selection: str | None) -> list[Stage]:
+def select_stages(stages: list[Stage], selection: str | None, option: str = "--stages") -> list[Stage]:
     """The stages a ``--stages`` value names (numbers like ``1,2`` or names), in pipeline order."""
     if not selection:
         return list(stages)
@@ -174,9 +174,19 @@ def select_stages(stages: list[Stage], selection: str | None) -> list[Stage]:
         matches = [s for s in stages if (item.isdigit() and s.number == int(item)) or item in (s.name, s.label)]
         if not matches:
             available = ", ".join(f"{s.number} or {s.name}" for s in stages)
-            raise RunSetupError(f"--stages: no stage {item!r}; available: {available}")
+            raise RunSetupError(f"{option}: no stage {item!r}; available: {available}")
         wanted.add(matches[0].label)
     return [s for s in stages if s.label in wanted]
+
+
+def stage_through(stages: list[Stage], through: str | None) -> str | None:
+    """The name of the one stage a ``--through`` value names (a number or name among ``stages``)."""
+    if not through:
+        return None
+    named = select_stages(stages, through, "--through")
+    if len(named) != 1:
+        raise RunSetupError(f"--through names one stage, e.g. --through train; got {through!r}")
+    return named[0].name
 
 
 def describe_stages(stages: list[Stage]) -> str:

@@ -41,7 +41,7 @@ _VERSIONED_PACKAGES = {
 class RunResult:
     run_id: str
     run_dir: Path
-    status: str  # SUCCEEDED or FAILED
+    status: str  # SUCCEEDED, FAILED, or PENDING (stages left for a later call: ``through``)
     record: dict  # the contents of run.json
     warnings: list[str] = field(default_factory=list)
 

@@ -1,5 +1,6 @@
-"""Resuming a failed run from its failed stage: succeeded stages are kept and feed the later
-ones, the failed attempt's notebook is kept beside (a run folder is only ever added to)."""
+"""Resuming a run from its first stage that has not succeeded (a failed stage, or the stages a
+``through`` run left pending): succeeded stages are kept and feed the later ones, a failed
+attempt's notebook is kept beside (a run folder is only ever added to)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Mapping
 from fraudlib.runner.errors import RunSetupError
 from fraudlib.runner.execution import execute_run, say
 from fraudlib.runner.kernels import choose_kernel
-from fraudlib.runner.notebooks import read_stage
+from fraudlib.runner.notebooks import read_stage, stage_through
 from fraudlib.runner.parameters import read_parameter_file, resolve_parameters
 from fraudlib.runner.records import (FAILED, PENDING, RUNNING, SUCCEEDED, RunResult, check_run_folders,
                                      check_writable, exclusive, now, read_record, write_record)
@@ -40,8 +41,10 @@ def resume_pipeline(
     timeout: int | None = None,
     kernel: str | None = None,
     progress: bool = True,
+    through: str | None = None,
 ) -> RunResult:
-    """Continues run ``run_id`` from its first stage that did not succeed.
+    """Continues run ``run_id`` from its first stage that did not succeed (through the stage
+    ``through`` names, when given: the later ones stay pending).
 
     Succeeded stages are kept and their outputs feed the later ones; the failed notebook is kept
     as ``NN_name.failed-<n>.ipynb``; the stage notebooks are re-read from their recorded
@@ -61,19 +64,23 @@ def resume_pipeline(
             raise RunSetupError(f"run {run_id} has already succeeded: nothing to resume")
         all_stages = [read_stage(Path(rec["source"])) for rec in record["stages"]]
         stages = {s.name: s for s in all_stages if s.name in {rec["name"] for rec in remaining}}
+        through = stage_through(list(stages.values()), through)  # a succeeded stage is no stage to run
         file_values = read_parameter_file(parameter_file) if parameter_file else {}
         overrides = resolve_parameters(all_stages, list(stages.values()), assignments or {},
                                        file_values, f"-f {parameter_file}")
         kernel_name = choose_kernel(kernel or record["kernel"])
         timeout = timeout if timeout is not None else record["timeout_s"]
+        failed = [rec for rec in remaining if rec["status"] in (FAILED, RUNNING)]  # RUNNING: a killed runner
         for rec in remaining:
-            if rec["status"] in (FAILED, RUNNING):  # RUNNING: a runner that was killed mid-stage
+            if rec in failed:
                 _keep_failed_attempt(run_dir, rec)
             rec.update(status=PENDING, start=None, end=None, duration_s=None, error=None, outputs={})
             rec["requested"] = {**rec["requested"], **overrides[rec["name"]]}
         record.update(status=RUNNING, ended=None, kernel=kernel_name, timeout_s=timeout)
-        record["resumed"].append(now())
+        if failed:  # continuing the stages a ``through`` run left pending is no resume
+            record["resumed"].append(now())
         write_record(run_dir, record)
-        say(progress, f"run {run_id}: resuming at stage {remaining[0]['notebook']} in {run_dir}")
-        return execute_run(run_dir, record, stages, kernel_name, timeout, progress)
+        say(progress, f"run {run_id}: {'resuming' if failed else 'continuing'} at stage {remaining[0]['notebook']} "
+                      f"in {run_dir}")
+        return execute_run(run_dir, record, stages, kernel_name, timeout, progress, through)
 
