@@ -551,7 +551,8 @@ def deploy(decision: str, challenger_version: int, registry_version: int, client
                               (f"registry told of the earlier attempt's roll-back of version {challenger_version}",))
     step = lambda name: _point("deploy", name)  # noqa: E731
     if promoting:
-        if repairs:
+        if repairs:  # the server may have restarted since (a resumed run starts its own): load first
+            repo.load(challenger_version)
             health = repo.health_check()
         else:
             try:

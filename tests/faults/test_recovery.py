@@ -167,11 +167,14 @@ def test_resume_after_triton_promoted_but_before_the_registry_did_finishes_stage
         with pytest.raises(InjectedCrash):
             lifecycle.deploy(promotion.PROMOTE, evaluation.challenger_version, evaluation.registry_version, client)
     assert lifecycle.repository(client).state().champion == evaluation.challenger_version
+    # A resumed run starts its own server, which loads nothing (explicit model control).
+    client.unload_model(triton_repo.PUBLIC_MODEL)
+    assert not client.is_model_ready(triton_repo.PUBLIC_MODEL)
 
     deployment = lifecycle.deploy(promotion.PROMOTE, evaluation.challenger_version,  # --resume: stage 4 again
                                   evaluation.registry_version, client)
 
-    assert deployment.action == promotion.PROMOTE
+    assert deployment.action == promotion.PROMOTE and client.is_model_ready(triton_repo.PUBLIC_MODEL)
     assert consistent(client) == evaluation.challenger_version
     assert registry.champion().version == evaluation.registry_version
     assert registry.by_alias(settings.PREVIOUS_CHAMPION_ALIAS).triton_version == champion
