@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Iterator, Mapping
 
 import numpy as np
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import precision_recall_curve
 
 DEFAULT_THRESHOLD = 0.5
 # Metrics that ``bootstrap`` resamples; the threshold ones are taken at each model's threshold.
@@ -45,15 +45,15 @@ def _check(labels, scores) -> tuple[np.ndarray, np.ndarray]:
 
 
 def auprc(labels, scores) -> float:
-    """Area under the precision-recall curve (average precision); NaN without positives."""
-    y, s = _check(labels, scores)
-    return float(average_precision_score(y, s)) if y.any() else float("nan")
+    """Area under the precision-recall curve (average precision, as scikit-learn's
+    ``average_precision_score``); NaN without positives. No sort of all rows: the non-fraud
+    rows are placed among the fraud scores (``_Cells``), fast on a test period of millions."""
+    return metric_value(labels, scores, "auprc")
 
 
 def roc_auc(labels, scores) -> float:
-    """ROC AUC; NaN unless both classes occur."""
-    y, s = _check(labels, scores)
-    return float(roc_auc_score(y, s)) if 0 < y.sum() < y.size else float("nan")
+    """ROC AUC (as scikit-learn's ``roc_auc_score``, ties counted half); NaN unless both classes occur."""
+    return metric_value(labels, scores, "roc_auc")
 
 
 def at_threshold(labels, scores, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
@@ -106,13 +106,6 @@ def choose_threshold(labels, scores, alert_rate: float | None = None) -> float:
     p, r = precision[:-1], recall[:-1]
     f1 = np.divide(2 * p * r, p + r, out=np.zeros_like(p), where=(p + r) > 0)
     return float(thresholds[int(np.argmax(f1))])
-
-
-def best_f1_threshold(labels, scores) -> float:
-    """The F1-maximizing threshold, or 0.5 without fraud. Superseded by ``choose_threshold``
-    (kept while fraudlib/training.py still calls it)."""
-    y, _ = _check(labels, scores)
-    return choose_threshold(labels, scores) if y.any() else DEFAULT_THRESHOLD
 
 
 def report(labels, scores, threshold: float) -> dict[str, float]:
