@@ -13,8 +13,9 @@ For a month of the transaction store (``fraudlib.store``) and the champion serve
   undersampled (all fraud, a random draw of non-fraud), so only its non-fraud rows are an
   unbiased sample of the traffic;
 * **score drift**: PSI of the champion's scores on the month's non-fraud rows against its scores
-  on its test window's non-fraud rows (the training window's raw rows are not kept; its test
-  window is the newest traffic it was judged on);
+  on its training window's non-fraud edges (the train part of its graph directory, the same
+  fair sample as for the features), scored the way a month is: placed in its test graph as
+  context and sent to the served champion;
 * **alert** when the AUPRC fell by more than ``auprc_drop_alert`` below the reference or a PSI
   exceeds ``psi_alert`` (0.2: the usual "significant shift" level): the notebook shows it at
   the top, the champion's MLflow training run gets the tags ``monitor.alert`` /
@@ -43,6 +44,7 @@ AUPRC_DROP_ALERT = 0.1
 PSI_BINS = 10
 _EPSILON = 1e-4  # floor of a bin's share: an empty bin would make PSI infinite
 HISTORY = "history.json"
+SCORE_REFERENCE_EDGES = 20_000  # at most this many training-window edges scored: 2,000 per PSI bin
 
 
 @dataclass
@@ -174,7 +176,8 @@ def monitor_month(store_dir: str | Path, month: str, client, auprc_drop_alert: f
     frame = month_rows(store_dir, month)
     result = MonitorResult(month=month, status="ok", alert="", champion_version=champion.version, rows=len(frame),
                            fraud=int(frame["Is Fraud?"].sum()))
-    threshold = float(scoring.champion_meta(client).get("threshold", metrics.DEFAULT_THRESHOLD))
+    meta = scoring.champion_meta(client)
+    threshold = float(meta.get("threshold", metrics.DEFAULT_THRESHOLD))
     scored = scoring.score_transactions(client, frame, graph_dir)
     result.scored = int(scored["fraud_probability"].notna().sum())
     result.metrics = scoring.label_metrics(scored, threshold) or {}
@@ -186,10 +189,11 @@ def monitor_month(store_dir: str | Path, month: str, client, auprc_drop_alert: f
     legit = frame[frame["Is Fraud?"].to_numpy() == 0].reset_index(drop=True)
     _, _, current = encode_transactions(with_causal_features(legit, graph_dir, encoders), encoders)
     train = graph_store.read_part(graph_dir, "train")
-    baseline = train.edge_attr[(np.asarray(train.split) == "train") & (train.label == 0)]
-    drift = feature_drift(baseline, current, encoders)
-    ok = lambda s: s[(s["Is Fraud?"] == 0) & s["fraud_probability"].notna()]["fraud_probability"].to_numpy()
-    result.score_psi = psi(ok(reference), ok(scored))
+    baseline = (np.asarray(train.split) == "train") & (train.label == 0)
+    drift = feature_drift(train.edge_attr[baseline], current, encoders)
+    month_scores = scored[(scored["Is Fraud?"] == 0) & scored["fraud_probability"].notna()]["fraud_probability"]
+    result.score_psi = psi(training_window_scores(client, graph_dir, train.edges(baseline),
+                                                  int(meta["architecture"]["n_hops"])), month_scores.to_numpy())
     result.max_feature_psi = float(drift["psi"].max()) if len(drift) else None
     result.drift = drift.to_dict("records")
 
@@ -211,6 +215,26 @@ def monitor_month(store_dir: str | Path, month: str, client, auprc_drop_alert: f
                                         f"monitor.alert.{month}": result.alert or "none"})
     record(result, history_dir)
     return result
+
+
+def training_window_scores(client, graph_dir: str | Path, edges, n_hops: int, seed: int = 0) -> np.ndarray:
+    """The served champion's scores on ``edges`` of its training window (a random
+    ``SCORE_REFERENCE_EDGES`` of them at most), scored as a month's rows are
+    (``scoring.score_frame``): placed in the graph directory's test graph as context, cut to
+    their receptive field, sent to the public model (the champion)."""
+    from fraudlib import graph_store, scoring
+    from fraudlib.triton_repo import PUBLIC_MODEL, graph_inputs
+
+    chosen = np.arange(edges.num_edges)
+    if len(chosen) > SCORE_REFERENCE_EDGES:
+        chosen = np.sort(np.random.default_rng(seed).choice(chosen, SCORE_REFERENCE_EDGES, replace=False))
+    if not len(chosen):
+        return np.zeros(0)
+    graph, targets = scoring.place_rows(graph_store.read_part(graph_dir, "test"), edges.edge_index[0, chosen],
+                                        edges.edge_index[1, chosen], edges.edge_attr[chosen])
+    sub, positions = scoring.with_context(graph, targets, n_hops)
+    scores = client.infer(PUBLIC_MODEL, graph_inputs(sub))["PREDICTION"]
+    return np.asarray(scores, dtype=np.float64).reshape(-1)[positions]
 
 
 def _causal(frame: pd.DataFrame) -> list[str]:

@@ -1,9 +1,13 @@
-"""Monitoring: PSI, drift per input column, the month-by-month history, and the notebook's
-skip path (the path with a served champion runs in tests/test_lifecycle_over_time.py)."""
+"""Monitoring: PSI, drift per input column, the month-by-month history, the notebook's skip
+path, and (slow) a month monitored against a real champion served by Triton (the lifecycle over
+six months runs in tests/test_lifecycle_over_time.py)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +81,41 @@ def test_the_notebook_without_a_store_says_so_at_the_top_and_glues_no_alert(tmp_
     top = "".join(o.get("data", {}).get("text/markdown", "") for o in
                   __import__("nbformat").read(out, as_version=4).cells[0].outputs)
     assert "Skipped" in top and "no transactions in the store" in top
+
+
+@pytest.mark.slow
+def test_the_score_psi_is_against_the_champions_training_window_scored_through_the_champion(tmp_path, monkeypatch):
+    from fraudlib import graph_store, registry, scoring, store, synthetic
+    from fraudlib.triton_server import connect_or_start
+
+    raw = tmp_path / "raw.csv"
+    synthetic.generate(raw, 200_000, seed=0)
+    env = {**os.environ, "FRAUD_RUNS_DIR": str(tmp_path / "runs"), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    for name in ("MLFLOW_TRACKING_URI", "TRITON_URL", "TRITON_MODEL_REPO"):
+        env.pop(name, None)
+        monkeypatch.delenv(name, raising=False)
+    done = subprocess.run([sys.executable, "run_pipeline.py", "-p", f"raw_path={raw}", "-p", "num_epochs=2",
+                           "-p", "bootstrap_samples=50", "--no-progress"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    monkeypatch.setenv("FRAUD_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    store.replay(raw, "2019-06", 1, tmp_path / "store")  # a month of the champion's test period
+    graph_dir = registry.graph_dir_of(registry.champion())
+
+    with connect_or_start(None, tmp_path / "triton.log") as client:
+        from fraudlib import lifecycle
+
+        lifecycle.repository(client).load()
+        result = monitor.monitor_month(tmp_path / "store", "2019-06", client, history_dir=tmp_path)
+        train = graph_store.read_part(graph_dir, "train")
+        legit = train.edges((np.asarray(train.split) == "train") & (train.label == 0))
+        n_hops = int(scoring.champion_meta(client)["architecture"]["n_hops"])
+        reference = monitor.training_window_scores(client, graph_dir, legit, n_hops)
+        month = scoring.score_transactions(client, monitor.month_rows(tmp_path / "store", "2019-06"), graph_dir)
+
+    assert result.status in ("ok", "alert") and result.scored > 0
+    assert len(reference) == min(legit.num_edges, monitor.SCORE_REFERENCE_EDGES) > 0
+    assert ((reference >= 0) & (reference <= 1)).all()
+    legit_month = month[(month["Is Fraud?"] == 0) & month["fraud_probability"].notna()]["fraud_probability"]
+    assert result.score_psi == pytest.approx(monitor.psi(reference, legit_month.to_numpy()))
