@@ -86,8 +86,8 @@ class PreprocessSummary:
     manifest_hash: str  # sha256 of manifest.json
     rows: int  # transactions read
     fraud_rows: int
-    non_fraud_unique: int  # non-fraud rows left after deduplication
-    non_fraud_kept: int  # after undersampling
+    non_fraud_unique: int  # non-fraud rows of the undersampled periods left after deduplication
+    non_fraud_kept: int  # of those, drawn by undersampling (the test period is kept whole by default)
     edges: dict  # split -> edges
     fraud_edges: dict  # split -> fraud edges
     users: int
@@ -100,7 +100,8 @@ class PreprocessSummary:
 def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0.1,
                under_sample: bool = True, seed: int = 42, feature_set: str = "causal",
                label_delay_days: int = features.DEFAULT_LABEL_DELAY_DAYS,
-               deduplicate: bool = False, as_of: str = "", train_months: int = WINDOW_DEFAULTS["train_months"],
+               deduplicate: bool = False, undersample_test: bool = False, as_of: str = "",
+               train_months: int = WINDOW_DEFAULTS["train_months"],
                val_months: int = WINDOW_DEFAULTS["val_months"],
                test_months: int = WINDOW_DEFAULTS["test_months"]) -> PreprocessSummary:
     """Build the graph directory ``out_dir`` from the TabFormer file ``raw_path`` (or the
@@ -121,6 +122,14 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
     history features read (a repeat visit is almost always fraud among the kept rows), and
     models trained on it scored worse on every transaction of the test period
     (docs/model_quality.md).
+
+    The test part holds every transaction of the test period (natural fraud rate, no
+    deduplication, no undersampling): what serving sees, so the test figures and the
+    promotion decision are not read off a selection made by the labels (an undersampled test
+    graph keeps every fraud edge and a sample of the rest, and a GNN reads that selection off
+    its neighbourhood). ``undersample_test=True`` selects the test rows like the training rows,
+    as the blueprint does (with ``feature_set="blueprint"`` and ``deduplicate=True``: parity
+    with its numbers).
 
     ``out_dir`` appears only when complete (written next to it, then renamed); on any error
     nothing appears there and an existing ``out_dir`` is left as it was.
@@ -150,7 +159,10 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
     test_start = window.test_start_minute if window else _TEST_START_MINUTE
     nodes, card_codes, mcc_codes = _fit_node_encoders(frame)
     eligible = window.inside(frame) if window else None
-    rows, counts = _select_rows(frame, card_codes, mcc_codes, fraud_ratio, under_sample, seed, deduplicate, eligible)
+    whole = None if undersample_test else (
+        window.in_test(frame) if window else frame["Year"].to_numpy() > TRAIN_BEFORE_YEAR)
+    rows, counts = _select_rows(frame, card_codes, mcc_codes, fraud_ratio, under_sample, seed, deduplicate, eligible,
+                                whole)
     del card_codes, mcc_codes
     kept = frame.take(rows).reset_index(drop=True)
     history = None
@@ -186,7 +198,7 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
         "parameters": {"fraud_ratio": fraud_ratio, "under_sample": under_sample, "seed": seed,
                        "fraud_ratio_means": "fraud / non-fraud after undersampling (blueprint)",
                        "feature_set": feature_set, "label_delay_days": label_delay_days,
-                       "deduplicate": deduplicate, "as_of": as_of, "train_months": train_months,
+                       "deduplicate": deduplicate, "undersample_test": undersample_test, "as_of": as_of, "train_months": train_months,
                        "val_months": val_months, "test_months": test_months},
         "causal_features": list(features.NAMES) if feature_set == "causal" else [],
         "history": None if history is None else {
@@ -367,7 +379,8 @@ def report_tables(graph_dir: str | Path) -> dict[str, pd.DataFrame]:
     stages = pd.DataFrame(
         [("read", rows["read"], rows["fraud"]),
          ("non-fraud deduplicated", rows["fraud"] + rows["non_fraud_unique"], rows["fraud"]),
-         ("undersampled (kept)", kept, sum(s["fraud"] for s in splits.values()))],
+         ("kept (undersampled" + (", test period whole)" if rows.get("test_period_whole") else ")"),
+          kept, sum(s["fraud"] for s in splits.values()))],
         columns=["stage", "rows", "fraud"]).set_index("stage")
     stages["fraud rate"] = stages["fraud"] / stages["rows"]
     by_split = pd.DataFrame(splits).T.reindex(list(graph_store.SPLITS)).rename_axis("split")
@@ -456,11 +469,15 @@ def _width(encoder: dict) -> int:
 
 def _select_rows(frame: pd.DataFrame, card_codes: np.ndarray, mcc_codes: np.ndarray, fraud_ratio: float,
                  under_sample: bool, seed: int, deduplicate: bool = True,
-                 eligible: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
-    """The kept rows (fraud and drawn non-fraud, shuffled) among the ``eligible`` ones (all by default)."""
+                 eligible: np.ndarray | None = None, whole: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """The kept rows (fraud and drawn non-fraud, shuffled) among the ``eligible`` ones (all by
+    default). The rows of ``whole`` (the test period) are all kept: not deduplicated, not drawn."""
     fraud = frame["Is Fraud?"].to_numpy().astype(bool)
     if eligible is not None:
         fraud &= eligible
+    pool = np.ones(len(frame), dtype=bool) if eligible is None else eligible.copy()
+    kept_whole = np.zeros(len(frame), dtype=bool) if whole is None else whole & pool
+    pool &= ~kept_whole
     if deduplicate:
         key = _combine(_dedup_codes(frame, card_codes, mcc_codes))
         key[fraud] = -1 - np.arange(int(fraud.sum()))  # never a duplicate: all fraud is kept
@@ -468,21 +485,26 @@ def _select_rows(frame: pd.DataFrame, card_codes: np.ndarray, mcc_codes: np.ndar
         del key
     else:
         first = np.ones(len(frame), dtype=bool)
-    fraud_rows = np.flatnonzero(fraud)
-    non_fraud = np.flatnonzero(first & ~fraud if eligible is None else first & ~fraud & eligible)
-    if under_sample and len(fraud_rows) == 0:
-        raise ValueError("the file has no fraud rows, so undersampling to fraud_ratio would keep no rows; "
-                         "use a file with fraud (Is Fraud? = Yes) or under_sample=False")
+    fraud_rows = np.flatnonzero(fraud & pool)
+    non_fraud = np.flatnonzero(first & ~fraud & pool)
+    if under_sample and len(fraud_rows) == 0 and pool.any():  # no rows at all: the split check says so
+        where = "" if whole is None else " before the test period"
+        raise ValueError(f"the file has no fraud rows{where}, so undersampling to fraud_ratio would keep no rows "
+                         "to train on; use a file with fraud (Is Fraud? = Yes) or under_sample=False")
     if under_sample:
         n = min(len(non_fraud), int(len(fraud_rows) / fraud_ratio))
         drawn = non_fraud[np.random.RandomState(seed).permutation(len(non_fraud))[:n]]
         rows = np.concatenate([fraud_rows, drawn])
     else:
         rows = np.concatenate([non_fraud, fraud_rows])
+    # non_fraud_kept / non_fraud_unique: the rate the drawn periods sample the stream at.
+    counts = {"read": len(frame), "fraud": int(fraud.sum()),
+              "non_fraud": (len(frame) if eligible is None else int(eligible.sum())) - int(fraud.sum()),
+              "non_fraud_unique": len(non_fraud), "non_fraud_kept": len(rows) - len(fraud_rows),
+              "test_period_whole": int(kept_whole.sum())}
+    if whole is not None:
+        rows = np.concatenate([rows, np.flatnonzero(kept_whole)])
     rows = rows[np.random.RandomState(seed).permutation(len(rows))]
-    considered = len(frame) if eligible is None else int(eligible.sum())
-    counts = {"read": len(frame), "fraud": len(fraud_rows), "non_fraud": considered - len(fraud_rows),
-              "non_fraud_unique": len(non_fraud), "non_fraud_kept": len(rows) - len(fraud_rows)}
     return rows, counts
 
 
@@ -556,6 +578,10 @@ class _Windows:
     def inside(self, frame: pd.DataFrame) -> np.ndarray:
         keys = self._keys(frame)
         return (keys >= self.bounds["train"][0]) & (keys < self.bounds["test"][1])
+
+    def in_test(self, frame: pd.DataFrame) -> np.ndarray:
+        keys = self._keys(frame)
+        return (keys >= self.bounds["test"][0]) & (keys < self.bounds["test"][1])
 
     def split(self, frame: pd.DataFrame) -> np.ndarray:
         keys = self._keys(frame)

@@ -41,14 +41,14 @@ def blueprint_rows(raw: Path, fraud_ratio=0.1, under_sample=True, seed=42) -> pd
 def graph_dir(synthetic_csv, tmp_path_factory) -> Path:
     """The blueprint's features (parity); ``causal_dir`` adds the causal ones."""
     out = tmp_path_factory.mktemp("graph") / "graph"
-    preprocess(synthetic_csv, out, feature_set="blueprint", deduplicate=True)
+    preprocess(synthetic_csv, out, feature_set="blueprint", deduplicate=True, undersample_test=True)
     return out
 
 
 @pytest.fixture(scope="module")
 def causal_dir(synthetic_csv, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("causal") / "graph"
-    preprocess(synthetic_csv, out, deduplicate=True)  # the default feature set, the blueprint's rows
+    preprocess(synthetic_csv, out, deduplicate=True, undersample_test=True)  # the default feature set, the blueprint's rows
     return out
 
 
@@ -87,7 +87,7 @@ def test_all_fraud_kept_and_non_fraud_undersampled_to_the_ratio(graph_dir, synth
 
 
 def test_without_undersampling_every_unique_non_fraud_row_is_kept(synthetic_csv, tmp_path):
-    summary = preprocess(synthetic_csv, tmp_path / "graph", under_sample=False, deduplicate=True)
+    summary = preprocess(synthetic_csv, tmp_path / "graph", under_sample=False, deduplicate=True, undersample_test=True)
 
     assert summary.non_fraud_kept == summary.non_fraud_unique == \
         (blueprint_rows(synthetic_csv, under_sample=False)["Is Fraud?"] == 0).sum()
@@ -173,7 +173,8 @@ def test_the_test_edges_raw_rows_are_kept_and_encode_to_the_test_graph(graph_dir
 def test_test_rows_encode_with_another_preprocessings_encoders_dropping_rows_it_cannot_place(graph_dir, tmp_path):
     # Another file (fewer cards, so narrower codes) stands for the champion's preprocessing.
     synthetic.generate(tmp_path / "other.csv", 12_000, seed=0)
-    other = preprocess(tmp_path / "other.csv", tmp_path / "other", feature_set="blueprint", deduplicate=True)
+    other = preprocess(tmp_path / "other.csv", tmp_path / "other", feature_set="blueprint", deduplicate=True,
+                       undersample_test=True)
     encoders = graph_store.read_encoders(tmp_path / "other")
     rows = read_test_rows(graph_dir)
 
@@ -209,6 +210,24 @@ def test_unknown_values_encode_to_the_defined_unknown_code(graph_dir, synthetic_
     assert not attr[0, city_or_chip].any()
 
 
+def test_default_test_part_is_every_transaction_of_the_test_period(synthetic_csv, tmp_path):
+    raw = read_transactions(synthetic_csv, ["Year", "Is Fraud?"])
+    test_period = raw[raw["Year"].to_numpy() > 2018]
+
+    summary = preprocess(synthetic_csv, tmp_path / "graph")
+
+    test = graph_store.read_part(tmp_path / "graph", "test")
+    assert test.num_edges == summary.edges["test"] == len(test_period)  # no dedup, no draw
+    assert int(test.label.sum()) == int(test_period["Is Fraud?"].sum())
+    assert len(read_test_rows(tmp_path / "graph")) == len(test_period)
+    # The periods before it are undersampled as before: 10 non-fraud per fraud.
+    fraud_before = int(raw["Is Fraud?"].sum()) - int(test_period["Is Fraud?"].sum())
+    kept_before = summary.edges["train"] + summary.edges["validation"]
+    assert kept_before == fraud_before + int(fraud_before / 0.1)
+    rows = graph_store.read_manifest(tmp_path / "graph")["rows"]
+    assert rows["test_period_whole"] == len(test_period) and rows["non_fraud_kept"] == int(fraud_before / 0.1)
+
+
 def test_same_seed_gives_byte_identical_output(synthetic_csv, tmp_path):
     first = preprocess(synthetic_csv, tmp_path / "a", seed=7)
     second = preprocess(synthetic_csv, tmp_path / "b", seed=7)
@@ -229,7 +248,7 @@ def test_manifest_records_source_counts_features_and_parameters(graph_dir, synth
     assert manifest["parameters"] == {"fraud_ratio": 0.1, "under_sample": True, "seed": 42,
                                       "fraud_ratio_means": manifest["parameters"]["fraud_ratio_means"],
                                       "feature_set": "blueprint", "label_delay_days": 60, "deduplicate": True,
-                                      "as_of": "", "train_months": 12, "val_months": 1, "test_months": 1}
+                                      "undersample_test": True, "as_of": "", "train_months": 12, "val_months": 1, "test_months": 1}
     windows = manifest["windows"]  # the months of the kept rows under the year split
     assert windows["as_of"] == "" and windows["train"][1] == "2017-12"
     assert windows["validation"] == ["2018-01", "2018-12"] and windows["test"] == ["2019-01", "2020-02"]
@@ -421,5 +440,7 @@ def test_without_deduplication_every_non_fraud_row_can_be_drawn(synthetic_csv, t
     raw = read_transactions(synthetic_csv)
     summary = preprocess(synthetic_csv, tmp_path / "graph", under_sample=False, deduplicate=False,
                          feature_set="blueprint")
-    assert summary.non_fraud_unique == summary.non_fraud_kept == int((raw["Is Fraud?"] == 0).sum())
+    before_test = raw["Year"].to_numpy() <= 2018  # the test period is kept whole in any case
+    assert summary.non_fraud_unique == summary.non_fraud_kept == int((raw["Is Fraud?"][before_test] == 0).sum())
+    assert summary.edges["test"] == int((~before_test).sum())
     assert sum(summary.edges.values()) == len(raw)

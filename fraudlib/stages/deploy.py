@@ -72,7 +72,9 @@ def run(params: Params) -> Outputs:
         plots.close(fig)
         words = (f"edge {example.edge} (card node {example.user}, merchant node {example.merchant}): fraud "
                  f"probability {example.score:.4f}, label {'fraud' if example.label else 'legit'}; "
-                 f"context: {example.context_edges} edges")
+                 f"context: {example.context_edges} edges"
+                 + (f" (a uniform sample of its {example.receptive_field:,}-edge receptive field, cut to the "
+                    "explanation cap)" if example.receptive_field > example.context_edges else ""))
     if deployment is None:
         outcome = f"nothing deployed: no decision to act on; Triton version {state.champion} serves"
     else:

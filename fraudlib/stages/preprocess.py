@@ -33,6 +33,7 @@ class Params(base.StageParams):
                                lambda v: v > 0, "> 0")
     under_sample: bool = param(True, "undersample non-fraud rows to fraud_ratio")
     deduplicate: bool = param(False, "keep only the first of non-fraud rows equal on the nominal columns (the blueprint: True)")
+    undersample_test: bool = param(False, "undersample the test period like training (the blueprint); default: every transaction of it, at its natural fraud rate")
     feature_set: str = param("causal", "causal: blueprint edge features + causal graph/time features; blueprint: the blueprint's exactly",
                              choices=FEATURE_SETS)
     label_delay_days: int = param(60, "label-aware features use only labels older than this (chargebacks arrive late)",
@@ -75,6 +76,7 @@ def run(params: Params) -> Outputs:
     done = pp.preprocess(raw, graph_dir, fraud_ratio=params.fraud_ratio, under_sample=params.under_sample,
                          seed=params.sample_seed, feature_set=params.feature_set,
                          label_delay_days=params.label_delay_days, deduplicate=params.deduplicate,
+                         undersample_test=params.undersample_test,
                          as_of=params.as_of, train_months=params.train_months, val_months=params.val_months,
                          test_months=params.test_months)
     from fraudlib import plots
