@@ -107,6 +107,31 @@ def test_the_served_champions_explanation_cap_is_read_from_its_version(env):
     assert scoring.explanation_cap(env[1]) is None
 
 
+def test_an_example_whose_receptive_field_exceeds_the_cap_is_explained_in_a_uniform_sample_of_it(
+        env, graph_dir, tmp_path):
+    from fraudlib import scoring
+    from fraudlib.triton_repo import PACKAGE_CONFIG
+
+    repo = lifecycle.repository(env[1])
+    if repo.state().champion is None:  # run alone (-k)
+        evaluate_and_deploy(env, graph_dir, make_package(tmp_path, 0.0))
+    version = repo.version_dir(repo.state().champion)
+    config, meta = version / PACKAGE_CONFIG, version / "meta.json"
+    text, meta_text = config.read_text(), meta.read_text()
+    config.write_text(text + 'parameters: { key: "max_shap_edges" value: { string_value: "40" } }\n')
+    meta.write_text(json.dumps({**json.loads(meta_text), "architecture": {"n_hops": 2}}))  # the tiny model: a GNN's
+    try:
+        example = scoring.explain_example(env[1], graph_dir)
+    finally:
+        config.write_text(text)
+        meta.write_text(meta_text)
+
+    assert example.context_edges == 40 < example.receptive_field  # every edge of this small graph is near
+    assert example.receptive_field == scoring.receptive_field(graph_store.read_part(graph_dir, "test"),
+                                                              np.array([example.edge])).size
+    assert example.shapley["edge"].shape == (len(example.group_names["edge"]),)
+
+
 def test_a_better_challenger_is_promoted_and_the_old_champion_becomes_previous(env, graph_dir, tmp_path):
     old = registry.champion()
     evaluation, deployment = evaluate_and_deploy(env, graph_dir, make_package(tmp_path, 0.0))
