@@ -41,9 +41,10 @@ TEST_EDGES, TEST_USERS, TEST_MERCHANTS = 25_803, 6_139, 100_343
 
 def default_package() -> tuple[Path, Path | None]:
     """The newest package trained under runs/ and its run's graph, else the tiny test model."""
-    config = settings.latest_output(f"*/model/{PUBLIC_MODEL}/{CONFIG}")
-    if config is None:
+    found = sorted(settings.runs_root().glob(f"*/model/{PUBLIC_MODEL}/{CONFIG}"), key=lambda p: p.stat().st_mtime)
+    if not found:
         return TINY_PACKAGE, None
+    config = found[-1]
     graph = config.parents[2] / "graph"
     return config.parent, graph if graph.is_dir() else None
 

@@ -52,9 +52,3 @@ def run_folder(run_dir: str | Path | None) -> Path:
     folder = Path(run_dir) if run_dir else runs_root() / "scratch"
     folder.mkdir(parents=True, exist_ok=True)
     return folder.resolve()
-
-
-def latest_output(pattern: str) -> Path | None:
-    """The newest path under runs/ matching ``pattern`` (e.g. ``*/graph/manifest.json``), if any."""
-    found = sorted(runs_root().glob(pattern), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
