@@ -34,6 +34,11 @@ Speed: pyarrow.csv parses only the requested columns with fixed types, string co
 dictionaries, and every per-value parse (Amount, Time, Zip, Errors?) runs on the dictionary
 of distinct values, never per row. Locating the line of a bad value rescans the file, which
 only happens on the error path.
+
+In pieces (the dask engine, ``fraudlib.dask_engine``): ``blocks`` cuts a plain CSV into
+line-aligned byte ranges, ``read_block`` reads one with the same parse and checks (its errors
+count lines from the block, ``TabFormerFormatError.shifted`` places them in the file), and
+``concat`` joins the pieces' frames into the frame of the whole file.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import re
 import tarfile
 import zlib
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -54,6 +60,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+from pandas.api.types import union_categoricals
 
 COLUMNS = (
     "User", "Card", "Year", "Month", "Day", "Time", "Amount", "Use Chip", "Merchant Name",
@@ -74,10 +81,13 @@ _TIME = re.compile(r"(\d{1,2}):(\d{2})")
 _ZIP = re.compile(r"\d+(\.0*)?")
 AMOUNT_LIMIT = 1e9  # |amount| at or above this is bad input (an overflow or a typo, not a payment)
 _GZIP_MAGIC = b"\x1f\x8b"
+_READ_CHUNK = 16 << 20  # bytes per read when counting lines
 _SHOWN_VALUE_CHARS = 80  # a longer value is shortened in messages (a 400-digit amount)
 # What a damaged file raises while it is decoded or decompressed (not FileNotFoundError & co:
 # _check_file has ruled those out; an OSError from pyarrow is its zlib/gzip failure).
 _DAMAGE = (UnicodeDecodeError, EOFError, zlib.error, gzip.BadGzipFile, tarfile.TarError, csv.Error)
+# What parsing a block raises where the file is bad (``locate_error`` says where).
+PARSE_ERRORS = (pa.ArrowInvalid, *_DAMAGE)
 
 
 class TabFormerFormatError(ValueError):
@@ -88,6 +98,7 @@ class TabFormerFormatError(ValueError):
 
     def __init__(self, path, line: int | None, column: str | None, value, problem: str, hint: str = ""):
         self.path, self.line, self.column, self.value = str(path), line, column, value
+        self.problem, self.hint = problem, hint
         where = str(path) + (f", line {line}" if line is not None else "") + (f", column {column!r}" if column else "")
         shown = repr(value)
         if len(shown) > _SHOWN_VALUE_CHARS:
@@ -95,6 +106,14 @@ class TabFormerFormatError(ValueError):
         what = problem if value is None else f"{problem}: {shown}"
         hint = hint or "Fix or remove that row (or point at an unmodified TabFormer file) and run again."
         super().__init__(f"{where}: {what}. {hint}")
+
+    def __reduce__(self):  # rebuilt from its facts when it crosses processes (Dask workers)
+        return type(self), (self.path, self.line, self.column, self.value, self.problem, self.hint)
+
+    def shifted(self, lines: int) -> "TabFormerFormatError":
+        """The same error ``lines`` further down the file (a block's error, placed in its file)."""
+        line = None if self.line is None else self.line + lines
+        return type(self)(self.path, line, self.column, self.value, self.problem, self.hint)
 
 
 def read_transactions(path: str | Path, columns: Sequence[str] = COLUMNS,
@@ -106,28 +125,144 @@ def read_transactions(path: str | Path, columns: Sequence[str] = COLUMNS,
     for the columns read.
     """
     path = Path(path)
+    columns = check(path, columns, label_required)
+    try:
+        table = _read_arrow(path, columns)
+        if table.num_rows == 0:
+            raise no_rows_error(path)
+        return _compact(_Source(path), table, columns)
+    except _DAMAGE as error:  # raised while decoding or decompressing: locate it (slow path)
+        raise _damage(path, error) from None
+
+
+def check(path: str | Path, columns: Sequence[str] = COLUMNS, label_required: bool = True) -> list[str]:
+    """The columns ``read_transactions`` reads from ``path``, after its whole-file checks
+    (existence, kind, compression, header), which raise its errors."""
+    path = Path(path)
     unknown = [c for c in columns if c not in COLUMNS]
     if unknown:
         raise ValueError(f"unknown TabFormer column(s) {unknown}; the columns are {list(COLUMNS)}")
     columns = [c for c in COLUMNS if c in columns]
     _check_file(path)
     try:
-        return _read_transactions(path, columns, label_required)
-    except _DAMAGE as error:  # raised while decoding or decompressing: locate it (slow path)
+        header = _check_header(path, label_required)
+    except _DAMAGE as error:
         raise _damage(path, error) from None
+    return columns if LABEL in header else [c for c in columns if c != LABEL]
 
 
-def _read_transactions(path: Path, columns: list[str], label_required: bool = True) -> pd.DataFrame:
-    if LABEL not in _check_header(path, label_required):
-        columns = [c for c in columns if c != LABEL]
-    table = _read_arrow(path, columns)
-    if table.num_rows == 0:
-        raise TabFormerFormatError(path, 1, None, None, "no transactions after the header",
-                                   "Point raw_path at a TabFormer file with data rows.")
+def splittable(path: str | Path) -> bool:
+    """Whether ``read_block`` can read ``path`` in pieces (a plain CSV, not a compressed stream)."""
+    return not (_is_tar(Path(path)) or _is_compressed(Path(path)))
+
+
+def no_rows_error(path) -> TabFormerFormatError:
+    return TabFormerFormatError(path, 1, None, None, "no transactions after the header",
+                                "Point raw_path at a TabFormer file with data rows.")
+
+
+def read_block(path: str | Path, start: int, end: int, columns: Sequence[str]) -> pd.DataFrame:
+    """The data rows in bytes ``[start, end)`` of the plain CSV ``path`` (``blocks`` gives
+    line-aligned ranges), read and validated as ``read_transactions`` reads the whole file;
+    ``columns`` as ``read_transactions`` settles them (header checked by the caller).
+
+    Its errors count lines from the block's start as if the header preceded it (header =
+    line 1): ``error.shifted(newlines before start - 1)`` names the line in the file. A row
+    pyarrow cannot parse raises pyarrow's error, which ``locate_error`` places in the file.
+    """
+    path = Path(path)
+    with open(path, "rb") as handle:
+        data = handle.readline()
+        handle.seek(start)
+        data += handle.read(end - start)
+    table = _parse(pa.BufferReader(data), columns)
+    return _compact(_Source(path, data), table, columns)
+
+
+def blocks(path: str | Path, size: int) -> list[tuple[int, int]]:
+    """Line-aligned byte ranges of about ``size`` bytes covering the data rows of the plain
+    CSV ``path`` (after the header line); none when it has no data bytes."""
+    with open(path, "rb") as handle:
+        handle.readline()
+        start, total = handle.tell(), Path(path).stat().st_size
+        ranges = []
+        while start < total:
+            handle.seek(min(start + size, total))
+            if handle.tell() < total:
+                handle.readline()  # to the end of the line the cut falls in
+            end = handle.tell()
+            ranges.append((start, end))
+            start = end
+    return ranges
+
+
+def newlines_before(path: str | Path, offset: int) -> int:
+    with open(path, "rb") as handle:
+        count = 0
+        while offset > 0 and (chunk := handle.read(min(_READ_CHUNK, offset))):
+            count += chunk.count(b"\n")
+            offset -= len(chunk)
+    return count
+
+
+def locate_error(path: str | Path, columns: Sequence[str], error: BaseException) -> TabFormerFormatError:
+    """A block's ``PARSE_ERRORS`` (they name no line of the file) as ``read_transactions``
+    reports them: where the file is bad, found by rescanning it (slow path, bounded memory)."""
+    path = Path(path)
+    try:
+        if isinstance(error, pa.ArrowInvalid):
+            return _locate_arrow_error(path, list(columns), error)
+        return _damage(path, error)
+    except _DAMAGE as damage:
+        return _damage(path, damage)
+
+
+def concat(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Frames read from consecutive pieces of one input (blocks, files, months, in order) as
+    the frame of the whole: categoricals unified with their categories in order of first
+    appearance, as if read at once. Empties ``parts`` column by column (memory)."""
+    names, columns = list(parts[0].columns), {}
+    for name in names:
+        pieces = [part.pop(name) for part in parts]
+        if isinstance(pieces[0].dtype, pd.CategoricalDtype):
+            columns[name] = _union(pieces)
+        else:
+            columns[name] = np.concatenate([p.to_numpy() for p in pieces])
+        del pieces
+    return pd.DataFrame(columns, copy=False)
+
+
+def _union(pieces: list[pd.Series]) -> pd.Categorical:
+    typed = [p.array.categories for p in pieces if len(p.array.categories)]
+    if not typed:  # null everywhere (Errors? of a file without errors)
+        return pd.Categorical.from_codes(np.concatenate([p.array.codes for p in pieces]), categories=[])
+    # A piece where the column is all null has categories of no dtype: give it the others'.
+    empty = pd.Index([], dtype=typed[0].dtype)
+    return union_categoricals([p.array if len(p.array.categories) else
+                               pd.Categorical.from_codes(p.array.codes, categories=empty) for p in pieces])
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where parsed rows come from, for error messages: the file, and for a block of it the
+    block's bytes under the header (whose lines the errors then count)."""
+
+    path: Path
+    block: bytes | None = None
+
+    def line_of_row(self, row: int) -> int:
+        if self.block is None:
+            return _line_of_row(self.path, row)
+        text = io.TextIOWrapper(io.BytesIO(self.block), encoding="utf-8-sig", newline="")
+        return _row_line(text, row, self.path)
+
+
+def _compact(source: _Source, table: pa.Table, columns: list[str]) -> pd.DataFrame:
+    path = source.path
     for name in columns:
         if name not in OPTIONAL and table.column(name).null_count:
             row = pc.index(pc.is_null(table.column(name)), True).as_py()
-            raise TabFormerFormatError(path, _line_of_row(path, row), name, "",
+            raise TabFormerFormatError(path, source.line_of_row(row), name, "",
                                        "empty value in a required column")
     # One column at a time, handing each arrow column's memory back once converted (arrow's
     # allocator keeps freed pages otherwise): peak memory stays near one copy of the data.
@@ -135,7 +270,7 @@ def _read_transactions(path: Path, columns: list[str], label_required: bool = Tr
     arrow, converted = {name: table.column(name) for name in columns}, {}
     del table
     for name in columns:
-        converted[name] = _CONVERT[name](path, name, arrow.pop(name))
+        converted[name] = _CONVERT[name](source, name, arrow.pop(name))
         pa.default_memory_pool().release_unused()
     return pd.DataFrame(converted, copy=False)
 
@@ -155,13 +290,16 @@ def _check_header(path: Path, label_required: bool = True) -> list[str]:
     return header
 
 
-def _read_arrow(path: Path, columns: list[str]) -> pa.Table:
+def _parse(source, columns: list[str]) -> pa.Table:
     convert = pacsv.ConvertOptions(column_types=_ARROW_TYPES, include_columns=columns,
                                    null_values=[""], strings_can_be_null=True)
-    read = pacsv.ReadOptions(block_size=_BLOCK_SIZE)
+    return pacsv.read_csv(source, read_options=pacsv.ReadOptions(block_size=_BLOCK_SIZE), convert_options=convert)
+
+
+def _read_arrow(path: Path, columns: list[str]) -> pa.Table:
     try:
         with _open_binary(path) as source:
-            table = pacsv.read_csv(source, read_options=read, convert_options=convert)
+            table = _parse(source, columns)
     except pa.ArrowInvalid as error:
         raise _locate_arrow_error(path, columns, error) from None
     except OSError as error:  # pyarrow's own gzip reader: a corrupt or truncated stream
@@ -217,9 +355,9 @@ def _dictionary(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
     return codes, array.dictionary
 
 
-def _bad_value(path: Path, name: str, codes: np.ndarray, code: int, value, problem: str):
+def _bad_value(source: _Source, name: str, codes: np.ndarray, code: int, value, problem: str):
     row = int(np.flatnonzero(codes == code)[0])
-    return TabFormerFormatError(path, _line_of_row(path, row), name, value, problem)
+    return TabFormerFormatError(source.path, source.line_of_row(row), name, value, problem)
 
 
 def _categorical(codes: np.ndarray, clean: list) -> pd.Categorical:
@@ -235,71 +373,71 @@ def _categorical(codes: np.ndarray, clean: list) -> pd.Categorical:
     return pd.Categorical.from_codes(codes, categories=list(seen))
 
 
-def _strings(path, name, column) -> pd.Categorical:
+def _strings(source, name, column) -> pd.Categorical:
     codes, values = _dictionary(column)
     return _categorical(codes, values.to_pylist())
 
 
-def _errors(path, name, column) -> pd.Categorical:
+def _errors(source, name, column) -> pd.Categorical:
     codes, values = _dictionary(column)
     return _categorical(codes, [v.strip().rstrip(",").strip() or None for v in values.to_pylist()])
 
 
-def _zip(path, name, column) -> pd.Categorical:
+def _zip(source, name, column) -> pd.Categorical:
     codes, values = _dictionary(column)
     values = values.to_pylist()
     for code, value in enumerate(values):
         if not _ZIP.fullmatch(value.strip()):
-            raise _bad_value(path, name, codes, code, value, "not a zip code (e.g. 91750.0)")
+            raise _bad_value(source, name, codes, code, value, "not a zip code (e.g. 91750.0)")
     return _categorical(codes, [float(v) for v in values])
 
 
-def _amount(path, name, column) -> np.ndarray:
+def _amount(source, name, column) -> np.ndarray:
     codes, values = _dictionary(column)  # up to a few 100k distinct amounts: vectorized
     text = pc.utf8_trim_whitespace(pc.replace_substring(values, "$", "", max_replacements=1))
     valid = pc.match_substring_regex(text, _AMOUNT)
     if not pc.all(valid).as_py():
         code = pc.index(valid, False).as_py()
-        raise _bad_value(path, name, codes, code, values[code].as_py(),
+        raise _bad_value(source, name, codes, code, values[code].as_py(),
                          "not an amount (e.g. $134.09 or $-292.00)")
     amounts = pc.cast(text, pa.float64())  # 400 digits become inf: caught by the range check
     in_range = pc.less(pc.abs(amounts), AMOUNT_LIMIT)
     if not pc.all(in_range).as_py():
         code = pc.index(in_range, False).as_py()
-        raise _bad_value(path, name, codes, code, values[code].as_py(),
+        raise _bad_value(source, name, codes, code, values[code].as_py(),
                          f"amount out of range (|amount| must be below {AMOUNT_LIMIT:,.0f})")
     return np.append(amounts.to_numpy(), np.nan)[codes]
 
 
-def _time(path, name, column) -> np.ndarray:
+def _time(source, name, column) -> np.ndarray:
     codes, values = _dictionary(column)
     values = values.to_pylist()
     minutes = np.empty(len(values) + 1, np.int16)
     for code, value in enumerate(values):
         match = _TIME.fullmatch(value.strip())
         if not match or int(match[1]) > 23 or int(match[2]) > 59:
-            raise _bad_value(path, name, codes, code, value, "not a time of day HH:MM")
+            raise _bad_value(source, name, codes, code, value, "not a time of day HH:MM")
         minutes[code] = int(match[1]) * 60 + int(match[2])
     return minutes[codes]
 
 
-def _fraud(path, name, column) -> np.ndarray:
+def _fraud(source, name, column) -> np.ndarray:
     codes, values = _dictionary(column)
     values = values.to_pylist()
     labels = np.empty(len(values) + 1, np.int8)
     for code, value in enumerate(values):
         if value not in ("Yes", "No"):
-            raise _bad_value(path, name, codes, code, value, "label must be Yes or No")
+            raise _bad_value(source, name, codes, code, value, "label must be Yes or No")
         labels[code] = value == "Yes"
     return labels[codes]
 
 
-def _merchant(path, name, column) -> pd.Categorical:
+def _merchant(source, name, column) -> pd.Categorical:
     codes, uniques = pd.factorize(column.to_numpy(), sort=False)  # first-appearance order
     return pd.Categorical.from_codes(codes.astype(np.int32, copy=False), categories=uniques)
 
 
-def _integers(path, name, column) -> np.ndarray:
+def _integers(source, name, column) -> np.ndarray:
     return column.to_numpy()
 
 
@@ -439,12 +577,16 @@ def _open_text(path: Path) -> Iterator[io.TextIOBase]:
 def _line_of_row(path: Path, row: int) -> int:
     """The 1-based line of data row ``row`` (0-based, as pyarrow counts: empty lines skipped)."""
     with _open_text(path) as text:
-        reader = csv.reader(text)
-        next(reader)
-        index = -1
-        for record in reader:
-            if record:
-                index += 1
-                if index == row:
-                    return reader.line_num
+        return _row_line(text, row, path)
+
+
+def _row_line(text: io.TextIOBase, row: int, path: Path) -> int:
+    reader = csv.reader(text)
+    next(reader)
+    index = -1
+    for record in reader:
+        if record:
+            index += 1
+            if index == row:
+                return reader.line_num
     raise AssertionError(f"row {row} not found in {path}")
