@@ -37,6 +37,7 @@ touches only the kept rows.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -51,7 +52,7 @@ import numpy as np
 import pandas as pd
 import xxhash
 
-from fraudlib import features, graph_store, settings, store, synthetic
+from fraudlib import dask_engine, features, graph_store, settings, store, synthetic, tabformer
 from fraudlib.graph_store import Graph
 from fraudlib.tabformer import read_transactions
 
@@ -76,6 +77,8 @@ TEST_ROWS = "test_rows.parquet"
 # features.history_days before the test period, and all later ones.
 HISTORY = "history.parquet"
 _HASH_CHUNK = 16 << 20
+_CSV_BYTES_PER_ROW = 90  # the TabFormer file: 2.2 GB for 24.4M rows
+_COMPRESSION_RATIO = 5  # gzip on TabFormer's CSV, roughly
 
 
 @dataclass
@@ -95,6 +98,8 @@ class PreprocessSummary:
     dims: dict  # user / merchant / edge feature dimensions
     seconds: float
     windows: dict  # split -> [first month, last month] (YYYY-MM), plus as_of ("" for the year split)
+    engine: str = "pandas"  # the engine that read the input ("auto" resolved)
+    dashboard: str = ""  # the Dask dashboard's link (dask engine)
 
 
 def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0.1,
@@ -103,9 +108,10 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
                deduplicate: bool = False, undersample_test: bool = False, as_of: str = "",
                train_months: int = WINDOW_DEFAULTS["train_months"],
                val_months: int = WINDOW_DEFAULTS["val_months"],
-               test_months: int = WINDOW_DEFAULTS["test_months"]) -> PreprocessSummary:
-    """Build the graph directory ``out_dir`` from the TabFormer file ``raw_path`` (or the
-    transaction store folder, ``fraudlib.store``).
+               test_months: int = WINDOW_DEFAULTS["test_months"], engine: str = "pandas",
+               scheduler_address: str = "") -> PreprocessSummary:
+    """Build the graph directory ``out_dir`` from the TabFormer file ``raw_path`` (a glob of
+    such files, read in sorted order as one; or the transaction store folder, ``fraudlib.store``).
 
     Without ``as_of`` the split is the blueprint's by year (train < 2018, validation 2018,
     test > 2018). With ``as_of`` (``YYYY-MM``) rows from that month on are ignored (the future)
@@ -131,6 +137,13 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
     as the blueprint does (with ``feature_set="blueprint"`` and ``deduplicate=True``: parity
     with its numbers).
 
+    ``engine="dask"`` reads and validates the input in parallel partitions on a Dask cluster
+    (``fraudlib.dask_engine``: a local one sized to this machine, or the one at
+    ``scheduler_address`` / ``$DASK_SCHEDULER_ADDRESS``, reached before any work starts) into
+    the same frame the pandas engine reads, so the graph directory is the same; the steps
+    after reading run here as with pandas. ``"auto"`` takes dask above
+    ``dask_engine.AUTO_DASK_ROWS`` input rows (estimated from the size).
+
     ``out_dir`` appears only when complete (written next to it, then renamed); on any error
     nothing appears there and an existing ``out_dir`` is left as it was.
     """
@@ -145,15 +158,19 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
     for name, value in (("train_months", train_months), ("val_months", val_months), ("test_months", test_months)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1 (months), got {value!r}")
+    if engine not in dask_engine.ENGINES:
+        raise ValueError(f"engine must be one of {dask_engine.ENGINES}, got {engine!r}")
     raw_path, out_dir = Path(raw_path).resolve(), Path(out_dir).resolve()
     window = _Windows(as_of, train_months, val_months, test_months) if as_of else None
-    if store.is_store(raw_path):
-        frame = store.read(raw_path, USED_COLUMNS, before=window.as_of if window else None)
-        source = {"path": str(raw_path), "store_months": store.months(raw_path),
-                  "xxh3_128": store.content_hash(raw_path, before=window.as_of if window else None)}
+    files = None if store.is_store(raw_path) else input_files(raw_path)
+    engine = dask_engine.choose_engine(engine, _estimated_rows(raw_path, files))
+    dashboard = ""
+    if engine == "dask":
+        with dask_engine.cluster(scheduler_address) as cluster:
+            dashboard = cluster.dashboard
+            frame, source = _read_input(raw_path, files, window, cluster)
     else:
-        frame = read_transactions(raw_path, USED_COLUMNS)
-        source = {"path": str(raw_path), "bytes": raw_path.stat().st_size, "xxh3_128": _fast_hash(raw_path)}
+        frame, source = _read_input(raw_path, files, window)
     if window:
         frame = window.check(frame, raw_path)
     test_start = window.test_start_minute if window else _TEST_START_MINUTE
@@ -234,7 +251,51 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
         rows=counts["read"], fraud_rows=counts["fraud"], non_fraud_unique=counts["non_fraud_unique"],
         non_fraud_kept=counts["non_fraud_kept"], edges=edges, fraud_edges=fraud_edges,
         users=manifest["nodes"]["user"], merchants=manifest["nodes"]["merchant"], dims=manifest["dims"],
-        seconds=time.perf_counter() - started, windows=manifest["windows"])
+        seconds=time.perf_counter() - started, windows=manifest["windows"], engine=engine, dashboard=dashboard)
+
+
+def input_files(raw_path: Path) -> list[Path]:
+    """The TabFormer files ``raw_path`` names: itself, or the files a glob matches, sorted."""
+    if not glob.has_magic(str(raw_path)):
+        return [raw_path]
+    files = sorted(Path(p) for p in glob.glob(str(raw_path)) if Path(p).is_file())
+    if not files:
+        raise FileNotFoundError(f"{raw_path} matches no file: point raw_path at a TabFormer file, a glob of "
+                                "them (e.g. 'data/part-*.csv') or a transaction store folder")
+    return files
+
+
+def _read_input(raw_path: Path, files: list[Path] | None, window: "_Windows | None",
+                cluster: "dask_engine.Cluster | None" = None) -> tuple[pd.DataFrame, dict]:
+    """The input as one frame (USED_COLUMNS), and the manifest's record of the source; on
+    ``cluster`` (the dask engine) when given."""
+    before = window.as_of if window else None
+    if files is None:
+        frame = dask_engine.read_store(cluster, raw_path, USED_COLUMNS, before) if cluster else \
+            store.read(raw_path, USED_COLUMNS, before=before)
+        return frame, {"path": str(raw_path), "store_months": store.months(raw_path),
+                       "xxh3_128": store.content_hash(raw_path, before=before)}
+    if cluster:  # the content hash on a worker while the others parse
+        hashes = cluster.client.map(_fast_hash, files, pure=False)
+        frame = dask_engine.read_files(cluster, files, USED_COLUMNS)
+        hashes = cluster.client.gather(hashes)
+    else:
+        frame = read_transactions(files[0], USED_COLUMNS) if len(files) == 1 else \
+            tabformer.concat([read_transactions(f, USED_COLUMNS) for f in files])
+        hashes = [_fast_hash(f) for f in files]
+    if len(files) == 1 and files[0] == raw_path:
+        return frame, {"path": str(raw_path), "bytes": raw_path.stat().st_size, "xxh3_128": hashes[0]}
+    return frame, {"path": str(raw_path), "files": [f.name for f in files],
+                   "bytes": sum(f.stat().st_size for f in files),
+                   "xxh3_128": xxhash.xxh3_128(";".join(hashes).encode()).hexdigest()}
+
+
+def _estimated_rows(raw_path: Path, files: list[Path] | None) -> int:
+    """Input rows, for engine="auto": the store's count, else from the files' sizes."""
+    if files is None:
+        return sum(month["rows"] for month in store.ledger(raw_path)["months"].values())
+    size = sum(f.stat().st_size * (1 if tabformer.splittable(f) else _COMPRESSION_RATIO) for f in files if f.is_file())
+    return int(size / _CSV_BYTES_PER_ROW)
 
 
 def encode_graph(frame: pd.DataFrame, encoders: dict, split: np.ndarray | str = "test") -> tuple[Graph, np.ndarray]:

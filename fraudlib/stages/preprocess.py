@@ -18,12 +18,13 @@ from fraudlib.stages import base
 from fraudlib.stages.base import param
 
 FEATURE_SETS = ("causal", "blueprint")  # fraudlib.features.FEATURE_SETS (a test keeps them equal)
+ENGINES = ("pandas", "dask", "auto")  # fraudlib.dask_engine.ENGINES (a test keeps them equal)
 FULL_SIZE = 24_386_900  # rows of the real TabFormer file
 
 
 @dataclass(frozen=True)
 class Params(base.StageParams):
-    raw_path: str = param("", "TabFormer CSV/.gz/.tgz; empty: the embedded default data (a synthetic file in its format)")
+    raw_path: str = param("", "TabFormer CSV/.gz/.tgz, a glob of them, or a transaction store folder; empty: the embedded default data (a synthetic file in its format)")
     synthetic_rows: int = param(FULL_SIZE, "rows of the embedded synthetic data when raw_path is empty (the real file has 24,386,900)",
                                 lambda v: v > 0, "> 0")
     synthetic_seed: int = param(0, "seed of the embedded synthetic data when raw_path is empty")
@@ -45,6 +46,9 @@ class Params(base.StageParams):
     test_months: int = param(1, "with as_of: months of the test window (just before as_of)", lambda v: v >= 1, ">= 1")
     sample_seed: int = param(42, "seed of the undersampling draw and of the edge shuffle")
     use_gpu: bool = param(True, "use cuDF (cudf.pandas) when a GPU and cuDF are present")
+    engine: str = param("pandas", "pandas: read the input in this process; dask: in parallel partitions on a Dask cluster (same graph); auto: dask above 50,000,000 input rows",
+                        choices=ENGINES)
+    scheduler_address: str = param("", "dask engine: an existing cluster's scheduler (tcp://host:8786); empty: $DASK_SCHEDULER_ADDRESS, else a local cluster sized to this machine")
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ class Outputs:
     feature_dims: dict  # user / merchant / edge feature dimensions
     data_source: str  # the input file, and whether it is the embedded default data
     seconds: float
+    engine: str = "pandas"  # the engine that read the input (auto resolved)
+    dask_dashboard: str = ""  # the Dask dashboard's link (dask engine)
     plots: dict = field(default_factory=dict, metadata={"glue": False})  # name -> PNG path
     summary: str = field(default="", repr=False, metadata={"glue": False})
 
@@ -65,9 +71,12 @@ def run(params: Params) -> Outputs:
     from fraudlib import backend
 
     chosen = backend.activate(prefer_gpu=params.use_gpu)  # before anything imports pandas
+    from fraudlib import dask_engine
     from fraudlib import preprocess as pp
 
     run_dir = base.run_folder(params.run_dir)
+    if params.engine != "pandas" and dask_engine.address_of(params.scheduler_address):
+        dask_engine.connect(dask_engine.address_of(params.scheduler_address)).close()  # reachable, before any work
     raw = pp.resolve_raw_path(params.raw_path, params.synthetic_rows, params.synthetic_seed)
     source = str(raw) if params.raw_path else (
         f"embedded default data: synthetic TabFormer-format file, {params.synthetic_rows:,} rows, "
@@ -78,7 +87,8 @@ def run(params: Params) -> Outputs:
                          label_delay_days=params.label_delay_days, deduplicate=params.deduplicate,
                          undersample_test=params.undersample_test,
                          as_of=params.as_of, train_months=params.train_months, val_months=params.val_months,
-                         test_months=params.test_months)
+                         test_months=params.test_months, engine=params.engine,
+                         scheduler_address=params.scheduler_address)
     from fraudlib import plots
 
     tables = pp.report_tables(graph_dir)
@@ -91,10 +101,12 @@ def run(params: Params) -> Outputs:
                f"({sum(done.fraud_edges.values()):,} fraud) in {done.seconds:.1f} s")
     text = base.summary("01 preprocess", run_dir, done.manifest_hash, outcome,
                         [("input", source), ("graph", f"`{graph_dir}`"),
-                         ("dataframe backend", f"{chosen.name} ({chosen.reason})")])
+                         ("dataframe backend", f"{chosen.name} ({chosen.reason})"),
+                         ("engine", done.engine + (f" (Dask dashboard: {done.dashboard})" if done.dashboard else ""))])
     return Outputs(graph_dir=graph_dir, manifest_hash=done.manifest_hash, transactions=done.rows,
                    edges=done.edges, fraud_edges=done.fraud_edges, feature_dims=done.dims,
-                   data_source=source, seconds=round(done.seconds, 1), plots=plot_paths,
+                   data_source=source, seconds=round(done.seconds, 1), engine=done.engine,
+                   dask_dashboard=done.dashboard, plots=plot_paths,
                    summary=text)
 
 

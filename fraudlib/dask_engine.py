@@ -1,0 +1,230 @@
+"""Preprocessing's dask engine: where it runs, and the input read in parallel partitions.
+
+Where: a ``LocalCluster`` sized to this machine (one single-threaded worker process per core,
+``MEMORY_SHARE`` of the memory split between them, spilling under ``<runs>/dask``; every
+listener on loopback), or an existing cluster whose scheduler ``scheduler_address`` or
+``$DASK_SCHEDULER_ADDRESS`` names. An existing cluster is reached, and must have a worker,
+before any work starts; otherwise :class:`ClusterError` says so. Its workers read the input
+by path: they must see the same files (a shared filesystem).
+
+What: the input as the compact frame ``tabformer.read_transactions`` gives, equal to what the
+pandas engine reads (same values, dtypes, categories in order of first appearance), so the
+rest of preprocessing writes the same graph directory. A plain CSV is cut into line-aligned
+blocks of ``BLOCK_BYTES`` that workers parse and validate with the one reader
+(``tabformer.read_block``), holding one block's text at a time; a compressed file is one
+task (a gzip stream cannot be cut); the Parquet store is one task per month. Errors are the
+pandas engine's, naming the file and line: a block's error is placed in its file, and among
+several the one the pandas engine meets first is raised (``_first_error``). A task whose
+worker dies is retried by Dask on another worker; when it cannot be, :class:`ClusterError`
+says so. Nothing is written here: preprocessing writes its output only once it is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import pandas as pd
+
+from fraudlib import settings, store, tabformer
+
+ENGINES = ("pandas", "dask", "auto")
+ADDRESS_ENV = "DASK_SCHEDULER_ADDRESS"
+AUTO_DASK_ROWS = 50_000_000  # engine="auto" takes dask above this many (estimated) input rows
+BLOCK_BYTES = 64 << 20  # CSV bytes per task: a worker holds one block's text and arrow table
+MIN_BLOCK_BYTES = 256 << 10
+MEMORY_SHARE = 0.5  # of this machine's memory for the local workers; the rest for the driver
+CONNECT_TIMEOUT_S = 10
+WORKER_WAIT_S = 30
+
+logger = logging.getLogger(__name__)
+
+
+class ClusterError(RuntimeError):
+    """The Dask cluster cannot be used (unreachable, no workers, workers dying); says which
+    address and what to do. Raised before anything is written."""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    client: object  # distributed.Client
+    address: str
+    dashboard: str  # the dashboard's link ("" when the cluster serves none)
+    description: str  # for the stage's summary
+
+
+def choose_engine(engine: str, estimated_rows: int) -> str:
+    """``engine``, with ``auto`` resolved by the input's size."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "auto":
+        return "dask" if estimated_rows > AUTO_DASK_ROWS else "pandas"
+    return engine
+
+
+def address_of(scheduler_address: str = "") -> str:
+    """The existing cluster asked for: the parameter, else ``$DASK_SCHEDULER_ADDRESS``; "" for a local one."""
+    return scheduler_address or os.environ.get(ADDRESS_ENV, "")
+
+
+@contextmanager
+def cluster(scheduler_address: str = "") -> Iterator[Cluster]:
+    """A client of the existing cluster (``address_of``) or of a new LocalCluster sized to
+    this machine, closed (the local cluster stopped) on exit."""
+    from distributed import Client, LocalCluster
+
+    address = address_of(scheduler_address)
+    if address:
+        client = connect(address)
+        description = f"existing cluster at {address}, {len(client.scheduler_info()['workers'])} workers"
+        local = None
+    else:
+        workers = len(os.sched_getaffinity(0))
+        memory = int(_total_memory() * MEMORY_SHARE / workers)
+        spill = settings.runs_root() / "dask"
+        spill.mkdir(parents=True, exist_ok=True)
+        local = LocalCluster(n_workers=workers, threads_per_worker=1, memory_limit=memory, processes=True,
+                             local_directory=str(spill), host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                             silence_logs=logging.WARNING)
+        client = Client(local)
+        description = (f"LocalCluster, {workers} workers x 1 thread, {memory / 2**30:.1f} GiB each, "
+                       f"spill under {spill}")
+    dashboard = client.dashboard_link or ""
+    logger.info("Dask: %s; dashboard %s", description, dashboard or "none")
+    try:
+        yield Cluster(client, client.scheduler.address, dashboard, description)
+    finally:
+        client.close()
+        if local is not None:
+            local.close()
+
+
+def connect(address: str):
+    """A client of the scheduler at ``address`` with at least one worker, else ClusterError."""
+    from distributed import Client
+
+    hint = (f"start it (`dask scheduler`, then `dask worker {address}`), fix scheduler_address / "
+            f"${ADDRESS_ENV}, or leave both empty for a local cluster; nothing was read or written")
+    try:
+        client = Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+    except (OSError, ValueError, TypeError) as error:  # refused, timed out, not an address
+        raise ClusterError(f"cannot reach the Dask scheduler at {address!r} ({error}); {hint}") from None
+    try:
+        client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+    except (OSError, TimeoutError) as error:
+        client.close()
+        raise ClusterError(f"the Dask scheduler at {address!r} has no worker after {WORKER_WAIT_S} s ({error}); "
+                           f"{hint}") from None
+    return client
+
+
+def read_files(cluster: Cluster, files: Sequence[Path], columns: Sequence[str]) -> pd.DataFrame:
+    """The TabFormer files (in order) as one compact frame, parsed by the cluster's workers."""
+    columns = [c for c in tabformer.COLUMNS if c in columns]
+    plans = [_plan(cluster, Path(f), columns) for f in files]
+    parts = []
+    for path, file_columns, futures, error in plans:  # the first file's error first, as the pandas engine
+        parts += _gather(cluster, path, file_columns, futures, error)
+    return tabformer.concat(parts)
+
+
+def read_store(cluster: Cluster, root: Path, columns: Sequence[str], before: str | None = None) -> pd.DataFrame:
+    """The store's sealed months (before ``before``) as one compact frame, a task per month."""
+    chosen = [m for m in store.months(root) if before is None or store.month_key(m) < store.month_key(before)]
+    if not chosen:
+        return store.read(root, columns, before=before)  # raises its StoreError
+    futures = [cluster.client.submit(store.read, root, columns, since=m, before=store.month_text(store.month_key(m) + 1),
+                                     pure=False) for m in chosen]
+    return tabformer.concat(_results(cluster, futures))
+
+
+def _plan(cluster: Cluster, path: Path, columns: list[str]):
+    """(path, its columns, [(block start or None for the whole file, future)], or the error
+    the pandas engine raises before parsing it)."""
+    try:
+        columns = tabformer.check(path, columns)
+    except tabformer.TabFormerFormatError as error:  # raised when its turn comes (file order)
+        return path, columns, [], error
+    submit = cluster.client.submit
+    if not tabformer.splittable(path):
+        return path, columns, [(None, submit(tabformer.read_transactions, path, columns, pure=False))], None
+    size = max(MIN_BLOCK_BYTES, min(BLOCK_BYTES, path.stat().st_size // (2 * _workers(cluster)) + 1))
+    ranges = tabformer.blocks(path, size)
+    if not ranges:
+        return path, columns, [], tabformer.no_rows_error(path)
+    return path, columns, [(start, submit(tabformer.read_block, path, start, end, columns, pure=False))
+                           for start, end in ranges], None
+
+
+def _gather(cluster: Cluster, path: Path, columns: list[str], futures, error) -> list[pd.DataFrame]:
+    """The file's parts in order, each fetched as soon as it is ready (the workers let go of
+    it), or the error the pandas engine raises for the file once every part has finished."""
+    if error is not None:
+        raise error
+    parts, failed = [], []
+    for start, future in futures:
+        problem = future.exception()  # waits for it
+        if problem is not None:
+            failed.append((start, problem))
+        elif not failed:
+            parts += _results(cluster, [future])
+        future.release()
+    if failed:
+        raise _first_error(cluster, path, columns, failed)
+    if sum(len(p) for p in parts) == 0:
+        raise tabformer.no_rows_error(path)
+    return parts
+
+
+def _results(cluster: Cluster, futures) -> list[pd.DataFrame]:
+    from distributed import KilledWorker
+
+    try:
+        return cluster.client.gather(futures)
+    except KilledWorker as error:
+        raise _killed(cluster, error) from None
+
+
+def _killed(cluster: Cluster, error: BaseException) -> ClusterError:
+    return ClusterError(f"Dask workers of {cluster.address} died while reading the input ({error}); nothing was "
+                        "written. Give the workers more memory (or fewer threads each) and run again")
+
+
+def _first_error(cluster: Cluster, path: Path, columns: list[str],
+                 failed: list[tuple[int | None, BaseException]]) -> BaseException:
+    """Among the blocks' errors, the one the pandas engine raises reading the whole file: a
+    parse error (the file's first bad record, found by a rescan) before any value check;
+    then the empty required values, column by column; then the values, column by column
+    (for Amount: malformed before out of range); each the first in the file."""
+    from distributed import KilledWorker
+
+    for start, error in failed:
+        if isinstance(error, KilledWorker):
+            return _killed(cluster, error)
+        if start is None or not isinstance(error, tabformer.TabFormerFormatError):
+            if start is not None and isinstance(error, tabformer.PARSE_ERRORS):
+                return tabformer.locate_error(path, columns, error)
+            return error  # the whole-file reader's own error, or not about the input
+
+    def rank(item):
+        start, error = item
+        column = tabformer.COLUMNS.index(error.column) if error.column in tabformer.COLUMNS else -1
+        return (error.problem != "empty value in a required column", column,
+                error.problem.startswith("amount out of range"), start)
+
+    start, error = min(failed, key=rank)
+    return error.shifted(tabformer.newlines_before(path, start) - 1)
+
+
+def _workers(cluster: Cluster) -> int:
+    return max(1, len(cluster.client.scheduler_info()["workers"]))
+
+
+def _total_memory() -> int:
+    import psutil
+
+    return psutil.virtual_memory().total

@@ -1,0 +1,210 @@
+"""The dask preprocess engine (fraudlib.dask_engine): the same graph directory as pandas, the
+reader's errors, and where it runs (a local cluster, an existing one, an unreachable one).
+Real Dask processes throughout: a LocalCluster, and a `dask scheduler` with two `dask worker`s."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fraudlib import dask_engine, store, tabformer
+from fraudlib.preprocess import USED_COLUMNS, preprocess
+from fraudlib.stages import preprocess as stage
+from fraudlib.tabformer import TabFormerFormatError, read_transactions
+
+DASK = Path(sys.executable).parent / "dask"
+
+
+@pytest.fixture(scope="module")
+def cluster_address():
+    """A LocalCluster of two worker processes, shared by the tests that only need some cluster."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster:
+        yield cluster.scheduler_address
+
+
+@pytest.fixture(scope="module")
+def pandas_graph(synthetic_csv, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pandas") / "graph"
+    preprocess(synthetic_csv, out)
+    return out
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM a process group started with start_new_session; SIGKILL it after ``grace`` seconds."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+def test_the_dask_engine_writes_the_same_graph_directory_as_pandas(synthetic_csv, pandas_graph, cluster_address,
+                                                                   tmp_path):
+    summary = preprocess(synthetic_csv, tmp_path / "graph", engine="dask", scheduler_address=cluster_address)
+
+    assert summary.engine == "dask"
+    assert files_of(tmp_path / "graph") == files_of(pandas_graph)
+
+
+def test_blocks_of_a_file_read_as_the_whole_file(synthetic_csv, write_tabformer):
+    # A first block without Errors? or Zip values (online rows): those columns have no categories there.
+    lines = ["0,0,2010,1,1,10:00,$1.00,Online Transaction,11,ONLINE,,,5411,,No"] * 3000
+    lines += synthetic_csv.read_text().splitlines()[1:3000]
+    path = write_tabformer(lines)
+    columns = tabformer.check(path, USED_COLUMNS)
+
+    parts = [tabformer.read_block(path, start, end, columns)
+             for start, end in tabformer.blocks(path, 64 << 10)]
+
+    assert len(parts) > 3 and len(parts[0]) and parts[0]["Errors?"].isna().all()
+    pd.testing.assert_frame_equal(tabformer.concat(parts), read_transactions(path, USED_COLUMNS))
+
+
+def test_a_glob_of_files_is_read_as_one_file_by_both_engines(synthetic_csv, pandas_graph, cluster_address, tmp_path):
+    header, *rows = synthetic_csv.read_text().splitlines()
+    for i, piece in enumerate((rows[:7000], rows[7000:19000], rows[19000:])):
+        (tmp_path / f"part-{i}.csv").write_text("\n".join([header, *piece]) + "\n")
+
+    preprocess(tmp_path / "part-*.csv", tmp_path / "pandas")
+    preprocess(tmp_path / "part-*.csv", tmp_path / "dask", engine="dask", scheduler_address=cluster_address)
+
+    assert files_of(tmp_path / "dask") == files_of(tmp_path / "pandas")
+    whole, parts = files_of(pandas_graph), files_of(tmp_path / "pandas")
+    assert {k: v for k, v in parts.items() if k != "manifest.json"} == \
+        {k: v for k, v in whole.items() if k != "manifest.json"}
+    source = pd.read_json(tmp_path / "pandas" / "manifest.json", typ="series")["source"]
+    assert source["files"] == ["part-0.csv", "part-1.csv", "part-2.csv"]
+
+
+def test_the_store_is_read_a_month_per_task_into_the_same_graph(synthetic_csv, cluster_address, tmp_path):
+    store.ingest(synthetic_csv, tmp_path / "store", all_months=True)
+    windows = {"as_of": "2020-01", "train_months": 36, "val_months": 12, "test_months": 12}  # each with fraud
+
+    preprocess(tmp_path / "store", tmp_path / "pandas", **windows)
+    preprocess(tmp_path / "store", tmp_path / "dask", **windows, engine="dask",
+               scheduler_address=cluster_address)
+
+    assert files_of(tmp_path / "dask") == files_of(tmp_path / "pandas")
+
+
+@pytest.mark.parametrize("damage", [
+    lambda line: line.replace("$", "$x", 1),  # a value the reader refuses (Amount)
+    lambda line: line.rsplit(",", 1)[0],  # a field short: pyarrow cannot parse the row
+    lambda line: line.replace("Transaction", "").replace(",Chip ,", ",,").replace(",Swipe ,", ",,")
+                     .replace(",Online ,", ",,"),  # an empty required value (Use Chip)
+], ids=["bad-value", "short-row", "empty-value"])
+def test_a_malformed_row_deep_in_the_file_is_named_by_file_and_line_as_pandas_does(
+        synthetic_csv, write_tabformer, cluster_address, tmp_path, damage):
+    lines = synthetic_csv.read_text().splitlines()[1:]
+    lines[24_998] = damage(lines[24_998])  # line 25,000 of the file, in its last block
+    path = write_tabformer(lines)
+
+    with pytest.raises(TabFormerFormatError) as pandas_error:
+        preprocess(path, tmp_path / "graph")
+    with pytest.raises(TabFormerFormatError) as dask_error:
+        preprocess(path, tmp_path / "graph", engine="dask", scheduler_address=cluster_address)
+
+    assert str(dask_error.value) == str(pandas_error.value)
+    assert "line 25000" in str(dask_error.value)
+    assert not (tmp_path / "graph").exists()
+
+
+def test_the_reader_error_keeps_its_facts_across_processes(synthetic_csv):
+    error = TabFormerFormatError(synthetic_csv, 7, "Amount", "$x", "not an amount")
+
+    again = pickle.loads(pickle.dumps(error))
+
+    assert str(again) == str(error) and (again.line, again.column, again.value) == (7, "Amount", "$x")
+    assert again.shifted(100).line == 107 and "line 107" in str(again.shifted(100))
+
+
+def test_an_unreachable_scheduler_is_a_clear_error_before_any_work(monkeypatch, tmp_path):
+    address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("FRAUD_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv(dask_engine.ADDRESS_ENV, address)
+
+    with pytest.raises(dask_engine.ClusterError, match="cannot reach the Dask scheduler at 'tcp://127.0.0.1"):
+        stage.run(stage.Params(engine="dask", synthetic_rows=5_000, run_dir=str(tmp_path / "runs" / "run-1")))
+
+    assert not (tmp_path / "runs" / "data").exists()  # the default data was not even generated
+    assert not (tmp_path / "runs" / "run-1" / "graph").exists()
+
+
+def test_engine_auto_takes_dask_only_above_the_threshold(synthetic_csv, tmp_path):
+    assert dask_engine.choose_engine("auto", dask_engine.AUTO_DASK_ROWS + 1) == "dask"
+    assert dask_engine.choose_engine("auto", dask_engine.AUTO_DASK_ROWS) == "pandas"
+    assert stage.ENGINES == dask_engine.ENGINES
+    engine_help = next(f for f in dataclasses.fields(stage.Params) if f.name == "engine").metadata["help"]
+    assert f"{dask_engine.AUTO_DASK_ROWS:,}" in engine_help
+    with pytest.raises(ValueError, match="engine must be one of"):
+        preprocess(synthetic_csv, tmp_path / "graph", engine="spark")
+
+    assert preprocess(synthetic_csv, tmp_path / "graph", engine="auto").engine == "pandas"  # 30,000 rows
+
+
+def test_the_default_cluster_is_local_sized_to_the_machine_and_spills_under_the_runs_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("FRAUD_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.delenv(dask_engine.ADDRESS_ENV, raising=False)
+
+    with dask_engine.cluster() as cluster:
+        workers = cluster.client.scheduler_info()["workers"].values()
+
+        assert len(workers) == len(os.sched_getaffinity(0))
+        assert all(w["nthreads"] == 1 for w in workers)
+        assert sum(w["memory_limit"] for w in workers) <= dask_engine._total_memory() * dask_engine.MEMORY_SHARE
+        assert all(w["local_directory"].startswith(str(tmp_path / "runs" / "dask")) for w in workers)
+        assert cluster.dashboard.startswith("http://127.0.0.1:") and cluster.address.startswith("tcp://127.0.0.1:")
+
+
+def test_the_stage_runs_on_a_dask_scheduler_and_two_worker_processes(synthetic_csv, pandas_graph, monkeypatch,
+                                                                     tmp_path):
+    monkeypatch.setenv("FRAUD_RUNS_DIR", str(tmp_path / "runs"))
+    address = f"tcp://127.0.0.1:{free_port()}"
+    processes = []
+    try:
+        processes.append(subprocess.Popen(
+            [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+             "--dashboard-address", "127.0.0.1:0"],
+            cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for i in range(2):
+            processes.append(subprocess.Popen(
+                [str(DASK), "worker", address, "--nthreads", "1", "--nworkers", "1", "--host", "127.0.0.1",
+                 "--no-dashboard", "--memory-limit", "2GiB", "--local-directory", str(tmp_path / f"worker-{i}")],
+                cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        with dask_engine.cluster(address) as cluster:  # both workers up before the stage starts
+            cluster.client.wait_for_workers(2, timeout=120)
+
+        outputs = stage.run(stage.Params(raw_path=str(synthetic_csv), engine="dask", scheduler_address=address,
+                                         graph_dir=str(tmp_path / "graph"), run_dir=str(tmp_path / "runs" / "run-1")))
+    finally:
+        for process in reversed(processes):
+            stop(process)
+
+    assert files_of(tmp_path / "graph") == files_of(pandas_graph)
+    assert outputs.engine == "dask" and outputs.dask_dashboard.startswith("http://127.0.0.1:")
+    assert f"dask (Dask dashboard: {outputs.dask_dashboard})" in outputs.summary
