@@ -11,13 +11,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from fraudlib import dask_engine, store, tabformer
+from fraudlib import dask_engine, store, synthetic, tabformer
 from fraudlib.preprocess import USED_COLUMNS, preprocess
 from fraudlib.stages import preprocess as stage
 from fraudlib.tabformer import TabFormerFormatError, read_transactions
@@ -181,9 +183,10 @@ def test_the_default_cluster_is_local_sized_to_the_machine_and_spills_under_the_
         assert cluster.dashboard.startswith("http://127.0.0.1:") and cluster.address.startswith("tcp://127.0.0.1:")
 
 
-def test_the_stage_runs_on_a_dask_scheduler_and_two_worker_processes(synthetic_csv, pandas_graph, monkeypatch,
-                                                                     tmp_path):
-    monkeypatch.setenv("FRAUD_RUNS_DIR", str(tmp_path / "runs"))
+@contextmanager
+def dask_processes(tmp_path: Path, workers: int = 2):
+    """A `dask scheduler` and ``workers`` `dask worker` processes on loopback: (address, the
+    workers' Popen objects), all of them ready; stopped with SIGTERM, then SIGKILL, on exit."""
     address = f"tcp://127.0.0.1:{free_port()}"
     processes = []
     try:
@@ -191,20 +194,54 @@ def test_the_stage_runs_on_a_dask_scheduler_and_two_worker_processes(synthetic_c
             [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
              "--dashboard-address", "127.0.0.1:0"],
             cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for i in range(2):
+        for i in range(workers):
             processes.append(subprocess.Popen(
                 [str(DASK), "worker", address, "--nthreads", "1", "--nworkers", "1", "--host", "127.0.0.1",
                  "--no-dashboard", "--memory-limit", "2GiB", "--local-directory", str(tmp_path / f"worker-{i}")],
                 cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        with dask_engine.cluster(address) as cluster:  # both workers up before the stage starts
-            cluster.client.wait_for_workers(2, timeout=120)
-
-        outputs = stage.run(stage.Params(raw_path=str(synthetic_csv), engine="dask", scheduler_address=address,
-                                         graph_dir=str(tmp_path / "graph"), run_dir=str(tmp_path / "runs" / "run-1")))
+        with dask_engine.cluster(address) as cluster:
+            cluster.client.wait_for_workers(workers, timeout=120)
+        yield address, processes[1:]
     finally:
         for process in reversed(processes):
             stop(process)
 
+
+def test_the_stage_runs_on_a_dask_scheduler_and_two_worker_processes(synthetic_csv, pandas_graph, monkeypatch,
+                                                                     tmp_path):
+    monkeypatch.setenv("FRAUD_RUNS_DIR", str(tmp_path / "runs"))
+    with dask_processes(tmp_path) as (address, _):
+        outputs = stage.run(stage.Params(raw_path=str(synthetic_csv), engine="dask", scheduler_address=address,
+                                         graph_dir=str(tmp_path / "graph"), run_dir=str(tmp_path / "runs" / "run-1")))
+
     assert files_of(tmp_path / "graph") == files_of(pandas_graph)
     assert outputs.engine == "dask" and outputs.dask_dashboard.startswith("http://127.0.0.1:")
     assert f"dask (Dask dashboard: {outputs.dask_dashboard})" in outputs.summary
+
+
+def test_a_worker_killed_mid_run_leaves_its_blocks_to_the_other_and_the_graph_whole(tmp_path):
+    raw = tmp_path / "card_transaction.v1.csv"
+    synthetic.generate(raw, 400_000, seed=1)  # blocks that take a while to parse
+    expected = preprocess(raw, tmp_path / "pandas", feature_set="blueprint").manifest_hash
+    killed = threading.Event()
+    with dask_processes(tmp_path) as (address, workers):
+        def kill_a_busy_worker() -> None:
+            from distributed import Client
+
+            with Client(address, set_as_default=False) as client:
+                while not killed.is_set():
+                    busy = [w for w, keys in client.processing().items() if any("read_block" in k for k in keys)]
+                    if busy:  # which process group it is does not matter: kill one of the two
+                        os.killpg(workers[0].pid, signal.SIGKILL)
+                        killed.set()
+                    time.sleep(0.01)
+
+        killer = threading.Thread(target=kill_a_busy_worker, daemon=True)
+        killer.start()
+        summary = preprocess(raw, tmp_path / "dask", feature_set="blueprint", engine="dask",
+                             scheduler_address=address)
+        killer.join(timeout=5)
+
+    assert killed.is_set() and workers[0].poll() is not None
+    assert summary.manifest_hash == expected
+    assert files_of(tmp_path / "dask") == files_of(tmp_path / "pandas")
