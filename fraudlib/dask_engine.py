@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import pandas as pd
 
-from fraudlib import settings, store, tabformer
+from fraudlib import features, settings, store, tabformer
 
 ENGINES = ("pandas", "dask", "auto")
 ADDRESS_ENV = "DASK_SCHEDULER_ADDRESS"
@@ -40,6 +41,11 @@ MIN_BLOCK_BYTES = 256 << 10
 MEMORY_SHARE = 0.5  # of this machine's memory for the local workers; the rest for the driver
 CONNECT_TIMEOUT_S = 10
 WORKER_WAIT_S = 30
+FEATURE_PARTITION_ROWS = 32_000_000  # stream rows per causal-feature task (a smaller stream: one pass here)
+# Which rows each causal feature reads besides the row's own: the same card (and its pairs),
+# or the same merchant. A feature in neither list stops causal_features (it would be wrong).
+_BY_CARD = ("card_", "pair_", "amount_vs_card")
+_BY_MERCHANT = ("merchant_", "amount_vs_merchant")
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +146,50 @@ def read_store(cluster: Cluster, root: Path, columns: Sequence[str], before: str
     futures = [cluster.client.submit(store.read, root, columns, since=m, before=store.month_text(store.month_key(m) + 1),
                                      pure=False) for m in chosen]
     return tabformer.concat(_results(cluster, futures))
+
+
+def causal_features(cluster: Cluster, stream: features.Stream, rows: np.ndarray,
+                    label_delay_days: int) -> np.ndarray:
+    """``features.compute(stream, rows, label_delay_days)``, by the workers on partitions of
+    the stream: by card for the card and pair features, by merchant for the merchant ones.
+
+    Each causal feature of a row reads only earlier rows of its card, its card-merchant pair
+    or its merchant, and the amount statistics are exact integer sums, so a partition holding
+    all rows of its cards (or merchants) gives the whole stream's values bit for bit (the
+    tests compare the graph directories). Each task computes every feature of its partition
+    and keeps its side's: twice the CPU of one pass, spread over the workers, with no worker
+    sorting more than ``FEATURE_PARTITION_ROWS`` rows. A smaller stream is one pass here.
+    """
+    parts = -(-len(stream) // FEATURE_PARTITION_ROWS)
+    if parts < 2:
+        return features.compute(stream, rows, label_delay_days)
+    sides = {"card": [], "merchant": []}
+    for i, name in enumerate(features.NAMES):
+        side = "card" if name.startswith(_BY_CARD) else "merchant" if name.startswith(_BY_MERCHANT) else None
+        if side is None:
+            raise ValueError(f"causal feature {name!r} is not known to read only its card's or its merchant's rows; "
+                             "add it to dask_engine._BY_CARD or _BY_MERCHANT")
+        sides[side].append(i)
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), len(features.NAMES)), dtype=np.float32)
+    tasks = []
+    for key, columns in ((stream.card, sides["card"]), (stream.merchant, sides["merchant"])):
+        part = (key.astype(np.int64) * 2654435761) % parts  # a multiplicative hash (wrapping is fine)
+        row_part = part[rows]
+        for p in range(parts):
+            members = np.flatnonzero(part == p)
+            mine = np.flatnonzero(row_part == p)
+            data = cluster.client.scatter(stream.take(members))
+            tasks.append((mine, columns, cluster.client.submit(
+                _feature_columns, data, np.searchsorted(members, rows[mine]), label_delay_days, columns, pure=False)))
+    for mine, columns, future in tasks:
+        out[np.ix_(mine, columns)] = _results(cluster, [future])[0]
+        future.release()
+    return out
+
+
+def _feature_columns(stream: features.Stream, rows: np.ndarray, label_delay_days: int, columns: list[int]) -> np.ndarray:
+    return features.compute(stream, rows, label_delay_days)[:, columns]
 
 
 def _plan(cluster: Cluster, path: Path, columns: list[str]):

@@ -37,6 +37,7 @@ touches only the kept rows.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -164,35 +165,34 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
     window = _Windows(as_of, train_months, val_months, test_months) if as_of else None
     files = None if store.is_store(raw_path) else input_files(raw_path)
     engine = dask_engine.choose_engine(engine, _estimated_rows(raw_path, files))
-    dashboard = ""
-    if engine == "dask":
-        with dask_engine.cluster(scheduler_address) as cluster:
-            dashboard = cluster.dashboard
-            frame, source = _read_input(raw_path, files, window, cluster)
-    else:
-        frame, source = _read_input(raw_path, files, window)
-    if window:
-        frame = window.check(frame, raw_path)
-    test_start = window.test_start_minute if window else _TEST_START_MINUTE
-    nodes, card_codes, mcc_codes = _fit_node_encoders(frame)
-    eligible = window.inside(frame) if window else None
-    whole = None if undersample_test else (
-        window.in_test(frame) if window else frame["Year"].to_numpy() > TRAIN_BEFORE_YEAR)
-    rows, counts = _select_rows(frame, card_codes, mcc_codes, fraud_ratio, under_sample, seed, deduplicate, eligible,
-                                whole)
-    del card_codes, mcc_codes
-    kept = frame.take(rows).reset_index(drop=True)
-    history = None
-    if feature_set == "causal":
-        stream = features.stream_of(frame, nodes["max_cards"])
-        del frame
-        values = features.compute(stream, rows, label_delay_days)
-        for i, name in enumerate(features.NAMES):
-            kept[name] = values[:, i]
-        history = features.history(stream, test_start, label_delay_days).frame()
-        del stream, values
-    else:
-        del frame
+    # The cluster (dask engine) serves the read and the causal features, then is let go.
+    with contextlib.ExitStack() as resources:
+        cluster = resources.enter_context(dask_engine.cluster(scheduler_address)) if engine == "dask" else None
+        frame, source = _read_input(raw_path, files, window, cluster)
+        if window:
+            frame = window.check(frame, raw_path)
+        test_start = window.test_start_minute if window else _TEST_START_MINUTE
+        nodes, card_codes, mcc_codes = _fit_node_encoders(frame)
+        eligible = window.inside(frame) if window else None
+        whole = None if undersample_test else (
+            window.in_test(frame) if window else frame["Year"].to_numpy() > TRAIN_BEFORE_YEAR)
+        rows, counts = _select_rows(frame, card_codes, mcc_codes, fraud_ratio, under_sample, seed, deduplicate,
+                                    eligible, whole)
+        del card_codes, mcc_codes
+        kept = frame.take(rows).reset_index(drop=True)
+        history = None
+        if feature_set == "causal":
+            stream = features.stream_of(frame, nodes["max_cards"])
+            del frame
+            values = features.compute(stream, rows, label_delay_days) if cluster is None else \
+                dask_engine.causal_features(cluster, stream, rows, label_delay_days)
+            for i, name in enumerate(features.NAMES):
+                kept[name] = values[:, i]
+            history = features.history(stream, test_start, label_delay_days).frame()
+            del stream, values
+        else:
+            del frame
+    dashboard = "" if cluster is None else cluster.dashboard
     split = window.split(kept) if window else _split(kept["Year"].to_numpy())
     if not (split == "train").any():
         raise ValueError(f"{raw_path}: no transactions before {TRAIN_BEFORE_YEAR} are left to train on "

@@ -73,6 +73,15 @@ def test_the_dask_engine_writes_the_same_graph_directory_as_pandas(synthetic_csv
     assert files_of(tmp_path / "graph") == files_of(pandas_graph)
 
 
+def test_causal_features_by_card_and_by_merchant_partitions_give_the_same_graph(
+        synthetic_csv, pandas_graph, cluster_address, monkeypatch, tmp_path):
+    monkeypatch.setattr(dask_engine, "FEATURE_PARTITION_ROWS", 7_000)  # 30,000 rows: 5 partitions per side
+
+    preprocess(synthetic_csv, tmp_path / "graph", engine="dask", scheduler_address=cluster_address)
+
+    assert files_of(tmp_path / "graph") == files_of(pandas_graph)
+
+
 def test_blocks_of_a_file_read_as_the_whole_file(synthetic_csv, write_tabformer):
     # A first block without Errors? or Zip values (online rows): those columns have no categories there.
     lines = ["0,0,2010,1,1,10:00,$1.00,Online Transaction,11,ONLINE,,,5411,,No"] * 3000
