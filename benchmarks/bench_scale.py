@@ -31,7 +31,7 @@ import psutil
 SAMPLE_S = 0.1
 
 
-def _child(step: str, raw: str, out: str, rows: int) -> None:
+def _child(step: str, raw: str, out: str, rows: int, feature_partition_rows: int | None) -> None:
     """Runs inside the child process: one step, its result as JSON on the last stdout line."""
     if step == "generate":
         from fraudlib.synthetic import generate
@@ -42,8 +42,11 @@ def _child(step: str, raw: str, out: str, rows: int) -> None:
 
         result = {"rows": pacsv.read_csv(raw).num_rows}
     else:
+        from fraudlib import dask_engine
         from fraudlib.preprocess import preprocess
 
+        if feature_partition_rows:
+            dask_engine.FEATURE_PARTITION_ROWS = feature_partition_rows
         summary = preprocess(raw, out, engine=step)
         result = {"rows": summary.rows, "edges": summary.edges, "manifest_hash": summary.manifest_hash,
                   "preprocess_seconds": round(summary.seconds, 2), "engine": summary.engine}
@@ -60,10 +63,11 @@ def _tree_rss(process: psutil.Process) -> int:
     return total
 
 
-def _measure(step: str, raw: str, out: Path, rows: int) -> dict:
+def _measure(step: str, raw: str, out: Path, rows: int, feature_partition_rows: int | None = None) -> dict:
     started = time.perf_counter()
+    extra = ["--feature-partition-rows", str(feature_partition_rows)] if feature_partition_rows else []
     child = subprocess.Popen([sys.executable, __file__, "--child", step, "--raw", raw, "--out", str(out),
-                              "--rows", str(rows)], stdout=subprocess.PIPE, text=True)
+                              "--rows", str(rows), *extra], stdout=subprocess.PIPE, text=True)
     peak, done = [0], threading.Event()
 
     def sample() -> None:
@@ -94,11 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw", help="benchmark this TabFormer file (or quoted glob) instead of a synthetic one")
     parser.add_argument("--engines", default="pandas,dask", help="comma-separated, in order (default pandas,dask)")
     parser.add_argument("--workdir", type=Path, help="where the synthetic file and graphs go (default: a temp dir)")
+    parser.add_argument("--feature-partition-rows", type=int,
+                        help="dask: set dask_engine.FEATURE_PARTITION_ROWS (default 32M: smaller streams "
+                             "compute their causal features in one pass in the driver)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        _child(args.child, args.raw, args.out, args.rows)
+        _child(args.child, args.raw, args.out, args.rows, args.feature_partition_rows)
         return 0
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-scale-"))
@@ -112,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if not glob.has_magic(raw):
         results.append(_measure("parse", raw, workdir, args.rows))
     for engine in args.engines.split(","):
-        results.append(_measure(engine, raw, workdir / f"graph-{engine}", args.rows))
+        results.append(_measure(engine, raw, workdir / f"graph-{engine}", args.rows, args.feature_partition_rows))
     for r in results:
         print(json.dumps(r))
     hashes = {r["manifest_hash"] for r in results if "manifest_hash" in r}

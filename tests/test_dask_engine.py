@@ -5,6 +5,7 @@ Real Dask processes throughout: a LocalCluster, and a `dask scheduler` with two 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import os
 import pickle
 import signal
@@ -110,6 +111,34 @@ def test_a_glob_of_files_is_read_as_one_file_by_both_engines(synthetic_csv, pand
         {k: v for k, v in whole.items() if k != "manifest.json"}
     source = pd.read_json(tmp_path / "pandas" / "manifest.json", typ="series")["source"]
     assert source["files"] == ["part-0.csv", "part-1.csv", "part-2.csv"]
+
+
+def test_in_a_glob_the_first_file_with_a_bad_row_is_named_as_pandas_names_it(synthetic_csv, cluster_address,
+                                                                             tmp_path):
+    header, *rows = synthetic_csv.read_text().splitlines()
+    pieces = [rows[:10000], rows[10000:20000], rows[20000:]]
+    pieces[1][5000] = pieces[1][5000].replace("$", "$x", 1)
+    pieces[2][10] = pieces[2][10].rsplit(",", 1)[0]
+    for i, piece in enumerate(pieces):
+        (tmp_path / f"part-{i}.csv").write_text("\n".join([header, *piece]) + "\n")
+
+    with pytest.raises(TabFormerFormatError) as pandas_error:
+        preprocess(tmp_path / "part-*.csv", tmp_path / "graph")
+    with pytest.raises(TabFormerFormatError) as dask_error:
+        preprocess(tmp_path / "part-*.csv", tmp_path / "graph", engine="dask", scheduler_address=cluster_address)
+
+    assert str(dask_error.value) == str(pandas_error.value)
+    assert "part-1.csv, line 5002, column 'Amount'" in str(dask_error.value)
+
+
+def test_a_gzipped_file_is_one_task_and_gives_the_pandas_graph(synthetic_csv, cluster_address, tmp_path):
+    raw = tmp_path / "card_transaction.v1.csv.gz"
+    raw.write_bytes(gzip.compress(synthetic_csv.read_bytes()))
+
+    preprocess(raw, tmp_path / "pandas", feature_set="blueprint")
+    preprocess(raw, tmp_path / "dask", feature_set="blueprint", engine="dask", scheduler_address=cluster_address)
+
+    assert files_of(tmp_path / "dask") == files_of(tmp_path / "pandas")
 
 
 def test_the_store_is_read_a_month_per_task_into_the_same_graph(synthetic_csv, cluster_address, tmp_path):
