@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,9 +120,14 @@ def connect(address: str):
     hint = (f"start it (`dask scheduler`, then `dask worker {address}`), fix scheduler_address / "
             f"${ADDRESS_ENV}, or leave both empty for a local cluster; nothing was read or written")
     try:
-        client = Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+        _probe(address)  # a refused port fails at once (a Client would retry until its timeout)
     except (OSError, ValueError, TypeError) as error:  # refused, timed out, not an address
         raise ClusterError(f"cannot reach the Dask scheduler at {address!r} ({error}); {hint}") from None
+    try:
+        client = Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+    except Exception as error:  # something else listens there (its bytes are no Dask message)
+        raise ClusterError(f"no Dask scheduler answers at {address!r} ({type(error).__name__}: "
+                           f"{str(error)[:200]}); {hint}") from None
     try:
         client.wait_for_workers(1, timeout=WORKER_WAIT_S)
     except (OSError, TimeoutError) as error:
@@ -129,6 +135,17 @@ def connect(address: str):
         raise ClusterError(f"the Dask scheduler at {address!r} has no worker after {WORKER_WAIT_S} s ({error}); "
                            f"{hint}") from None
     return client
+
+
+def _probe(address: str) -> None:
+    """A TCP connection to a tcp:// or tls:// scheduler address (other schemes: the Client's
+    own connect), so an unreachable one fails before a Client is made: a Client that never
+    connected still tries to close when collected, and waits for it."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    scheme, location = parse_address(address)
+    if scheme in ("tcp", "tls"):
+        socket.create_connection(parse_host_port(location), timeout=CONNECT_TIMEOUT_S).close()
 
 
 def read_files(cluster: Cluster, files: Sequence[Path], columns: Sequence[str]) -> pd.DataFrame:

@@ -237,6 +237,14 @@ def dask_processes(tmp_path: Path, workers: int = 2):
                 [str(DASK), "worker", address, "--nthreads", "1", "--nworkers", "1", "--host", "127.0.0.1",
                  "--no-dashboard", "--memory-limit", "2GiB", "--local-directory", str(tmp_path / f"worker-{i}")],
                 cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 60
+        while True:  # the scheduler listening (connect refuses a port nobody listens on at once)
+            try:
+                socket.create_connection(("127.0.0.1", int(address.rsplit(":", 1)[1])), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "dask scheduler did not start listening in 60 s"
+                time.sleep(0.2)
         with dask_engine.cluster(address) as cluster:
             cluster.client.wait_for_workers(workers, timeout=120)
         yield address, processes[1:]
