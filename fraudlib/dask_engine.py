@@ -17,9 +17,9 @@ pandas engine's, naming the file and line: a block's error is placed in its file
 several the one the pandas engine meets first is raised (``_first_error``). The causal
 features of a stream above ``FEATURE_PARTITION_ROWS`` rows are computed by the workers on
 partitions by card and by merchant (``causal_features``); the rest of preprocessing runs in
-the calling process on the frame it gathered. A task whose
-worker dies is retried by Dask on another worker; when it cannot be, :class:`ClusterError`
-says so. Nothing is written here: preprocessing writes its output only once it is complete.
+the calling process on the frame it gathered. A task whose worker dies is retried by Dask on
+another worker; when it cannot be, :class:`ClusterError` says so. Nothing is written here:
+preprocessing writes its output only once it is complete.
 """
 
 from __future__ import annotations
@@ -90,18 +90,24 @@ def cluster(scheduler_address: str = "") -> Iterator[Cluster]:
     address = address_of(scheduler_address)
     if address:
         client = connect(address)
-        description = f"existing cluster at {address}, {len(client.scheduler_info()['workers'])} workers"
+        description = f"an existing cluster at {address}, {len(client.scheduler_info()['workers'])} workers"
         local = None
     else:
         workers = len(os.sched_getaffinity(0))
         memory = int(_total_memory() * MEMORY_SHARE / workers)
         spill = settings.runs_root() / "dask"
         spill.mkdir(parents=True, exist_ok=True)
-        local = LocalCluster(n_workers=workers, threads_per_worker=1, memory_limit=memory, processes=True,
-                             local_directory=str(spill), host="127.0.0.1", dashboard_address="127.0.0.1:0",
-                             silence_logs=logging.WARNING)
-        client = Client(local)
-        description = (f"LocalCluster, {workers} workers x 1 thread, {memory / 2**30:.1f} GiB each, "
+        try:
+            local = LocalCluster(n_workers=workers, threads_per_worker=1, memory_limit=memory, processes=True,
+                                 local_directory=str(spill), host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                                 silence_logs=logging.WARNING)
+        except RuntimeError as error:
+            raise ClusterError(
+                f"could not start a local Dask cluster ({error}). Its workers are Python processes that import "
+                "the main module: a script running preprocess with engine='dask' must guard its entry point "
+                "with `if __name__ == \"__main__\":`; or point scheduler_address at a running cluster") from None
+        client = Client(local, set_as_default=False)
+        description = (f"a LocalCluster, {workers} workers x 1 thread, {memory / 2**30:.1f} GiB each, "
                        f"spill under {spill}")
     dashboard = client.dashboard_link or ""
     logger.info("Dask: %s; dashboard %s", description, dashboard or "none")

@@ -101,6 +101,7 @@ class PreprocessSummary:
     windows: dict  # split -> [first month, last month] (YYYY-MM), plus as_of ("" for the year split)
     engine: str = "pandas"  # the engine that read the input ("auto" resolved)
     dashboard: str = ""  # the Dask dashboard's link (dask engine)
+    cluster: str = ""  # the Dask cluster it ran on, in words (dask engine)
 
 
 def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0.1,
@@ -192,7 +193,7 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
             del stream, values
         else:
             del frame
-    dashboard = "" if cluster is None else cluster.dashboard
+    dashboard, where = ("", "") if cluster is None else (cluster.dashboard, cluster.description)
     split = window.split(kept) if window else _split(kept["Year"].to_numpy())
     if not (split == "train").any():
         raise ValueError(f"{raw_path}: no transactions before {TRAIN_BEFORE_YEAR} are left to train on "
@@ -251,7 +252,8 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
         rows=counts["read"], fraud_rows=counts["fraud"], non_fraud_unique=counts["non_fraud_unique"],
         non_fraud_kept=counts["non_fraud_kept"], edges=edges, fraud_edges=fraud_edges,
         users=manifest["nodes"]["user"], merchants=manifest["nodes"]["merchant"], dims=manifest["dims"],
-        seconds=time.perf_counter() - started, windows=manifest["windows"], engine=engine, dashboard=dashboard)
+        seconds=time.perf_counter() - started, windows=manifest["windows"], engine=engine, dashboard=dashboard,
+        cluster=where)
 
 
 def input_files(raw_path: Path) -> list[Path]:

@@ -262,7 +262,8 @@ def test_the_stage_runs_on_a_dask_scheduler_and_two_worker_processes(synthetic_c
 
     assert files_of(tmp_path / "graph") == files_of(pandas_graph)
     assert outputs.engine == "dask" and outputs.dask_dashboard.startswith("http://127.0.0.1:")
-    assert f"dask (Dask dashboard: {outputs.dask_dashboard})" in outputs.summary
+    assert f"dask on an existing cluster at {address}, 2 workers (Dask dashboard: {outputs.dask_dashboard})" \
+        in outputs.summary
 
 
 def test_a_worker_killed_mid_run_leaves_its_blocks_to_the_other_and_the_graph_whole(tmp_path):

@@ -102,7 +102,8 @@ def run(params: Params) -> Outputs:
     text = base.summary("01 preprocess", run_dir, done.manifest_hash, outcome,
                         [("input", source), ("graph", f"`{graph_dir}`"),
                          ("dataframe backend", f"{chosen.name} ({chosen.reason})"),
-                         ("engine", done.engine + (f" (Dask dashboard: {done.dashboard})" if done.dashboard else ""))])
+                         ("engine", done.engine + (f" on {done.cluster}" if done.cluster else "")
+                          + (f" (Dask dashboard: {done.dashboard})" if done.dashboard else ""))])
     return Outputs(graph_dir=graph_dir, manifest_hash=done.manifest_hash, transactions=done.rows,
                    edges=done.edges, fraud_edges=done.fraud_edges, feature_dims=done.dims,
                    data_source=source, seconds=round(done.seconds, 1), engine=done.engine,
