@@ -26,6 +26,7 @@ from fraudlib.stages import preprocess as stage
 from fraudlib.tabformer import TabFormerFormatError, read_transactions
 
 DASK = Path(sys.executable).parent / "dask"
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 @pytest.fixture(scope="module")
@@ -292,3 +293,25 @@ def test_a_worker_killed_mid_run_leaves_its_blocks_to_the_other_and_the_graph_wh
     assert killed.is_set() and workers[0].poll() is not None
     assert summary.manifest_hash == expected
     assert files_of(tmp_path / "dask") == files_of(tmp_path / "pandas")
+
+
+def test_notebook_01_runs_the_dask_engine_on_a_local_cluster_from_its_kernel(synthetic_csv, pandas_graph, monkeypatch,
+                                                                             tmp_path):
+    import nbformat
+    import papermill as pm
+
+    from fraudlib.runner import choose_kernel
+
+    monkeypatch.setenv("FRAUD_RUNS_DIR", str(tmp_path / "runs"))  # the kernel, and its cluster's spill folder
+    monkeypatch.delenv(dask_engine.ADDRESS_ENV, raising=False)
+    executed = tmp_path / "01_preprocess.ipynb"
+
+    pm.execute_notebook(str(NOTEBOOKS / "01_preprocess.ipynb"), str(executed), kernel_name=choose_kernel(),
+                        parameters={"raw_path": str(synthetic_csv), "engine": "dask",
+                                    "run_dir": str(tmp_path / "runs" / "run-1")}, progress_bar=False)
+
+    summary = nbformat.read(executed, as_version=4).cells[0].outputs[0]["data"]["text/markdown"]
+    assert "| engine | dask on a LocalCluster, " in summary and "(Dask dashboard: http://127.0.0.1:" in summary
+    assert (tmp_path / "runs" / "dask").is_dir()
+    assert files_of(tmp_path / "runs" / "run-1" / "graph") == files_of(pandas_graph)
+
