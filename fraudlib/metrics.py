@@ -56,6 +56,19 @@ def roc_auc(labels, scores) -> float:
     return metric_value(labels, scores, "roc_auc")
 
 
+def pr_points(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    """(precision, recall) of flagging ``score >= t`` at each distinct fraud score ``t``, highest
+    first: the points of the precision-recall curve where recall moves (the rest of the curve
+    only lowers precision at a constant recall), without a sort of all rows' labels."""
+    y, s = _check(labels, scores)
+    fraud = np.sort(s[y == 1])[::-1]
+    t = np.unique(fraud)[::-1]
+    tp = np.searchsorted(-fraud, -t, "right")  # fraud scored >= t
+    others = np.sort(s[y == 0])
+    fp = others.size - np.searchsorted(others, t, "left")  # non-fraud scored >= t
+    return tp / np.maximum(tp + fp, 1), tp / max(fraud.size, 1)
+
+
 def at_threshold(labels, scores, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
     """Precision, recall, F1, accuracy and alert rate (fraction flagged) of flagging
     ``score >= threshold``."""

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from fraudlib import metrics
 
@@ -179,3 +179,12 @@ def test_bootstrap_drops_resamples_without_fraud_and_fails_when_the_metric_is_un
 def test_invalid_inputs_are_rejected(labels, scores, message):
     with pytest.raises(ValueError, match=message):
         metrics.auprc(labels, scores)
+
+
+def test_pr_points_are_the_precision_recall_curve_where_recall_moves():
+    labels, scores = _tied_scores()
+    precision, recall = metrics.pr_points(labels, scores)
+    p, r, t = precision_recall_curve(labels, scores)
+    at = np.searchsorted(t, np.unique(scores[labels == 1])[::-1])  # sklearn's points at the fraud scores
+    assert np.array_equal(precision, p[at]) and np.array_equal(recall, r[at])
+    assert recall[-1] == 1.0 and np.all(np.diff(recall) > 0)
