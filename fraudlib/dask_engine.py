@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,7 +172,7 @@ def read_store(cluster: Cluster, root: Path, columns: Sequence[str], before: str
         return store.read(root, columns, before=before)  # raises its StoreError
     futures = [cluster.client.submit(store.read, root, columns, since=m, before=store.month_text(store.month_key(m) + 1),
                                      pure=False) for m in chosen]
-    return tabformer.concat(_results(cluster, futures))
+    return tabformer.concat(results(cluster, futures))
 
 
 def causal_features(cluster: Cluster, stream: features.Stream, rows: np.ndarray,
@@ -209,7 +210,7 @@ def causal_features(cluster: Cluster, stream: features.Stream, rows: np.ndarray,
             tasks.append((mine, columns, cluster.client.submit(
                 _feature_columns, data, np.searchsorted(members, rows[mine]), label_delay_days, columns, pure=False)))
     for mine, columns, future in tasks:
-        out[np.ix_(mine, columns)] = _results(cluster, [future])[0]
+        out[np.ix_(mine, columns)] = results(cluster, [future])[0]
         future.release()
     return out
 
@@ -243,11 +244,11 @@ def _gather(cluster: Cluster, path: Path, columns: list[str], futures, error) ->
         raise error
     parts, failed = [], []
     for start, future in futures:
-        problem = future.exception()  # waits for it
+        problem = _finished(cluster, future).exception()
         if problem is not None:
             failed.append((start, problem))
         elif not failed:
-            parts += _results(cluster, [future])
+            parts += results(cluster, [future])
         future.release()
     if failed:
         raise _first_error(cluster, path, columns, failed)
@@ -256,13 +257,33 @@ def _gather(cluster: Cluster, path: Path, columns: list[str], futures, error) ->
     return parts
 
 
-def _results(cluster: Cluster, futures) -> list[pd.DataFrame]:
+def results(cluster: Cluster, futures) -> list:
+    """The futures' results, in order; ClusterError when their workers die or the cluster is
+    left without any worker."""
     from distributed import KilledWorker
 
     try:
-        return cluster.client.gather(futures)
+        return [_finished(cluster, future).result() for future in futures]
     except KilledWorker as error:
         raise _killed(cluster, error) from None
+
+
+def _finished(cluster: Cluster, future):
+    """``future`` once it is done, or ClusterError after WORKER_WAIT_S without any worker (a
+    task waits for a worker forever: an existing cluster whose workers all died)."""
+    alone_since = None
+    while not future.done():
+        try:
+            future.exception(timeout=1)
+        except TimeoutError:
+            if cluster.client.scheduler_info()["workers"]:
+                alone_since = None
+            elif alone_since is None:
+                alone_since = time.monotonic()
+            elif time.monotonic() - alone_since > WORKER_WAIT_S:
+                raise ClusterError(f"the Dask cluster at {cluster.address} has had no worker for {WORKER_WAIT_S} s "
+                                   "while work was waiting; nothing was written. Start workers and run again") from None
+    return future
 
 
 def _killed(cluster: Cluster, error: BaseException) -> ClusterError:

@@ -280,7 +280,7 @@ def _read_input(raw_path: Path, files: list[Path] | None, window: "_Windows | No
     if cluster:  # the content hash on a worker while the others parse
         hashes = cluster.client.map(_fast_hash, files, pure=False)
         frame = dask_engine.read_files(cluster, files, USED_COLUMNS)
-        hashes = cluster.client.gather(hashes)
+        hashes = dask_engine.results(cluster, hashes)
     else:
         frame = read_transactions(files[0], USED_COLUMNS) if len(files) == 1 else \
             tabformer.concat([read_transactions(f, USED_COLUMNS) for f in files])

@@ -267,32 +267,56 @@ def test_the_stage_runs_on_a_dask_scheduler_and_two_worker_processes(synthetic_c
         in outputs.summary
 
 
-def test_a_worker_killed_mid_run_leaves_its_blocks_to_the_other_and_the_graph_whole(tmp_path):
-    raw = tmp_path / "card_transaction.v1.csv"
-    synthetic.generate(raw, 400_000, seed=1)  # blocks that take a while to parse
-    expected = preprocess(raw, tmp_path / "pandas", feature_set="blueprint").manifest_hash
+def kill_when_busy(address: str, worker: subprocess.Popen) -> tuple[threading.Thread, threading.Event]:
+    """A thread that SIGKILLs ``worker``'s process group (nanny and worker) as soon as any
+    worker of the cluster parses a block; the event says it did."""
     killed = threading.Event()
+
+    def watch() -> None:
+        from distributed import Client
+
+        with Client(address, set_as_default=False) as client:
+            while not killed.is_set():
+                if any("read_block" in key for keys in client.processing().values() for key in keys):
+                    os.killpg(worker.pid, signal.SIGKILL)  # which worker is busy does not matter
+                    killed.set()
+                time.sleep(0.01)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread, killed
+
+
+@pytest.fixture(scope="module")
+def large_csv(tmp_path_factory) -> Path:
+    raw = tmp_path_factory.mktemp("large") / "card_transaction.v1.csv"
+    synthetic.generate(raw, 400_000, seed=1)  # blocks that take a while to parse
+    return raw
+
+
+def test_a_worker_killed_mid_run_leaves_its_blocks_to_the_other_and_the_graph_whole(large_csv, tmp_path):
+    expected = preprocess(large_csv, tmp_path / "pandas", feature_set="blueprint").manifest_hash
     with dask_processes(tmp_path) as (address, workers):
-        def kill_a_busy_worker() -> None:
-            from distributed import Client
-
-            with Client(address, set_as_default=False) as client:
-                while not killed.is_set():
-                    busy = [w for w, keys in client.processing().items() if any("read_block" in k for k in keys)]
-                    if busy:  # which process group it is does not matter: kill one of the two
-                        os.killpg(workers[0].pid, signal.SIGKILL)
-                        killed.set()
-                    time.sleep(0.01)
-
-        killer = threading.Thread(target=kill_a_busy_worker, daemon=True)
-        killer.start()
-        summary = preprocess(raw, tmp_path / "dask", feature_set="blueprint", engine="dask",
+        watcher, killed = kill_when_busy(address, workers[0])
+        summary = preprocess(large_csv, tmp_path / "dask", feature_set="blueprint", engine="dask",
                              scheduler_address=address)
-        killer.join(timeout=5)
+        watcher.join(timeout=5)
 
     assert killed.is_set() and workers[0].poll() is not None
     assert summary.manifest_hash == expected
     assert files_of(tmp_path / "dask") == files_of(tmp_path / "pandas")
+
+
+def test_a_cluster_left_without_workers_mid_run_is_a_clear_error_and_nothing_is_written(large_csv, monkeypatch,
+                                                                                        tmp_path):
+    monkeypatch.setattr(dask_engine, "WORKER_WAIT_S", 3)
+    with dask_processes(tmp_path, workers=1) as (address, workers):
+        watcher, killed = kill_when_busy(address, workers[0])
+        with pytest.raises(dask_engine.ClusterError, match="has had no worker for 3 s"):
+            preprocess(large_csv, tmp_path / "graph", engine="dask", scheduler_address=address)
+        watcher.join(timeout=5)
+
+    assert killed.is_set() and not (tmp_path / "graph").exists()
 
 
 def test_notebook_01_runs_the_dask_engine_on_a_local_cluster_from_its_kernel(synthetic_csv, pandas_graph, monkeypatch,
