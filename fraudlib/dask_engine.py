@@ -287,7 +287,7 @@ def _finished(cluster: Cluster, future):
 
 
 def _killed(cluster: Cluster, error: BaseException) -> ClusterError:
-    return ClusterError(f"Dask workers of {cluster.address} died while reading the input ({error}); nothing was "
+    return ClusterError(f"Dask workers of {cluster.address} died running a task ({error}); nothing was "
                         "written. Give the workers more memory (or fewer threads each) and run again")
 
 
