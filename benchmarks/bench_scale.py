@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feature-partition-rows", type=int,
                         help="dask: set dask_engine.FEATURE_PARTITION_ROWS (default 32M: smaller streams "
                              "compute their causal features in one pass in the driver)")
+    parser.add_argument("--no-parse", action="store_true", help="skip the bare pyarrow parse")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         raw = str(workdir / f"synthetic-{args.rows}.csv")
         if not Path(raw).is_file():
             results.append(_measure("generate", raw, workdir, args.rows))
-    if not glob.has_magic(raw):
+    if not glob.has_magic(raw) and not args.no_parse:
         results.append(_measure("parse", raw, workdir, args.rows))
     for engine in args.engines.split(","):
         results.append(_measure(engine, raw, workdir / f"graph-{engine}", args.rows, args.feature_partition_rows))
