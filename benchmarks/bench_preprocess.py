@@ -41,9 +41,11 @@ def _child(step: str, raw: str, out: str, rows: int) -> None:  # step: generate,
     else:
         from fraudlib.preprocess import preprocess
 
-        # blueprint: the blueprint's preprocessing (its features and deduplication), what the
-        # project did before the causal features; causal: today's defaults.
-        summary = preprocess(raw, out, feature_set=step, deduplicate=step == "blueprint")
+        # blueprint: the blueprint's preprocessing (its features, deduplication and undersampled
+        # test period), what the project did before issue 12; causal: today's defaults (the
+        # causal features, every transaction of the test period).
+        summary = preprocess(raw, out, feature_set=step, deduplicate=step == "blueprint",
+                             undersample_test=step == "blueprint")
         history = Path(out) / "history.parquet"
         result = {"rows": summary.rows, "edges": summary.edges, "dims": summary.dims,
                   "history_mb": history.stat().st_size / 1e6 if history.is_file() else None}
