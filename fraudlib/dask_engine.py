@@ -206,7 +206,7 @@ def causal_features(cluster: Cluster, stream: features.Stream, rows: np.ndarray,
         for p in range(parts):
             members = np.flatnonzero(part == p)
             mine = np.flatnonzero(row_part == p)
-            data = cluster.client.scatter(stream.take(members))
+            data = cluster.client.scatter(stream.take(members), hash=False)
             tasks.append((mine, columns, cluster.client.submit(
                 _feature_columns, data, np.searchsorted(members, rows[mine]), label_delay_days, columns, pure=False)))
     for mine, columns, future in tasks:
