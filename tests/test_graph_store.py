@@ -29,3 +29,19 @@ def test_a_mask_with_a_header_row_is_refused_naming_the_file(tmp_path):
     path.write_text("E_0,E_1\n2,2\n")
     with pytest.raises(ValueError, match="user_to_merchant_feature_mask.csv: expected 2 integer group ids"):
         graph_store.read_part(tmp_path, "test")
+
+
+def test_tables_are_written_in_chunks_as_the_same_bytes_as_one_pyarrow_write(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    monkeypatch.setattr(graph_store, "_CSV_CHUNK_ROWS", 7)  # several chunks of a small table
+    rng = np.random.default_rng(0)
+    values = np.hstack([rng.integers(0, 2, (50, 3)), rng.normal(size=(50, 2))]).astype(np.float32)
+    values[4, 3], values[5, 4], values[6, 0] = -0.0, np.nan, 3.0  # "-0", "nan" and an integer
+    columns = ["a", "b", "c", "d", "e"]
+
+    graph_store._write_table(tmp_path / "chunked.csv", columns, values)
+
+    pacsv.write_csv(pa.table({c: values[:, i] for i, c in enumerate(columns)}), tmp_path / "whole.csv")
+    assert (tmp_path / "chunked.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
