@@ -674,13 +674,14 @@ def _split(year: np.ndarray) -> np.ndarray:
 
 
 def _per_year(year: np.ndarray, label: np.ndarray, split: np.ndarray) -> dict:
-    table = {}
-    for y in np.unique(year):
-        mask = year == y
-        splits, counts = np.unique(split[mask], return_counts=True)  # windows: a year may span splits
-        table[str(int(y))] = {"split": str(splits[counts.argmax()]), "edges": int(mask.sum()),
-                              "fraud": int(label[mask].sum())}
-    return table
+    """Per year: its edges, fraud, and the split holding most of them (windows: a year may span
+    splits; a tie goes to the split named first alphabetically)."""
+    y_idx, years = pd.factorize(year, sort=True)
+    s_idx, names = pd.factorize(split, sort=True)
+    per_split = np.bincount(y_idx * len(names) + s_idx, minlength=len(years) * len(names)).reshape(len(years), -1)
+    fraud = np.bincount(y_idx, weights=label, minlength=len(years))
+    return {str(int(y)): {"split": str(names[per_split[i].argmax()]), "edges": int(per_split[i].sum()),
+                          "fraud": int(fraud[i])} for i, y in enumerate(years)}
 
 
 # --- small helpers -----------------------------------------------------------------------------
