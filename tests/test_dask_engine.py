@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from contextlib import contextmanager
@@ -132,9 +133,14 @@ def test_in_a_glob_the_first_file_with_a_bad_row_is_named_as_pandas_names_it(syn
     assert "part-1.csv, line 5002, column 'Amount'" in str(dask_error.value)
 
 
-def test_a_gzipped_file_is_one_task_and_gives_the_pandas_graph(synthetic_csv, cluster_address, tmp_path):
-    raw = tmp_path / "card_transaction.v1.csv.gz"
-    raw.write_bytes(gzip.compress(synthetic_csv.read_bytes()))
+@pytest.mark.parametrize("name", ["card_transaction.v1.csv.gz", "transactions.tgz"])
+def test_a_compressed_file_is_one_task_and_gives_the_pandas_graph(synthetic_csv, cluster_address, tmp_path, name):
+    raw = tmp_path / name
+    if name.endswith(".tgz"):
+        with tarfile.open(raw, "w:gz") as archive:
+            archive.add(synthetic_csv, arcname="card_transaction.v1.csv")
+    else:
+        raw.write_bytes(gzip.compress(synthetic_csv.read_bytes()))
 
     preprocess(raw, tmp_path / "pandas", feature_set="blueprint")
     preprocess(raw, tmp_path / "dask", feature_set="blueprint", engine="dask", scheduler_address=cluster_address)
