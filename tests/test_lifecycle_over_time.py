@@ -20,7 +20,7 @@ import pytest
 
 from fraudlib import flow, store, synthetic
 
-from test_flow import _wait_for_deployment, client_settings, free_port, stop_group, wait
+from test_flow import STAGES, _wait_for_deployment, client_settings, free_port, stop_group, task_runs, wait
 
 ROOT = Path(__file__).resolve().parent.parent
 MONTHS = ["2019-07", "2019-08", "2019-09", "2019-10", "2019-11", "2019-12"]
@@ -100,6 +100,9 @@ def test_six_months_replayed_each_monitored_retrained_and_decided(world):
         served = [p.name for p in (world["runs"] / "triton_repository" / "prediction_and_shapley").iterdir()
                   if p.name.isdigit()]
         assert served == [str(state["triton"])] and outputs["deploy"]["champion_version"] == state["triton"]
+        # Each stage a task of the flow run, the four one runner run (one folder, one record).
+        assert [t.name for t in task_runs(run.id)] == ["monitor", *STAGES]
+        assert [s["name"] for s in record["stages"]] == STAGES
         flow_runs.append(run_id)
 
     assert actions[0] == "promote" and "promote" in actions and "reject" in actions, actions
