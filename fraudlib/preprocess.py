@@ -257,8 +257,9 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
 
 
 def input_files(raw_path: Path) -> list[Path]:
-    """The TabFormer files ``raw_path`` names: itself, or the files a glob matches, sorted."""
-    if not glob.has_magic(str(raw_path)):
+    """The TabFormer files ``raw_path`` names: itself (a path that exists, even with glob
+    characters in its name), or the files a glob matches, sorted."""
+    if raw_path.exists() or not glob.has_magic(str(raw_path)):
         return [raw_path]
     files = sorted(Path(p) for p in glob.glob(str(raw_path)) if Path(p).is_file())
     if not files:

@@ -115,6 +115,16 @@ def test_a_glob_of_files_is_read_as_one_file_by_both_engines(synthetic_csv, pand
     assert source["files"] == ["part-0.csv", "part-1.csv", "part-2.csv"]
 
 
+def test_a_file_whose_name_looks_like_a_glob_is_read_as_itself(synthetic_csv, tmp_path):
+    raw = tmp_path / "transactions[2019].csv"
+    raw.write_bytes(synthetic_csv.read_bytes())
+    (tmp_path / "transactions2.csv").write_text("not a TabFormer file\n")  # what the pattern would match
+
+    assert preprocess(raw, tmp_path / "graph", feature_set="blueprint").rows == 30_000
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        preprocess(tmp_path / "nothing-*.csv", tmp_path / "graph")
+
+
 def test_in_a_glob_the_first_file_with_a_bad_row_is_named_as_pandas_names_it(synthetic_csv, cluster_address,
                                                                              tmp_path):
     header, *rows = synthetic_csv.read_text().splitlines()
