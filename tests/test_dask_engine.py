@@ -286,12 +286,13 @@ def test_the_stage_runs_on_a_dask_scheduler_and_two_worker_processes(synthetic_c
 def kill_when_busy(address: str, worker: subprocess.Popen) -> tuple[threading.Thread, threading.Event]:
     """A thread that SIGKILLs ``worker``'s process group (nanny and worker) as soon as any
     worker of the cluster parses a block; the event says it did."""
-    killed = threading.Event()
+    killed, watching = threading.Event(), threading.Event()
 
     def watch() -> None:
         from distributed import Client
 
         with Client(address, set_as_default=False) as client:
+            watching.set()
             while not killed.is_set():
                 if any("read_block" in key for keys in client.processing().values() for key in keys):
                     os.killpg(worker.pid, signal.SIGKILL)  # which worker is busy does not matter
@@ -300,6 +301,7 @@ def kill_when_busy(address: str, worker: subprocess.Popen) -> tuple[threading.Th
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
+    assert watching.wait(timeout=60), "the watching client did not connect"
     return thread, killed
 
 
