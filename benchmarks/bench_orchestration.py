@@ -125,9 +125,15 @@ print(json.dumps(walls[1:]))
               f"{[round(p, 2) for p in prefect]}")
         print(f"overhead: {statistics.median(prefect) - statistics.median(bare):.2f} s")
     finally:
-        for p in processes:
+        # The serve process first (it hung > 60 s on SIGTERM once its server was gone), and
+        # SIGKILL after a grace period: the figures are printed, the work folder must go.
+        for p in reversed(processes):
             os.killpg(p.pid, signal.SIGTERM)
-            p.wait(timeout=60)
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=30)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -277,10 +277,8 @@ def score_frame(frame: pd.DataFrame, graph_dir: Path | str, predict: Callable[[G
     scores = np.full(len(frame), np.nan)
     context_edges = 0
     if known.any():
-        graph, targets = place_rows(context, users[known], merchants[known], edge_attr[known])
-        sub, positions = with_context(graph, targets, n_hops)
-        scores[known] = np.asarray(predict(sub), dtype=np.float64).reshape(-1)[positions]
-        context_edges = sub.num_edges
+        scores[known], context_edges = score_in_context(context, users[known], merchants[known], edge_attr[known],
+                                                        predict, n_hops)
     log.info("scored %d of %d rows inside a context of %d edges", int(known.sum()), len(frame), context_edges)
     out = pd.DataFrame({
         "User": frame["User"].to_numpy(), "Card": frame["Card"].to_numpy(),
@@ -293,6 +291,15 @@ def score_frame(frame: pd.DataFrame, graph_dir: Path | str, predict: Callable[[G
         out[LABEL] = frame[LABEL].to_numpy()
     out.attrs["context_edges"] = context_edges
     return out
+
+
+def score_in_context(context: Graph, user_ids: np.ndarray, merchant_ids: np.ndarray, edge_attr: np.ndarray,
+                     predict: Callable[[Graph], np.ndarray], n_hops: int) -> tuple[np.ndarray, int]:
+    """Probabilities of encoded rows placed in ``context`` (``place_rows``), the graph cut to
+    their receptive field and scored by ``predict``; and that graph's number of edges."""
+    graph, targets = place_rows(context, user_ids, merchant_ids, edge_attr)
+    sub, positions = with_context(graph, targets, n_hops)
+    return np.asarray(predict(sub), dtype=np.float64).reshape(-1)[positions], sub.num_edges
 
 
 def score_in_process(model, frame: pd.DataFrame, graph_dir: Path | str) -> pd.DataFrame:

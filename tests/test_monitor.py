@@ -109,9 +109,9 @@ def test_the_score_psi_is_against_the_champions_training_window_scored_through_t
         lifecycle.repository(client).load()
         result = monitor.monitor_month(tmp_path / "store", "2019-06", client, history_dir=tmp_path)
         train = graph_store.read_part(graph_dir, "train")
-        legit = train.edges((np.asarray(train.split) == "train") & (train.label == 0))
+        legit = train.edges((np.asarray(train.split) == "validation") & (train.label == 0))
         n_hops = int(scoring.champion_meta(client)["architecture"]["n_hops"])
-        reference = monitor.training_window_scores(client, graph_dir, legit, n_hops)
+        reference = monitor.reference_scores(client, graph_dir, legit, n_hops)
         month = scoring.score_transactions(client, monitor.month_rows(tmp_path / "store", "2019-06"), graph_dir)
 
     assert result.status in ("ok", "alert") and result.scored > 0
