@@ -127,12 +127,16 @@ def read_transactions(path: str | Path, columns: Sequence[str] = COLUMNS,
     path = Path(path)
     columns = check(path, columns, label_required)
     try:
-        table = _read_arrow(path, columns)
-        if table.num_rows == 0:
-            raise no_rows_error(path)
-        return _compact(_Source(path), table, columns)
+        # No name holds the table here: _compact frees each arrow column once converted.
+        return _compact(_Source(path), _with_rows(_read_arrow(path, columns), path), columns)
     except _DAMAGE as error:  # raised while decoding or decompressing: locate it (slow path)
         raise _damage(path, error) from None
+
+
+def _with_rows(table: pa.Table, path: Path) -> pa.Table:
+    if table.num_rows == 0:
+        raise no_rows_error(path)
+    return table
 
 
 def check(path: str | Path, columns: Sequence[str] = COLUMNS, label_required: bool = True) -> list[str]:
@@ -175,8 +179,7 @@ def read_block(path: str | Path, start: int, end: int, columns: Sequence[str]) -
         data = handle.readline()
         handle.seek(start)
         data += handle.read(end - start)
-    table = _parse(pa.BufferReader(data), columns)
-    return _compact(_Source(path, data), table, columns)
+    return _compact(_Source(path, data), _parse(pa.BufferReader(data), columns), columns)  # no name holds the table
 
 
 def blocks(path: str | Path, size: int) -> list[tuple[int, int]]:
