@@ -39,6 +39,7 @@ def test_tables_are_written_in_chunks_as_the_same_bytes_as_one_pyarrow_write(tmp
     rng = np.random.default_rng(0)
     values = np.hstack([rng.integers(0, 2, (50, 3)), rng.normal(size=(50, 2))]).astype(np.float32)
     values[4, 3], values[5, 4], values[6, 0] = -0.0, np.nan, 3.0  # "-0", "nan" and an integer
+    values[40, 1], values[30, 2] = -0.0, np.nan  # in columns of otherwise 0/1 values: kept as floats
     columns = ["a", "b", "c", "d", "e"]
 
     graph_store._write_table(tmp_path / "chunked.csv", columns, values)
