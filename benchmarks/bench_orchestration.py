@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -128,12 +127,7 @@ print(json.dumps(walls[1:]))
         # The serve process first (it hung > 60 s on SIGTERM once its server was gone), and
         # SIGKILL after a grace period: the figures are printed, the work folder must go.
         for p in reversed(processes):
-            os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=30)
+            flow.stop_group(p)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -93,6 +93,21 @@ def start_server(env: dict[str, str], log: Path, timeout: float = 90.0) -> subpr
     raise OrchestrationError(f"the Prefect server did not answer within {timeout:.0f} s; its log: {log}")
 
 
+def stop_group(process: subprocess.Popen, grace: float = 30.0) -> None:
+    """Stop a process started with ``start_new_session`` and every process of its group: SIGTERM,
+    then SIGKILL if it is still there after ``grace`` seconds (a Prefect worker or ``serve``
+    drains its flow runs first: > 30 s seen under load)."""
+    try:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    except ProcessLookupError:  # the group was already gone
+        process.wait(timeout=30)
+
+
 def api_url() -> str:
     """The Prefect API's URL as Prefect's client sees it (its settings are read when Prefect is
     imported: set ``PREFECT_API_URL`` before starting Python)."""
@@ -294,13 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 return serving.wait()
             finally:
                 for process in (serving, server):
-                    if process.poll() is None:
-                        process.terminate()
-                        try:
-                            process.wait(timeout=30)
-                        except subprocess.TimeoutExpired:  # still draining after 30 s: stop it
-                            process.kill()
-                            process.wait()
+                    stop_group(process)
         elif args.command == "serve":
             serve(args.cron, args.parameters)
         else:

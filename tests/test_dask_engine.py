@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fraudlib import dask_engine, store, synthetic, tabformer
+from fraudlib import dask_engine, flow, store, synthetic, tabformer
 from fraudlib.preprocess import USED_COLUMNS, preprocess
 from fraudlib.stages import preprocess as stage
 from fraudlib.tabformer import TabFormerFormatError, read_transactions
@@ -55,17 +55,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def stop(process: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM a process group started with start_new_session; SIGKILL it after ``grace`` seconds."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
 
 
 def test_the_dask_engine_writes_the_same_graph_directory_as_pandas(synthetic_csv, pandas_graph, cluster_address,
@@ -267,7 +256,7 @@ def dask_processes(tmp_path: Path, workers: int = 2):
         yield address, processes[1:]
     finally:
         for process in reversed(processes):
-            stop(process)
+            flow.stop_group(process, grace=10.0)
 
 
 def test_the_stage_runs_on_a_dask_scheduler_and_two_worker_processes(synthetic_csv, pandas_graph, monkeypatch,

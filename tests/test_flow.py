@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -88,18 +87,7 @@ def server(tmp_path_factory):
             yield defaults
         finally:
             for p in (serving, process):
-                stop_group(p)
-
-
-def stop_group(process: subprocess.Popen, grace: float = 30.0) -> None:
-    """SIGTERM a process group started with start_new_session; SIGKILL it if it is still there
-    after ``grace`` seconds (a Prefect worker drains its flow runs first: >30 s seen under load)."""
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
+                flow.stop_group(p)
 
 
 def client_settings(url: str):
@@ -329,4 +317,4 @@ def test_split_machines_a_worker_in_its_own_pool_runs_the_deployed_flow(tmp_path
     finally:
         for p in (worker, server):
             if p is not None:
-                stop_group(p)
+                flow.stop_group(p)

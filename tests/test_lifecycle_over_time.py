@@ -20,7 +20,7 @@ import pytest
 
 from fraudlib import flow, store, synthetic
 
-from test_flow import STAGES, _wait_for_deployment, client_settings, free_port, stop_group, task_runs, wait
+from test_flow import STAGES, _wait_for_deployment, client_settings, free_port, task_runs, wait
 
 ROOT = Path(__file__).resolve().parent.parent
 MONTHS = ["2019-07", "2019-08", "2019-09", "2019-10", "2019-11", "2019-12"]
@@ -56,7 +56,7 @@ def world(tmp_path_factory):
             yield {"raw": raw, "store": root, "runs": runs, "env": serve_env, "base": base}
         finally:
             for p in (serving, server):
-                stop_group(p, grace=60)
+                flow.stop_group(p, grace=60)
 
 
 def registry_state(world) -> dict:
