@@ -25,6 +25,7 @@ from fraudlib import dask_engine, flow, store, synthetic, tabformer
 from fraudlib.preprocess import USED_COLUMNS, preprocess
 from fraudlib.stages import preprocess as stage
 from fraudlib.tabformer import TabFormerFormatError, read_transactions
+from test_flow import free_port
 
 DASK = Path(sys.executable).parent / "dask"
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
@@ -49,12 +50,6 @@ def pandas_graph(synthetic_csv, tmp_path_factory) -> Path:
 
 def files_of(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_dask_engine_writes_the_same_graph_directory_as_pandas(synthetic_csv, pandas_graph, cluster_address,
