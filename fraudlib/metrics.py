@@ -59,14 +59,10 @@ def roc_auc(labels, scores) -> float:
 def pr_points(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     """(precision, recall) of flagging ``score >= t`` at each distinct fraud score ``t``, highest
     first: the points of the precision-recall curve where recall moves (the rest of the curve
-    only lowers precision at a constant recall), without a sort of all rows' labels."""
+    only lowers precision at a constant recall), one per fraud score instead of one per row,
+    by the code of ``auprc`` (``_Cells``)."""
     y, s = _check(labels, scores)
-    fraud = np.sort(s[y == 1])[::-1]
-    t = np.unique(fraud)[::-1]
-    tp = np.searchsorted(-fraud, -t, "right")  # fraud scored >= t
-    others = np.sort(s[y == 0])
-    fp = others.size - np.searchsorted(others, t, "left")  # non-fraud scored >= t
-    return tp / np.maximum(tp + fp, 1), tp / max(fraud.size, 1)
+    return _Cells(y, {"model": s}, "auprc", {}).curve("model")
 
 
 def at_threshold(labels, scores, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
@@ -202,19 +198,11 @@ class _Cells:
                 if self.metric == "recall":
                     return recall
                 return np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-            g = m["groups"]
-            offsets = (np.arange(b) * (2 * g + 1))[:, None]
-            others = np.bincount((m["code"][None, :] + offsets).ravel(), weights=cells.ravel(),
-                                 minlength=b * (2 * g + 1)).reshape(b, 2 * g + 1)
-            frauds = np.bincount((m["fraud_group"][None, :] + (np.arange(b) * max(g, 1))[:, None]).ravel(),
-                                 weights=fraud.ravel(), minlength=b * max(g, 1)).reshape(b, max(g, 1))[:, :g]
+            others, frauds = self._per_position(m, cells, fraud)
             if self.metric == "auprc":
                 # average_precision_score: sum over the fraud scores u[k] of (recall step) x precision
-                # at threshold u[k]; flagged there are the fraud from group k up and the others
-                # whose code is 2k + 1 or more.
-                tps = np.cumsum(frauds[:, ::-1], axis=1)[:, ::-1]
-                flagged_others = np.cumsum(others[:, ::-1], axis=1)[:, ::-1][:, 1::2]
-                precision = np.where(tps + flagged_others > 0, tps / (tps + flagged_others), 0.0)
+                # at threshold u[k].
+                precision, _ = self._curve(others, frauds)
                 out = np.sum(frauds * precision, axis=1) / pos
                 return np.where(pos > 0, out, np.nan)
             # roc_auc: each fraud of group k beats the others below u[k], and ties with those equal.
@@ -223,6 +211,35 @@ class _Cells:
             negatives = others.sum(axis=1)
             out = np.sum(frauds * (below + 0.5 * equal), axis=1) / (pos * negatives)
             return np.where((pos > 0) & (negatives > 0), out, np.nan)
+
+
+    @staticmethod
+    def _per_position(m: dict, cells: np.ndarray, fraud: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per resample: the others' weight at each position code (block, 2g + 1) and the fraud's
+        weight per distinct fraud score, lowest first (block, g)."""
+        b, g = cells.shape[0], m["groups"]
+        offsets = (np.arange(b) * (2 * g + 1))[:, None]
+        others = np.bincount((m["code"][None, :] + offsets).ravel(), weights=cells.ravel(),
+                             minlength=b * (2 * g + 1)).reshape(b, 2 * g + 1)
+        frauds = np.bincount((m["fraud_group"][None, :] + (np.arange(b) * max(g, 1))[:, None]).ravel(),
+                             weights=fraud.ravel(), minlength=b * max(g, 1)).reshape(b, max(g, 1))[:, :g]
+        return others, frauds
+
+    @staticmethod
+    def _curve(others: np.ndarray, frauds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(precision, true positives) of flagging ``score >= u[k]`` at each distinct fraud score
+        ``u[k]``: flagged are the fraud from group k up and the others whose code is 2k + 1 or more."""
+        tps = np.cumsum(frauds[:, ::-1], axis=1)[:, ::-1]
+        flagged = tps + np.cumsum(others[:, ::-1], axis=1)[:, ::-1][:, 1::2]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(flagged > 0, tps / flagged, 0.0), tps
+
+    def curve(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(precision, recall) of model ``name`` on the rows as given at each distinct fraud
+        score, highest first."""
+        cells, fraud = self.all_rows()
+        precision, tps = self._curve(*self._per_position(self.models[name], cells, fraud))
+        return precision[0, ::-1], tps[0, ::-1] / max(self.n_fraud, 1)
 
 
 def metric_value(labels, scores, metric: str, threshold: float | None = None) -> float:
