@@ -237,7 +237,7 @@ def reference_scores(client, graph_dir: str | Path, edges, n_hops: int, seed: in
         return np.zeros(0)
     scores, _ = scoring.score_in_context(graph_store.read_part(graph_dir, "test"), edges.edge_index[0, chosen],
                                          edges.edge_index[1, chosen], edges.edge_attr[chosen],
-                                         lambda graph: scoring._predict(client, graph)["PREDICTION"], n_hops)
+                                         scoring.served_champion(client), n_hops)
     return scores
 
 

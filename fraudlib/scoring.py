@@ -124,6 +124,11 @@ def _predict(client: TritonClient, graph: Graph, shap: bool = False) -> dict:
     return client.infer(PUBLIC_MODEL, graph_inputs(graph, compute_shap=shap))
 
 
+def served_champion(client: TritonClient) -> Callable[[Graph], np.ndarray]:
+    """A graph's edge probabilities from the served champion (the public model, no version named)."""
+    return lambda graph: _predict(client, graph)["PREDICTION"]
+
+
 def max_shap_edges(config_text: str) -> int | None:
     """The most edges a model explains per request: its config.pbtxt's max_shap_edges parameter."""
     found = re.search(r'key:\s*"max_shap_edges"\s*value:\s*\{\s*string_value:\s*"(\d+)"', config_text)
@@ -315,7 +320,7 @@ def score_transactions(client: TritonClient, rows: pd.DataFrame | Path | str,
     frame = rows if isinstance(rows, pd.DataFrame) else read_rows(rows)
     graph_dir = Path(graph_dir) if graph_dir else champion_graph_dir()
     meta = champion_meta(client)
-    return score_frame(frame, graph_dir, lambda graph: _predict(client, graph)["PREDICTION"],
+    return score_frame(frame, graph_dir, served_champion(client),
                        int(meta["architecture"]["n_hops"]))
 
 
