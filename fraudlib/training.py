@@ -27,6 +27,14 @@ Phases (each timed in ``TrainResult.seconds``):
    Together they show what the features and what the GNN add (benchmarks/bench_quality.py).
 6. export: the self-contained Triton model package (``fraudlib.model_export``).
 
+``engine="dask"`` fits the XGBoost models (phases 4 and 5) through ``xgboost.dask`` on a Dask
+cluster (``dask_engine.cluster``: a LocalCluster sized to this machine, or the one at
+``scheduler_address`` / ``$DASK_SCHEDULER_ADDRESS``, reached before any data is read): the
+same parameters and early stopping, the rows spread over the workers, one booster of the same
+format, so the model package and serving do not change. Only the matrices differ; everything
+else is shared. The GNN stays full-batch in this process. ``TrainResult`` says how large the
+graph was and the peak memory (RSS) of this process and, with dask, of the workers.
+
 Hyperparameters use the NVIDIA training container's names and defaults (``GNNSettings``,
 ``XGBSettings``); invalid ones fail before any data is read.
 """
@@ -35,10 +43,11 @@ from __future__ import annotations
 
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 import hashlib
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +58,7 @@ import torch
 import torch.nn.functional as F
 import xgboost as xgb
 
-from fraudlib import features, gnn, metrics, model_export
+from fraudlib import dask_engine, features, gnn, metrics, model_export
 from fraudlib.graph_store import MANIFEST, Graph, compact, read_manifest, read_part
 
 # Not container hyperparameters: fixed here so that a run is described by the container's names.
@@ -59,6 +68,8 @@ EARLY_STOPPING_ROUNDS = 32
 # not count as progress: on the full-size graph the model with edge means kept 502 rounds for
 # gains in the fourth decimal, 3x the training time (docs/benchmarks.md).
 EARLY_STOPPING_MIN_DELTA = 1e-3
+ENGINES = dask_engine.ENGINES  # pandas: XGBoost in this process; dask: xgboost.dask; auto: by input rows
+MEMORY_SAMPLE_S = 0.2  # this process's RSS; the workers' every MEMORY_SAMPLE_S * 5 (a scheduler call)
 
 
 class HyperparameterError(ValueError):
@@ -155,6 +166,11 @@ class TrainResult:
     device: str
     # model -> booster (the controls are not exported; benchmarks score them on other edges)
     boosters: dict = field(default_factory=dict, repr=False)
+    engine: str = "pandas"  # where XGBoost was fitted ("auto" resolved)
+    cluster: str = ""  # the Dask cluster, in words (dask engine)
+    dashboard: str = ""  # its dashboard's link (dask engine)
+    graph_size: dict = field(default_factory=dict)  # nodes, edges per split, feature dims (graph_size())
+    peak_memory: dict = field(default_factory=dict)  # bytes: "process" and, with dask, "workers" (summed)
 
 
 def usable_cores() -> int:
@@ -396,6 +412,57 @@ def _sampled_epoch(model, loader, ea, y, weight, optimizer) -> float:
     return total / max(count, 1)
 
 
+def choose_engine(engine: str, graph_dir: Path | str) -> str:
+    """``engine``, with ``auto`` resolved by the preprocess stage's rule (dask above
+    ``dask_engine.AUTO_DASK_ROWS`` input rows) on the rows the graph's manifest says were read."""
+    path = Path(graph_dir) / MANIFEST
+    rows = read_manifest(graph_dir).get("rows", {}).get("read", 0) if path.is_file() else 0
+    return dask_engine.choose_engine(engine, rows)
+
+
+def graph_size(train_part: Graph, test: Graph) -> dict:
+    """How large the trained graph was: nodes, edges per split, feature dims."""
+    return {"nodes": {"user": int(test.x_user.shape[0]), "merchant": int(test.x_merchant.shape[0])},
+            "edges": {**{s: int((train_part.split == s).sum()) for s in ("train", "validation")},
+                      "test": int(test.num_edges)},
+            "feature_dims": {"user": int(test.x_user.shape[1]), "merchant": int(test.x_merchant.shape[1]),
+                             "edge": int(test.edge_attr.shape[1])}}
+
+
+@contextmanager
+def peak_memory(cluster: "dask_engine.Cluster | None" = None):
+    """A dict that holds, once the block ends, the peak RSS in bytes of this process
+    (``process``) and, with a cluster, of the sum over its workers (``workers``: what their
+    heartbeats report to the scheduler, so no code of ours runs there), sampled in a thread:
+    every MEMORY_SAMPLE_S here, five times less often from the scheduler."""
+    import psutil
+
+    peaks = {"process": 0, **({"workers": 0} if cluster is not None else {})}
+    me, done = psutil.Process(), threading.Event()
+
+    def sample() -> None:
+        tick = 0
+        while True:
+            peaks["process"] = max(peaks["process"], me.memory_info().rss)
+            if cluster is not None and tick % 5 == 0:
+                try:
+                    workers = cluster.client.scheduler_info()["workers"].values()
+                    peaks["workers"] = max(peaks["workers"], sum(w["metrics"]["memory"] for w in workers))
+                except Exception:  # noqa: BLE001 - a worker gone between two samples: the next one counts
+                    pass
+            tick += 1
+            if done.wait(MEMORY_SAMPLE_S):
+                return
+
+    thread = threading.Thread(target=sample, name="peak-memory", daemon=True)
+    thread.start()
+    try:
+        yield peaks
+    finally:
+        done.set()
+        thread.join()
+
+
 def _xgb_params(s: XGBSettings, device: str, seed: int) -> dict:
     # XGBoost averages the num_parallel_tree trees of a round. Without row or column sampling
     # (the container exposes none) they are identical, so growing one gives the same model,
@@ -405,21 +472,50 @@ def _xgb_params(s: XGBSettings, device: str, seed: int) -> dict:
             "gamma": s.gamma, "nthread": usable_cores(), "seed": seed, "device": device}
 
 
-def _fit_xgboost(x: dict, y: dict, s: XGBSettings, device: str, seed: int) -> tuple[xgb.Booster, dict]:
-    """Booster cut at its best validation iteration, and its scores on validation and test."""
+def _fit_xgboost(x: dict, y: dict, s: XGBSettings, device: str, seed: int,
+                 cluster: "dask_engine.Cluster | None" = None) -> tuple[xgb.Booster, dict]:
+    """Booster cut at its best validation iteration, and its scores on validation and test;
+    fitted here, or through ``xgboost.dask`` on ``cluster``'s workers."""
     params = _xgb_params(s, device, seed)
-    # QuantileDMatrix holds only bin indices (less memory than a DMatrix copy of the features).
-    train = xgb.QuantileDMatrix(x["train"], label=y["train"], nthread=params["nthread"])
-    validation = xgb.QuantileDMatrix(x["validation"], label=y["validation"], ref=train,
-                                     nthread=params["nthread"])
     stop = xgb.callback.EarlyStopping(rounds=EARLY_STOPPING_ROUNDS, min_delta=EARLY_STOPPING_MIN_DELTA,
                                       maximize=True)
-    booster = xgb.train(params, train, num_boost_round=s.num_boost_round,
-                        evals=[(validation, "validation")], callbacks=[stop], verbose_eval=False)
+    fit = dict(num_boost_round=s.num_boost_round, callbacks=[stop], verbose_eval=False)
+    if cluster is None:
+        # QuantileDMatrix holds only bin indices (less memory than a DMatrix copy of the features).
+        train = xgb.QuantileDMatrix(x["train"], label=y["train"], nthread=params["nthread"])
+        validation = xgb.QuantileDMatrix(x["validation"], label=y["validation"], ref=train,
+                                         nthread=params["nthread"])
+        booster = xgb.train(params, train, evals=[(validation, "validation")], **fit)
+    else:
+        from xgboost import dask as dxgb
+
+        del params["nthread"]  # each worker uses its own threads
+        client = cluster.client
+        with client.as_current():  # xgboost.dask checks the client against the current one
+            train = dxgb.DaskQuantileDMatrix(client, *_spread(client, x["train"], y["train"]))
+            validation = dxgb.DaskQuantileDMatrix(client, *_spread(client, x["validation"], y["validation"]),
+                                                  ref=train)
+            booster = dxgb.train(client, params, train, evals=[(validation, "validation")], **fit)["booster"]
+            del train, validation  # the workers let go of the rows
     booster = booster[: booster.best_iteration + 1]
     # Scored from the raw features, as the served model scores them; in place: no DMatrix copy
     # of the test period's features (1.5M rows x ~220 columns at full size).
     return booster, {split: booster.inplace_predict(x[split]) for split in ("validation", "test")}
+
+
+def _spread(client, x: np.ndarray, y: np.ndarray):
+    """(features, labels) as dask arrays of one contiguous block of rows per worker, the
+    blocks sent to the workers (scatter), not through the scheduler."""
+    import dask.array as da
+
+    bounds = np.linspace(0, len(y), max(1, min(len(y), len(client.nthreads()))) + 1).astype(np.int64)
+
+    def spread(values: np.ndarray):
+        blocks = [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        futures = client.scatter(blocks, hash=False)
+        return da.concatenate([da.from_delayed(f, b.shape, dtype=b.dtype) for f, b in zip(futures, blocks)])
+
+    return spread(x), spread(y)
 
 
 def _importance(booster: xgb.Booster, names: list[str]) -> dict[str, float]:
@@ -441,14 +537,15 @@ def tabular(graph: Graph, columns: np.ndarray) -> np.ndarray:
                       graph.edge_attr[:, columns]])
 
 
-def _fit_controls(graphs: dict, y: dict, s: XGBSettings, device: str, seed: int) -> tuple[dict, dict, float]:
+def _fit_controls(graphs: dict, y: dict, s: XGBSettings, device: str, seed: int,
+                  cluster: "dask_engine.Cluster | None" = None) -> tuple[dict, dict, float]:
     """The row-only baseline, and XGBoost on the row plus the causal features when the graph has
     them: (boosters, scores, seconds)."""
     started = time.perf_counter()
     boosters, scores = {}, {}
     for control, columns in control_columns(graphs["test"].edge_features).items():
         x_tab = {split: tabular(g, columns) for split, g in graphs.items()}
-        boosters[control], scores[control] = _fit_xgboost(x_tab, y, s, device, seed)
+        boosters[control], scores[control] = _fit_xgboost(x_tab, y, s, device, seed, cluster)
         del x_tab
     return boosters, scores, time.perf_counter() - started
 
@@ -460,17 +557,34 @@ def _evaluate(y: dict, scores: dict, alert_rate: float | None) -> dict:
 
 def train(graph_dir: Path | str, out_dir: Path | str, gnn_params: dict | None = None,
           xgb_params: dict | None = None, device: str = "auto", seed: int = 42,
-          progress: bool = True, alert_rate: float | None = None) -> TrainResult:
+          progress: bool = True, alert_rate: float | None = None, engine: str = "pandas",
+          scheduler_address: str = "") -> TrainResult:
     """Train on ``graph_dir`` and write the model package under ``out_dir``; see the module doc.
 
     Each model's operating threshold is chosen on the validation edges: F1-max, or the
-    threshold that flags ``alert_rate`` of them (``metrics.choose_threshold``)."""
+    threshold that flags ``alert_rate`` of them (``metrics.choose_threshold``). ``engine``
+    (``ENGINES``) says where XGBoost is fitted; with ``dask`` the cluster
+    (``scheduler_address``, else ``$DASK_SCHEDULER_ADDRESS``, else a local one) is reached
+    before any data is read, or ``dask_engine.ClusterError`` says why not."""
     if alert_rate is not None and not (isinstance(alert_rate, (int, float)) and 0 < alert_rate < 1):
         raise HyperparameterError(f"alert_rate = {alert_rate!r} must be a fraction in (0, 1), or None for F1-max")
     gnn_s = parse_settings(GNNSettings, gnn_params, "gnn_params")
     xgb_s = parse_settings(XGBSettings, xgb_params, "xgb_params")
     device = resolve_device(device)
     graph_dir, out_dir = Path(graph_dir), Path(out_dir)
+    engine = choose_engine(engine, graph_dir)
+    with ExitStack() as stack:
+        cluster = stack.enter_context(dask_engine.cluster(scheduler_address)) if engine == "dask" else None
+        with peak_memory(cluster) as peaks:
+            result = _train(graph_dir, out_dir, gnn_s, xgb_s, device, seed, progress, alert_rate, cluster)
+    result.engine, result.peak_memory = engine, peaks
+    if cluster is not None:
+        result.cluster, result.dashboard = cluster.description, cluster.dashboard
+    return result
+
+
+def _train(graph_dir: Path, out_dir: Path, gnn_s: GNNSettings, xgb_s: XGBSettings, device: str, seed: int,
+           progress: bool, alert_rate: float | None, cluster: "dask_engine.Cluster | None") -> TrainResult:
     seconds: dict[str, float] = {}
     say = print if progress else (lambda *a, **k: None)
 
@@ -485,9 +599,10 @@ def train(graph_dir: Path | str, out_dir: Path | str, gnn_params: dict | None = 
                                              for k, g in graphs.items()), flush=True)
 
     # The controls need no GNN: their XGBoost runs beside the GNN's single-threaded training
-    # (XGBoost releases the GIL; on 2 cores ~8 s less at full size). Deterministic either way.
+    # (XGBoost releases the GIL; on 2 cores ~8 s less at full size), or on the cluster's workers.
+    # Deterministic either way.
     pool = ThreadPoolExecutor(1)
-    controls_done = pool.submit(_fit_controls, graphs, y, xgb_s, device, seed)
+    controls_done = pool.submit(_fit_controls, graphs, y, xgb_s, device, seed, cluster)
     pool.shutdown(wait=False)
 
     t = time.perf_counter()
@@ -514,8 +629,12 @@ def train(graph_dir: Path | str, out_dir: Path | str, gnn_params: dict | None = 
     seconds["embed"] = time.perf_counter() - t
 
     names = _feature_names(test, gnn_s.hidden_channels)
+    if cluster is not None:
+        # One xgboost.dask fit at a time: two would each hold some workers' only thread while
+        # waiting for the others' (a deadlock).
+        controls_done.result()
     t = time.perf_counter()
-    booster, scores = _fit_xgboost(x_emb, y, xgb_s, device, seed)
+    booster, scores = _fit_xgboost(x_emb, y, xgb_s, device, seed, cluster)
     seconds["xgboost"] = time.perf_counter() - t
     del x_emb
     say(f"XGBoost on GNN embeddings: {booster.num_boosted_rounds()} rounds kept (early stopping)", flush=True)
@@ -554,7 +673,7 @@ def train(graph_dir: Path | str, out_dir: Path | str, gnn_params: dict | None = 
         feature_importance={m: _importance(b, names[m]) for m, b in boosters.items()},
         gnn_settings=gnn_s, xgb_settings=xgb_s,
         xgboost_rounds={m: b.num_boosted_rounds() for m, b in boosters.items()},
-        device=device, boosters=boosters,
+        device=device, boosters=boosters, graph_size=graph_size(train_part, test),
     )
 
 

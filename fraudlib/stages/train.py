@@ -4,6 +4,12 @@ GNN + XGBoost beside a row-only baseline (and the features-only control when the
 causal features), each with its operating threshold chosen on the validation edges. The GNN
 and XGBoost rules are :class:`fraudlib.training.GNNSettings` / ``XGBSettings`` (checked again
 there); torch is imported only when the stage runs.
+
+``engine`` says where XGBoost is fitted: in this process, or through ``xgboost.dask`` on a
+Dask cluster (same parameters, same model package). In a pipeline the runner passes it the
+preprocess stage's output ``engine`` (its ``auto`` resolved); run alone, ``auto`` applies the
+preprocess stage's size rule to the input rows the graph's manifest records. The summary says
+how large the graph was and the peak memory of this process (and of the Dask workers).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ GNN_FIELDS = ("hidden_channels", "n_hops", "layer", "dropout_prob", "batch_size"
 XGB_FIELDS = ("max_depth", "learning_rate", "num_parallel_tree", "num_boost_round", "gamma")
 LAYERS = ("SAGEConv", "GraphConv", "GATConv", "GATv2Conv")  # fraudlib.gnn.LAYERS (a test keeps them equal)
 PLOTS = ("training_curve", "pr_curve", "confusion", "importance")
+ENGINES = ("pandas", "dask", "auto")  # fraudlib.training.ENGINES (a test keeps them equal)
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,9 @@ class Params(base.StageParams):
                               lambda v: 0.0 <= v < 1.0, "in [0, 1)")
     train_seed: int = param(42, "seed of the GNN and XGBoost training (repeatable on CPU)")
     experiment_name: str = param(settings.EXPERIMENT_NAME, "MLflow experiment", lambda v: bool(v.strip()), "not empty")
+    engine: str = param("auto", "where XGBoost is fitted: pandas (this process), dask (xgboost.dask on a Dask cluster, same model), auto: the preprocess stage's engine (its output, in a pipeline), else dask above 50,000,000 input rows (the graph's manifest)",
+                        choices=ENGINES)
+    scheduler_address: str = param("", "dask engine: an existing cluster's scheduler (tcp://host:8786); empty: $DASK_SCHEDULER_ADDRESS, else a local cluster sized to this machine")
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,11 @@ class Outputs:
     test_auprc: float | None = None  # GNN + XGBoost on the test edges (native backend)
     baseline_test_auprc: float | None = None  # the row-only baseline on the same edges
     validation_threshold: float | None = None  # GNN + XGBoost's operating threshold
+    # Not glued (in the summary instead): a later stage declaring `engine` must get preprocess's.
+    engine: str = field(default="pandas", metadata={"glue": False})  # where XGBoost was fitted ("auto" resolved)
+    dask_dashboard: str = field(default="", metadata={"glue": False})  # the Dask dashboard's link (dask engine)
+    graph_size: dict = field(default_factory=dict, metadata={"glue": False})  # nodes, edges per split, feature dims
+    peak_memory: dict = field(default_factory=dict, metadata={"glue": False})  # peak RSS bytes: process (and the Dask workers, summed)
     metrics: dict = field(default_factory=dict, metadata={"glue": False})  # model -> split -> metrics
     seconds: dict = field(default_factory=dict, metadata={"glue": False})  # per training phase
     plots: dict = field(default_factory=dict, metadata={"glue": False})  # name -> PNG path
@@ -70,10 +85,13 @@ class Outputs:
 
 
 def run(params: Params) -> Outputs:
-    from fraudlib import plots, tracking, training
+    from fraudlib import dask_engine, plots, tracking, training
     from fraudlib.stages import preprocess
 
     run_dir = base.run_folder(params.run_dir)
+    address = dask_engine.address_of(params.scheduler_address)
+    if params.engine != "pandas" and params.backend == "native" and address:
+        dask_engine.connect(address).close()  # reachable, before any work
     if params.graph_dir:
         graph_dir, source = Path(params.graph_dir).expanduser().resolve(), None
     else:
@@ -87,7 +105,8 @@ def run(params: Params) -> Outputs:
     result = None
     if params.backend == "native":
         result = training.train(graph_dir, model_dir.parent, gnn_params, xgb_params, device=params.device,
-                                seed=params.train_seed, progress=False, alert_rate=params.alert_rate or None)
+                                seed=params.train_seed, progress=False, alert_rate=params.alert_rate or None,
+                                engine=params.engine, scheduler_address=params.scheduler_address)
         model_dir = result.model_dir
     else:
         from fraudlib import ngc  # needs a GPU host with Docker and the NGC image
@@ -115,6 +134,11 @@ def run(params: Params) -> Outputs:
     data_hash = training.manifest_hash(graph_dir)
     details = [("graph", source or f"`{graph_dir}`"), ("model package", f"`{model_dir}`"),
                ("MLflow run", f"`{mlflow_run_id}` ({settings.mlflow_tracking_uri()})")]
+    if result is not None:
+        details += [("graph size", size_text(result.graph_size)),
+                    ("XGBoost engine", result.engine + (f" on {result.cluster}" if result.cluster else "")
+                     + (f" (Dask dashboard: {result.dashboard})" if result.dashboard else "")),
+                    ("peak memory", memory_text(result.peak_memory))]
     if result is None:
         return Outputs(model_dir, mlflow_run_id, graph_dir, data_hash, plots=plot_paths,
                        summary=base.summary("02 train", run_dir, data_hash, "succeeded (NGC container)", details))
@@ -124,7 +148,9 @@ def run(params: Params) -> Outputs:
                " on validation)")
     return Outputs(model_dir=model_dir, mlflow_run_id=mlflow_run_id, graph_dir=graph_dir, manifest_hash=data_hash,
                    test_auprc=test["gnn_xgboost"], baseline_test_auprc=test["baseline"],
-                   validation_threshold=threshold, metrics=result.metrics, seconds=result.seconds,
+                   validation_threshold=threshold, engine=result.engine, dask_dashboard=result.dashboard,
+                   graph_size=result.graph_size, peak_memory=result.peak_memory,
+                   metrics=result.metrics, seconds=result.seconds,
                    plots=plot_paths, summary=base.summary("02 train", run_dir, data_hash, outcome, details))
 
 
@@ -141,3 +167,33 @@ def seconds_table(outputs: Outputs):
     import pandas as pd
 
     return pd.DataFrame({"seconds": outputs.seconds}).T.round(2)
+
+
+def size_text(size: dict) -> str:
+    """The graph's size in words: nodes, edges per split, feature dims."""
+    nodes, edges, dims = size["nodes"], size["edges"], size["feature_dims"]
+    return (f"{nodes['user']:,} users, {nodes['merchant']:,} merchants; edges: "
+            + ", ".join(f"{split} {n:,}" for split, n in edges.items())
+            + f"; feature dims: user {dims['user']}, merchant {dims['merchant']}, edge {dims['edge']}")
+
+
+def memory_text(peaks: dict) -> str:
+    """Peak RSS in GB: this process (the kernel, which trains the GNN), and the Dask workers."""
+    text = f"{peaks['process'] / 1e9:.2f} GB this process (RSS, GNN full-batch here)"
+    if "workers" in peaks:
+        text += f", {peaks['workers'] / 1e9:.2f} GB the Dask workers (summed RSS, XGBoost)"
+    return text
+
+
+def size_table(outputs: Outputs):
+    """The graph's size and the training's peak memory, one row per quantity."""
+    import pandas as pd
+
+    if not outputs.graph_size:
+        return pd.DataFrame()
+    size = outputs.graph_size
+    rows = [*({"quantity": f"{k} nodes", "value": f"{v:,}"} for k, v in size["nodes"].items()),
+            *({"quantity": f"{k} edges", "value": f"{v:,}"} for k, v in size["edges"].items()),
+            *({"quantity": f"{k} feature dims", "value": str(v)} for k, v in size["feature_dims"].items()),
+            *({"quantity": f"peak RSS, {k}", "value": f"{v / 1e9:.2f} GB"} for k, v in outputs.peak_memory.items())]
+    return pd.DataFrame(rows).set_index("quantity")
