@@ -247,7 +247,8 @@ def cmd_score(args) -> int:
 def cmd_generate(args) -> int:
     from fraudlib import synthetic
 
-    summary = synthetic.generate(Path(args.out), args.rows, seed=args.seed, progress=True, regime=args.regime)
+    summary = synthetic.generate(Path(args.out), args.rows, seed=args.seed, progress=True, regime=args.regime,
+                                 files=args.files)
     print(summary)
     return 0
 
@@ -310,9 +311,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _server_args(p)
     p.set_defaults(func=cmd_reconcile)
 
-    p = sub.add_parser("generate", help="write a synthetic TabFormer-format CSV")
+    p = sub.add_parser("generate", help="write a synthetic TabFormer-format CSV (or several)")
     p.add_argument("--rows", type=int, required=True, help="number of transactions")
-    p.add_argument("--out", required=True, help="output CSV path")
+    p.add_argument("--out", required=True, help="output CSV path (with --files: a folder)")
+    p.add_argument("--files", type=int, default=1,
+                   help="write the rows as this many files of equal row counts, part-0000.csv, ..., into the "
+                        "folder --out (preprocess them as '<out>/part-*.csv'); default 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--regime", default="default",
                    help="fraud in the file: default (all mechanisms), compromised_merchant, fraud_ring, "

@@ -265,7 +265,7 @@ def test_command_line_help_describes_the_options():
                             capture_output=True, text=True, timeout=60)
 
     assert result.returncode == 0
-    for option in ("--rows", "--out", "--seed", "--chunk-rows", "--regime", "row_only", "TabFormer"):
+    for option in ("--rows", "--out", "--seed", "--chunk-rows", "--regime", "row_only", "TabFormer", "--files"):
         assert option in result.stdout
 
 
@@ -503,3 +503,102 @@ def test_fraud_mechanisms_drift_over_the_years(full_world):
     fraud_year = year[planted["day"][planted["fraud"]]]
     online = full_world.merchant_kind[planted["merchant"][planted["fraud"]]] == synthetic.KIND_ONLINE
     assert online[fraud_year >= 2015].mean() > online[fraud_year < 2010].mean() + 0.15
+
+
+# ---------------------------------------------------------------- several files
+
+
+def _rows_of(path: Path) -> bytes:
+    header, rows = path.read_bytes().split(b"\n", 1)
+    assert header.decode() + "\n" == synthetic.HEADER
+    return rows
+
+
+def test_several_files_hold_the_single_files_rows_in_name_order_in_equal_parts(tmp_path):
+    synthetic.generate(tmp_path / "one.csv", 10_000, seed=2, chunk_rows=3_000)
+
+    summary = synthetic.generate(tmp_path / "parts", 10_000, seed=2, chunk_rows=3_000, files=3)
+
+    assert summary.path == tmp_path / "parts" and summary.rows == 10_000
+    assert [p.name for p in summary.files] == ["part-0000.csv", "part-0001.csv", "part-0002.csv"]
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == [p.name for p in summary.files]
+    assert [_rows_of(p).count(b"\n") for p in summary.files] == [3_333, 3_333, 3_334]
+    assert b"".join(_rows_of(p) for p in summary.files) == _rows_of(tmp_path / "one.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.csv", "parts"]  # no temporary folder left
+
+
+def test_the_parts_read_as_one_file(tmp_path):
+    summary = synthetic.generate(tmp_path / "parts", 5_000, seed=1, files=4)
+    synthetic.generate(tmp_path / "one.csv", 5_000, seed=1)
+
+    parts = pd.concat([read_transactions(p) for p in summary.files], ignore_index=True)
+
+    pd.testing.assert_frame_equal(parts.astype(str), read_transactions(tmp_path / "one.csv").astype(str))
+
+
+def test_generating_parts_again_replaces_the_earlier_runs_parts(tmp_path):
+    synthetic.generate(tmp_path / "parts", 2_000, files=4)
+
+    summary = synthetic.generate(tmp_path / "parts", 2_000, seed=5, files=2)
+
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["part-0000.csv", "part-0001.csv"]
+    synthetic.generate(tmp_path / "one.csv", 2_000, seed=5)
+    assert b"".join(_rows_of(p) for p in summary.files) == _rows_of(tmp_path / "one.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.csv", "parts"]
+
+
+def test_parts_into_a_folder_holding_other_files_or_onto_a_file_are_refused(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("mine\n")
+    (tmp_path / "file.csv").write_text("a file\n")
+
+    with pytest.raises(FileExistsError, match="holds other files \\(notes.txt\\)"):
+        synthetic.generate(tmp_path / "data", 1_000, files=2)
+    with pytest.raises(NotADirectoryError, match="with several files give a folder path"):
+        synthetic.generate(tmp_path / "file.csv", 1_000, files=2)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "file.csv"]
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("files, message", [(0, "files must be an integer >= 1"), (11, "files must be at most n_rows")])
+def test_an_invalid_file_count_is_a_clear_error_and_writes_nothing(tmp_path, files, message):
+    with pytest.raises(ValueError, match=message):
+        synthetic.generate(tmp_path / "parts", 10, files=files)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parts_failing_midway_leave_the_earlier_parts_and_no_partial_folder(tmp_path):
+    out = tmp_path / "parts"
+    synthetic.generate(out, 1_000, files=2)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    script = textwrap.dedent(f"""
+        import resource, signal
+        from fraudlib import synthetic
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+        try:
+            synthetic.generate({str(out)!r}, 5000, chunk_rows=100, files=2)
+        except OSError as exc:
+            print("failed:", exc.errno)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+    assert "failed: 27" in result.stdout, result.stderr  # EFBIG
+    assert [p.name for p in tmp_path.iterdir()] == ["parts"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_command_lines_write_the_same_parts_as_the_function(tmp_path):
+    synthetic.generate(tmp_path / "api", 3_000, seed=4, files=3)
+    for name, command in (("module", [sys.executable, "-m", "fraudlib.synthetic", "--quiet"]),
+                          ("fraud", [sys.executable, "-m", "fraudlib.cli", "generate"])):
+        result = subprocess.run([*command, "--rows", "3000", "--seed", "4", "--files", "3",
+                                 "--out", str(tmp_path / name)], capture_output=True, text=True, timeout=120)
+
+        assert result.returncode == 0, result.stderr
+        assert {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()} == \
+            {p.name: p.read_bytes() for p in (tmp_path / "api").iterdir()}
+    assert "3 files" in subprocess.run(
+        [sys.executable, "-m", "fraudlib.synthetic", "--quiet", "--rows", "30", "--files", "3",
+         "--out", str(tmp_path / "again")], capture_output=True, text=True, timeout=120).stdout
