@@ -5,7 +5,6 @@ package as in-process, the engine chosen by the stage, an unreachable cluster re
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 import pytest
@@ -45,12 +44,24 @@ def test_xgboost_on_dask_reaches_the_in_process_quality(in_process, on_dask):
     assert set(on_dask.boosters) == set(in_process.boosters)
 
 
-def test_early_stopping_on_validation_keeps_the_best_round_on_dask(on_dask, graph_dir):
-    # The booster is cut at its best validation round: one round more would not score higher.
-    booster = on_dask.boosters["gnn_xgboost"]
-    assert 1 <= booster.num_boosted_rounds() <= FAST_XGB["num_boost_round"]
-    meta = json.loads((on_dask.model_dir / "1" / "meta.json").read_text())
-    assert meta["xgboost_rounds"] == booster.num_boosted_rounds() == on_dask.xgboost_rounds["gnn_xgboost"]
+def test_on_one_worker_xgboost_dask_gives_the_in_process_booster_byte_for_byte():
+    from distributed import Client, LocalCluster
+
+    rng = np.random.default_rng(0)
+    x = {split: rng.normal(size=(n, 6)).astype(np.float32)
+         for split, n in (("train", 4000), ("validation", 1500), ("test", 1500))}
+    y = {split: (v[:, 0] + 0.5 * v[:, 1] + rng.normal(size=len(v)) > 1.5).astype(np.int64) for split, v in x.items()}
+    settings = training.XGBSettings(num_boost_round=200)
+    here, here_scores = training._fit_xgboost(x, y, settings, "cpu", 42)
+    with LocalCluster(n_workers=1, threads_per_worker=training.usable_cores(), processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as local, Client(local, set_as_default=False) as client:
+        cluster = dask_engine.Cluster(client, local.scheduler_address, "", "one worker")
+        there, there_scores = training._fit_xgboost(x, y, settings, "cpu", 42, cluster)
+
+    # Early stopping on validation cut both at the same best round, well before the last.
+    assert there.num_boosted_rounds() == here.num_boosted_rounds() < 200 - training.EARLY_STOPPING_ROUNDS
+    assert there.save_raw() == here.save_raw()
+    np.testing.assert_array_equal(there_scores["test"], here_scores["test"])
 
 
 def test_the_dask_trained_package_loads_in_the_triton_package_path_and_scores_as_trained(on_dask, graph_dir):
