@@ -137,7 +137,9 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
     graph keeps every fraud edge and a sample of the rest, and a GNN reads that selection off
     its neighbourhood). ``undersample_test=True`` selects the test rows like the training rows,
     as the blueprint does (with ``feature_set="blueprint"`` and ``deduplicate=True``: parity
-    with its numbers).
+    with its numbers). The test period is written to ``graph_store.TEST_EDGES`` (Parquet);
+    ``gnn/test_gnn`` (the blueprint's CSV layout, for its clients) holds the blueprint's test
+    graph: the test period's fraud and non-fraud drawn to ``fraud_ratio``.
 
     ``engine="dask"`` reads and validates the input in parallel partitions on a Dask cluster
     (``fraudlib.dask_engine``: a local one sized to this machine, or the one at
@@ -208,6 +210,11 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
     x_user, label = whole.x_user, whole.label
 
     train_order = np.concatenate([np.flatnonzero(split == "train"), np.flatnonzero(split == "validation")])
+    test = np.flatnonzero(split == "test")
+    # The blueprint's test graph (gnn/test_gnn, CSV): its selection of the test period, for its
+    # clients; the whole period (graph_store.TEST_EDGES) is what evaluation reads.
+    blueprint_test = np.ones(len(test), dtype=bool) if undersample_test or not under_sample else \
+        _undersampled(label[test], fraud_ratio, seed)
     edges = {s: int((split == s).sum()) for s in graph_store.SPLITS}
     fraud_edges = {s: int(label[split == s].sum()) for s in graph_store.SPLITS}
     manifest = {
@@ -224,6 +231,14 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
             "scores_rows_from": (f"{window.months['test'][0]}-01" if window else f"{TRAIN_BEFORE_YEAR + 1}-01-01")},
         "rows": counts,
         "splits": {s: {"edges": edges[s], "fraud": fraud_edges[s]} for s in graph_store.SPLITS},
+        "test_graphs": {
+            graph_store.TEST_EDGES: {"edges": len(test), "fraud": fraud_edges["test"],
+                                     "holds": "every transaction of the test period" if not undersample_test
+                                     else "the test period's transactions selected as the training rows"},
+            "gnn/test_gnn": {"edges": int(blueprint_test.sum()), "fraud": int(label[test[blueprint_test]].sum()),
+                             "holds": "the blueprint's test graph: the test period's fraud and non-fraud drawn "
+                                      "to fraud_ratio" if not blueprint_test.all() else
+                                      f"the same edges as {graph_store.TEST_EDGES}"}},
         "split_rule": window.rule() if window else {
             "train": f"Year < {TRAIN_BEFORE_YEAR}", "validation": f"Year == {TRAIN_BEFORE_YEAR}",
             "test": f"Year > {TRAIN_BEFORE_YEAR}"},
@@ -236,11 +251,11 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
     }
     def write(tmp: Path) -> None:
         graph_store.write_part(tmp, "train", whole.edges(train_order))
-        test = np.flatnonzero(split == "test")
-        graph_store.write_part(tmp, "test", whole.edges(test))
-        kept.take(test).reset_index(drop=True).to_parquet(tmp / TEST_ROWS, index=False)
+        graph_store.write_part(tmp, "test", whole.edges(test[blueprint_test]))
+        graph_store.write_test_edges(tmp, whole.edges(test))
+        graph_store.write_parquet(kept.take(test).reset_index(drop=True), tmp / TEST_ROWS)
         if history is not None:
-            history.to_parquet(tmp / HISTORY, index=False)
+            graph_store.write_parquet(history, tmp / HISTORY)
         graph_store.write_json(tmp / graph_store.MANIFEST, manifest)
         # Compact: json's C encoder only runs without indent (100k merchant ids).
         (tmp / graph_store.ENCODERS).write_text(json.dumps(encoders, sort_keys=True))
@@ -570,6 +585,16 @@ def _select_rows(frame: pd.DataFrame, card_codes: np.ndarray, mcc_codes: np.ndar
         rows = np.concatenate([rows, np.flatnonzero(kept_whole)])
     rows = rows[np.random.RandomState(seed).permutation(len(rows))]
     return rows, counts
+
+
+def _undersampled(label: np.ndarray, fraud_ratio: float, seed: int) -> np.ndarray:
+    """Which of these rows (labels) the blueprint's selection keeps: every fraud row, and
+    non-fraud drawn to ``fraud_ratio`` (fraud / non-fraud) as ``_select_rows`` draws them."""
+    non_fraud = np.flatnonzero(label == 0)
+    n = min(len(non_fraud), int((len(label) - len(non_fraud)) / fraud_ratio))
+    keep = label != 0
+    keep[non_fraud[np.random.RandomState(seed).permutation(len(non_fraud))[:n]]] = True
+    return keep
 
 
 def _dedup_codes(frame: pd.DataFrame, card_codes: np.ndarray, mcc_codes: np.ndarray) -> Iterator[np.ndarray]:

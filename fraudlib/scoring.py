@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 NEW_SPLIT = "new"
 # The files of a graph directory that scoring new rows reads: a model that travels carries them.
-CONTEXT_FILES = ("manifest.json", "encoders.json", "history.parquet", "gnn/test_gnn")
+CONTEXT_FILES = ("manifest.json", "encoders.json", "history.parquet", "test_edges.parquet", "gnn/test_gnn")
 
 
 def receptive_field(graph: Graph, targets: np.ndarray, n_hops: int = 2) -> np.ndarray:

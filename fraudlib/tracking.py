@@ -127,7 +127,7 @@ def scoring_context(graph_dir: Path, dest: Path) -> Path:
         elif source.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
-        elif name != "history.parquet":  # only the causal feature set keeps a history
+        elif name not in ("history.parquet", "test_edges.parquet"):  # causal features only; older graphs
             raise FileNotFoundError(f"{source} is missing: the model cannot carry its scoring context "
                                     f"(is {graph_dir} a preprocessed graph directory?)")
     return dest

@@ -228,13 +228,44 @@ def test_default_test_part_is_every_transaction_of_the_test_period(synthetic_csv
     assert rows["test_period_whole"] == len(test_period) and rows["non_fraud_kept"] == int(fraud_before / 0.1)
 
 
+def test_the_blueprint_test_graph_is_the_test_periods_fraud_and_non_fraud_drawn_to_fraud_ratio(synthetic_csv,
+                                                                                               tmp_path):
+    preprocess(synthetic_csv, tmp_path / "graph", fraud_ratio=0.2)
+    whole = graph_store.read_part(tmp_path / "graph", "test")
+    (tmp_path / "graph" / graph_store.TEST_EDGES).unlink()  # read_part falls back to gnn/test_gnn (CSV)
+    blueprint = graph_store.read_part(tmp_path / "graph", "test")
+
+    fraud = int(whole.label.sum())
+    assert int(blueprint.label.sum()) == fraud and blueprint.num_edges == fraud + int(fraud / 0.2)
+    assert blueprint.num_edges < whole.num_edges
+    # Its edges are edges of the whole period, with the same features, in the same order.
+    rows = {tuple(e) + (float(a.sum()),): i for i, (e, a) in enumerate(zip(whole.edge_index.T, whole.edge_attr))}
+    position = [rows[tuple(e) + (float(a.sum()),)] for e, a in zip(blueprint.edge_index.T, blueprint.edge_attr)]
+    assert position == sorted(position)
+    assert np.array_equal(whole.edge_attr[position], blueprint.edge_attr)
+    assert np.array_equal(whole.label[position], blueprint.label) and set(blueprint.split) == {"test"}
+    graphs = graph_store.read_manifest(tmp_path / "graph")["test_graphs"]
+    assert graphs["gnn/test_gnn"]["edges"] == blueprint.num_edges
+    assert graphs[graph_store.TEST_EDGES]["edges"] == whole.num_edges
+
+
+def test_with_undersample_test_both_test_graphs_hold_the_same_edges(synthetic_csv, tmp_path):
+    preprocess(synthetic_csv, tmp_path / "graph", undersample_test=True)
+    parquet = graph_store.read_part(tmp_path / "graph", "test")
+    (tmp_path / "graph" / graph_store.TEST_EDGES).unlink()
+    csv = graph_store.read_part(tmp_path / "graph", "test")
+    for field in ("edge_index", "edge_attr", "label", "year", "x_user", "x_merchant", "feature_mask_edge"):
+        assert np.array_equal(getattr(parquet, field), getattr(csv, field)), field
+    assert parquet.edge_features == csv.edge_features and list(parquet.split) == list(csv.split)
+
+
 def test_same_seed_gives_byte_identical_output(synthetic_csv, tmp_path):
     first = preprocess(synthetic_csv, tmp_path / "a", seed=7)
     second = preprocess(synthetic_csv, tmp_path / "b", seed=7)
     other = preprocess(synthetic_csv, tmp_path / "c", seed=8)
 
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 4 + 2 * 9  # with history.parquet
+    assert len(files) == 5 + 2 * 9  # with history.parquet and test_edges.parquet
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert first.manifest_hash == second.manifest_hash != other.manifest_hash
