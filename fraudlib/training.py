@@ -51,7 +51,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -70,6 +70,10 @@ EARLY_STOPPING_ROUNDS = 32
 EARLY_STOPPING_MIN_DELTA = 1e-3
 ENGINES = dask_engine.ENGINES  # pandas: XGBoost in this process; dask: xgboost.dask; auto: by input rows
 MEMORY_SAMPLE_S = 0.2  # this process's RSS; the workers' every MEMORY_SAMPLE_S * 5 (a scheduler call)
+# Test edges whose XGBoost input is built and scored at once: the whole test period's input
+# (1.5M edges x 153 columns at full size, 0.93 GB, and its gathered pieces as much again) set
+# training's peak memory, which then grew with the test period (docs/scaling.md).
+TEST_BATCH_EDGES = 1 << 18
 
 
 class HyperparameterError(ValueError):
@@ -472,10 +476,28 @@ def _xgb_params(s: XGBSettings, device: str, seed: int) -> dict:
             "gamma": s.gamma, "nthread": usable_cores(), "seed": seed, "device": device}
 
 
+@dataclass(frozen=True)
+class EdgeBatches:
+    """The XGBoost input of ``edges`` edges, built per batch: ``rows(start, stop)``."""
+
+    edges: int
+    rows: Callable[[int, int], np.ndarray]
+
+    def scores(self, booster: xgb.Booster) -> np.ndarray:
+        """``booster``'s scores of every edge, TEST_BATCH_EDGES at a time (each edge's score is
+        its own row's: the same values as one call on the whole input)."""
+        out = np.empty(self.edges, dtype=np.float32)
+        for start in range(0, self.edges, TEST_BATCH_EDGES):
+            stop = min(self.edges, start + TEST_BATCH_EDGES)
+            out[start:stop] = booster.inplace_predict(self.rows(start, stop))
+        return out
+
+
 def _fit_xgboost(x: dict, y: dict, s: XGBSettings, device: str, seed: int,
                  cluster: "dask_engine.Cluster | None" = None) -> tuple[xgb.Booster, dict]:
-    """Booster cut at its best validation iteration, and its scores on validation and test;
-    fitted here, or through ``xgboost.dask`` on ``cluster``'s workers."""
+    """Booster cut at its best validation iteration, and its scores on validation and test
+    (``x["test"]``: EdgeBatches, scored batch by batch); fitted here, or through
+    ``xgboost.dask`` on ``cluster``'s workers."""
     params = _xgb_params(s, device, seed)
     stop = xgb.callback.EarlyStopping(rounds=EARLY_STOPPING_ROUNDS, min_delta=EARLY_STOPPING_MIN_DELTA,
                                       maximize=True)
@@ -498,9 +520,8 @@ def _fit_xgboost(x: dict, y: dict, s: XGBSettings, device: str, seed: int,
             booster = dxgb.train(client, params, train, evals=[(validation, "validation")], **fit)["booster"]
             del train, validation  # the workers let go of the rows
     booster = booster[: booster.best_iteration + 1]
-    # Scored from the raw features, as the served model scores them; in place: no DMatrix copy
-    # of the test period's features (1.5M rows x ~220 columns at full size).
-    return booster, {split: booster.inplace_predict(x[split]) for split in ("validation", "test")}
+    # Scored from the raw features, as the served model scores them; in place: no DMatrix copy.
+    return booster, {"validation": booster.inplace_predict(x["validation"]), "test": x["test"].scores(booster)}
 
 
 def _spread(client, x: np.ndarray, y: np.ndarray):
@@ -531,10 +552,10 @@ def control_columns(edge_features: list[str]) -> dict[str, np.ndarray]:
     return {"baseline": row_only, **({} if row_only.all() else {"graph_features": np.ones_like(row_only)})}
 
 
-def tabular(graph: Graph, columns: np.ndarray) -> np.ndarray:
-    """A control's XGBoost input: each edge's [user x | merchant x | edge x of ``columns``]."""
-    return np.hstack([graph.x_user[graph.edge_index[0]], graph.x_merchant[graph.edge_index[1]],
-                      graph.edge_attr[:, columns]])
+def tabular(graph: Graph, columns: np.ndarray, edges: slice = slice(None)) -> np.ndarray:
+    """A control's XGBoost input: each edge's (of ``edges``) [user x | merchant x | edge x of ``columns``]."""
+    index = graph.edge_index[:, edges]
+    return np.hstack([graph.x_user[index[0]], graph.x_merchant[index[1]], graph.edge_attr[edges][:, columns]])
 
 
 def _fit_controls(graphs: dict, y: dict, s: XGBSettings, device: str, seed: int,
@@ -544,7 +565,9 @@ def _fit_controls(graphs: dict, y: dict, s: XGBSettings, device: str, seed: int,
     started = time.perf_counter()
     boosters, scores = {}, {}
     for control, columns in control_columns(graphs["test"].edge_features).items():
-        x_tab = {split: tabular(g, columns) for split, g in graphs.items()}
+        x_tab = {split: tabular(graphs[split], columns) for split in ("train", "validation")}
+        x_tab["test"] = EdgeBatches(graphs["test"].num_edges,
+                                    lambda a, b, c=columns: tabular(graphs["test"], c, slice(a, b)))
         boosters[control], scores[control] = _fit_xgboost(x_tab, y, s, device, seed, cluster)
         del x_tab
     return boosters, scores, time.perf_counter() - started
@@ -625,7 +648,7 @@ def _train(graph_dir: Path, out_dir: Path, gnn_s: GNNSettings, xgb_s: XGBSetting
     with repeatable(device):
         x_emb = {"train": embed_edges(model, graphs["train"], rate, seed, device),
                  "validation": embed_over_context(model, graphs["validation"], rate, seed, device),
-                 "test": model.edge_features(*_tensors(compact(graphs["test"]), device)).cpu().numpy()}
+                 "test": _test_input(model, graphs["test"], device)}
     seconds["embed"] = time.perf_counter() - t
 
     names = _feature_names(test, gnn_s.hidden_channels)
@@ -675,6 +698,21 @@ def _train(graph_dir: Path, out_dir: Path, gnn_s: GNNSettings, xgb_s: XGBSetting
         xgboost_rounds={m: b.num_boosted_rounds() for m, b in boosters.items()},
         device=device, boosters=boosters, graph_size=graph_size(train_part, test),
     )
+
+
+@torch.no_grad()
+def _test_input(model: gnn.FraudGNN, graph: Graph, device: str) -> EdgeBatches:
+    """XGBoost input of the test edges over the whole test graph, as ``model.edge_features``
+    computes it (the node embeddings of one pass over the graph, then each edge's row), built
+    per batch of edges."""
+    xu, xm, ei, ea = _tensors(compact(graph), device)
+    h_user, h_merchant = model.embed(xu, xm, ei, edge_attr=ea)
+
+    @torch.no_grad()
+    def rows(start: int, stop: int) -> np.ndarray:
+        return gnn._edge_features(xu, h_user, xm, h_merchant, ei[:, start:stop], ea[start:stop]).cpu().numpy()
+
+    return EdgeBatches(graph.num_edges, rows)
 
 
 def _feature_names(graph: Graph, hidden: int) -> dict[str, list[str]]:

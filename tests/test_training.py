@@ -202,6 +202,16 @@ def test_test_scores_are_what_the_exported_model_predicts_on_the_test_graph(trai
                                trained.test_scores["gnn_xgboost"], atol=1e-6)
 
 
+def test_test_edges_scored_in_batches_score_as_one_batch(trained, planted_graph, monkeypatch, tmp_path):
+    monkeypatch.setattr(training, "TEST_BATCH_EDGES", 97)  # 1,611 test edges: 17 batches, the last short
+
+    again = training.train(planted_graph, tmp_path / "model", LEARNING_GNN, FAST_XGB, device="cpu", progress=False)
+
+    for model, scores in trained.test_scores.items():
+        np.testing.assert_array_equal(again.test_scores[model], scores)
+    assert again.metrics == trained.metrics
+
+
 def test_same_seed_gives_the_same_model_on_cpu(planted_graph, tmp_path):
     runs = [training.train(planted_graph, tmp_path / name, {"num_epochs": 3}, FAST_XGB, device="cpu",
                            seed=7, progress=False) for name in ("a", "b")]
