@@ -51,6 +51,8 @@ def test_on_one_worker_xgboost_dask_gives_the_in_process_booster_byte_for_byte()
     x = {split: rng.normal(size=(n, 6)).astype(np.float32)
          for split, n in (("train", 4000), ("validation", 1500), ("test", 1500))}
     y = {split: (v[:, 0] + 0.5 * v[:, 1] + rng.normal(size=len(v)) > 1.5).astype(np.int64) for split, v in x.items()}
+    test = x["test"]
+    x["test"] = training.EdgeBatches(len(test), lambda start, stop: test[start:stop])
     settings = training.XGBSettings(num_boost_round=200)
     here, here_scores = training._fit_xgboost(x, y, settings, "cpu", 42)
     with LocalCluster(n_workers=1, threads_per_worker=training.usable_cores(), processes=True, host="127.0.0.1",
