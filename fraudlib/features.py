@@ -95,15 +95,24 @@ class Stream:
 
 def minutes(year, month, day, time) -> np.ndarray:
     """Minutes since 1970-01-01 of TabFormer's Year, Month, Day and Time (minutes after midnight)."""
-    months = (np.asarray(year, np.int32) - 1970) * 12 + np.asarray(month, np.int32) - 1
+    # In place, adding the columns in their own small dtypes: no temporary of the stream's
+    # length in a wider type.
+    months = np.asarray(year, np.int32) - 1970
+    months *= 12
+    months += np.asarray(month)
+    months -= 1
     first, last = int(months.min()), int(months.max())
     # Each month's first day from a table of the few hundred months present (a gather, not a
     # calendar conversion per row: 10x faster on the 24M rows of the whole file).
-    start = np.arange(first, last + 1).astype("datetime64[M]").astype("datetime64[D]").astype(np.int64)
-    days = start[months - first]
-    days += np.asarray(day, np.int64) - 1
+    # int32: minutes since 1970 fit until the year 6053 (half the memory of int64).
+    start = np.arange(first, last + 1).astype("datetime64[M]").astype("datetime64[D]").astype(np.int32)
+    months -= first
+    days = start[months]
+    del months
+    days += np.asarray(day)
+    days -= 1
     days *= DAY
-    days += np.asarray(time, np.int64)
+    days += np.asarray(time)
     return days
 
 
@@ -174,46 +183,54 @@ def _sort(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _radix_sort(key, np.arange(len(key), dtype=index))
 
 
+@numba.njit(cache=True, nogil=True)
+def _pair_keys(order, merchant, card, cards, t, span):
+    key = np.empty(len(order), np.int64)
+    for i in range(len(order)):
+        r = order[i]
+        key[i] = (np.int64(merchant[r]) * cards + card[r]) * span + t[r]
+    return key
+
+
 # What a sweep reports at each boundary (``_Sorted.sweep``).
-_ROWS, _NEW, _AMOUNT, _SQUARES, _FRAUD, _KNOWN, _KEY_BEFORE, _KEY_AT = range(8)
+_ROWS, _NEW, _AMOUNT, _SQUARES, _FRAUD, _KNOWN, _KEY_BEFORE, _KEY_AT = range(8)  # sums' columns first
 
 
 @numba.njit(cache=True, nogil=True)
-def _sweep(key, q, slot, first, amount, fraud, offsets, want_boundary, want_value):
+def _sweep(key, q, slot, first, amount, fraud, offsets, want_start, want_end, want_value):
     """One pass over the sorted stream for the sorted queries ``q``: a pointer per boundary
     (the first row with key >= query - offset) moves forward only, carrying the sums of the
-    rows before it. Reports, per query, the requested (boundary, value): its row count, sums
-    of first visits, log amounts, their squares, frauds, known labels, or the key just
-    before / at the pointer (-1 when none), in row ``slot[j]`` of the output for query j."""
+    rows before it. Reports, per query, each requested window's (between the boundaries
+    ``want_start`` and ``want_end``) row count, sum of first visits, of log amounts, of their
+    squares, frauds or known labels; or the key just before / at the start boundary's pointer
+    (-1 when none); in row ``slot[j]`` of the output for query j."""
     n, b_count = len(key), len(offsets)
     pointer = np.zeros(b_count, np.int64)
-    sums = np.zeros((b_count, 5), np.int64)
-    out = np.empty((len(q), len(want_boundary)), np.int64)
+    sums = np.zeros((b_count, 6), np.int64)
+    out = np.empty((len(q), len(want_value)), np.int64)
     for j in range(len(q)):
         for b in range(b_count):
             limit = q[j] - offsets[b]
             i = pointer[b]
             while i < n and key[i] < limit:
                 a = np.int64(amount[i])
-                sums[b, 0] += first[i]
-                sums[b, 1] += a
-                sums[b, 2] += a * a
-                sums[b, 3] += fraud[i] == 1
-                sums[b, 4] += fraud[i] >= 0
+                sums[b, 1] += first[i]
+                sums[b, 2] += a
+                sums[b, 3] += a * a
+                sums[b, 4] += fraud[i] == 1
+                sums[b, 5] += fraud[i] >= 0
                 i += 1
             pointer[b] = i
-        for k in range(len(want_boundary)):
-            b, v = want_boundary[k], want_value[k]
-            i = pointer[b]
-            r = slot[j]
-            if v == 0:
-                out[r, k] = i
-            elif v <= 5:
-                out[r, k] = sums[b, v - 1]
+            sums[b, 0] = i
+        r = slot[j]
+        for k in range(len(want_value)):
+            lo, v = want_start[k], want_value[k]
+            if v <= 5:
+                out[r, k] = sums[want_end[k], v] - sums[lo, v]
             elif v == 6:
-                out[r, k] = key[i - 1] if i > 0 else -1
+                out[r, k] = key[pointer[lo] - 1] if pointer[lo] > 0 else -1
             else:
-                out[r, k] = key[min(i, n - 1)]
+                out[r, k] = key[min(pointer[lo], n - 1)]
     return out
 
 
@@ -221,42 +238,46 @@ class _Sorted:
     """The stream sorted by (group, minute) as keys ``group * span + minute``, with the query
     rows' keys, sorted too (answers come back in row order)."""
 
-    def __init__(self, group: np.ndarray, t: np.ndarray, span: int, rows: np.ndarray,
-                 within: tuple[np.ndarray, np.ndarray] | None = None):
-        """``within``: (an order of the stream by (g, minute), codes c) such that the groups
-        sort as (c, g): then sorting that order by c alone (stable) is enough."""
-        if within is None:
-            key = group.astype(np.int64)  # in place from here: the stream may be 24M rows
-            key *= span
-            key += t
-            qkey = key[rows]
-            self.key, self.order = _sort(key)
-            del key
-        else:
-            qkey = group[rows] * span + t[rows]
-            self.order = _radix_sort(within[1][within[0]], within[0].copy())[1]
-            self.key = group[self.order]
-            self.key *= span
-            self.key += t[self.order]
+    def __init__(self, key: np.ndarray, order: np.ndarray, qkey: np.ndarray):
+        """``key`` sorted, the ``order`` of the stream that sorts it, the queries' keys."""
+        self.key, self.order = key, order
         self.q, self.qorder = _sort(qkey)
         self.back = np.empty_like(self.qorder)
         self.back[self.qorder] = np.arange(len(self.qorder))
         self._at = None
+
+    @staticmethod
+    def of(group: np.ndarray, t: np.ndarray, span: int, rows: np.ndarray) -> "_Sorted":
+        key = group.astype(np.int64)  # in place from here: the stream may be 24M rows
+        key *= span
+        key += t
+        qkey = key[rows]
+        return _Sorted(*_sort(key), qkey)
+
+    @staticmethod
+    def pairs(merchant: np.ndarray, card: np.ndarray, t: np.ndarray, span: int, rows: np.ndarray,
+              card_order: np.ndarray) -> "_Sorted":
+        """Grouped by (merchant, card): the order by (card, minute) sorted again by merchant
+        alone (stable), the keys made in one pass (no temporary of the stream's length)."""
+        cards = int(card.max()) + 1
+        order = _radix_sort(merchant[card_order], card_order.copy())[1]
+        qkey = (merchant[rows].astype(np.int64) * cards + card[rows]) * span + t[rows]
+        return _Sorted(_pair_keys(order, merchant, card, cards, t, span), order, qkey)
 
     def take(self, values: np.ndarray) -> np.ndarray:
         """``values`` (one per stream row) in sorted order."""
         return np.take(values, self.order)
 
     def sweep(self, first: np.ndarray, amount: np.ndarray, fraud: np.ndarray,
-              wanted: dict[str, tuple[float, int]]) -> dict[str, np.ndarray]:
-        """Per query (row order), each ``wanted`` name's (days before the row, value) at the
-        first row of the query's group at or after that time (``_sweep``); ``first``,
-        ``amount`` and ``fraud`` are per stream row."""
-        days = sorted({d for d, _ in wanted.values()})
-        boundary = np.array([days.index(d) for d, _ in wanted.values()], np.int64)
-        value = np.array([v for _, v in wanted.values()], np.int64)
+              wanted: dict[str, tuple[float, float, int]]) -> dict[str, np.ndarray]:
+        """Per query (row order), each ``wanted`` name's value (``_sweep``) over the rows of the
+        query's group in [row - start days, row - end days); ``first``, ``amount`` and
+        ``fraud`` are per stream row."""
+        days = sorted({d for start, end, _ in wanted.values() for d in (start, end)})
+        start, end, value = (np.array([days.index(w[i]) if i < 2 else w[i] for w in wanted.values()], np.int64)
+                             for i in range(3))
         out = _sweep(self.key, self.q, self.qorder, self.take(first), self.take(amount), self.take(fraud),
-                     np.array([int(d * DAY) for d in days], np.int64), boundary, value)
+                     np.array([int(d * DAY) for d in days], np.int64), start, end, value)
         return {name: out[:, k] for k, name in enumerate(wanted)}
 
     def _at_queries(self) -> np.ndarray:
@@ -281,23 +302,20 @@ class _Sorted:
 
 def _first_visits(by_pair: _Sorted) -> np.ndarray:
     """Per row: the card-merchant pair has no visit in the NOVELTY_DAYS strictly before it."""
-    key = by_pair.key
-    n = len(key)
-    # In sorted keys, the latest strictly earlier row of the pair is just before the row's run
-    # of equal keys (same pair, same minute).
-    index = np.int32 if n < 2**31 else np.int64
-    new_run = np.ones(n, dtype=bool)
-    np.not_equal(key[1:], key[:-1], out=new_run[1:])
-    before = np.where(new_run, np.arange(n, dtype=index), 0)
-    del new_run
-    np.maximum.accumulate(before, out=before)  # each row's run start
-    before -= 1
-    previous = key[np.maximum(before, 0)]
-    previous += NOVELTY_DAYS * DAY  # the last visit before the row's minute, plus the window
-    revisit = (before >= 0) & (previous >= key)
-    first = np.empty(n, dtype=bool)
-    first[by_pair.order] = ~revisit
-    return first
+    first = np.empty(len(by_pair.key), dtype=np.uint8)
+    _mark_first_visits(by_pair.key, by_pair.order, NOVELTY_DAYS * DAY, first)
+    return first.view(bool)
+
+
+@numba.njit(cache=True, nogil=True)
+def _mark_first_visits(key, order, window, first):
+    """In sorted keys the latest strictly earlier row of the pair is just before the row's run
+    of equal keys (same pair, same minute): a first visit when there is none within ``window``."""
+    start = 0
+    for i in range(len(key)):
+        if i > 0 and key[i] != key[i - 1]:
+            start = i
+        first[order[i]] = not (start > 0 and key[start - 1] + window >= key[i])
 
 
 def compute(stream: Stream, rows: np.ndarray | None = None,
@@ -325,15 +343,10 @@ def compute(stream: Stream, rows: np.ndarray | None = None,
     # The merchants' sort does not need the first visits: it runs beside the cards' and the
     # pairs' work (the compiled passes release the GIL).
     pool = ThreadPoolExecutor(1)
-    sorting_merchants = pool.submit(_Sorted, merchant, t, span, rows)
+    sorting_merchants = pool.submit(_Sorted.of, merchant, t, span, rows)
     pool.shutdown(wait=False)
-    by_card = _Sorted(card, t, span, rows)
-    # Pairs (merchant, card): the cards' order, sorted again by merchant only (stable).
-    pair = merchant.astype(np.int64)
-    pair *= int(card.max()) + 1
-    pair += card
-    by_pair = _Sorted(pair, t, span, rows, within=(by_card.order, merchant))
-    del pair
+    by_card = _Sorted.of(card, t, span, rows)
+    by_pair = _Sorted.pairs(merchant, card, t, span, rows, by_card.order)
     first = _first_visits(by_pair)
     seen, gap = by_pair.previous(NOVELTY_DAYS)
     out["pair_first_visit"] = (~seen).astype(np.float64)
@@ -351,47 +364,46 @@ def compute(stream: Stream, rows: np.ndarray | None = None,
     own = log_amount[rows] / _FIXED
     fraud = stream.fraud
     for kind, codes, counterparts in (("card", card, "merchants"), ("merchant", merchant, "cards")):
+        out.update((name, v.astype(np.float32)) for name, v in out.items() if v.dtype != np.float32)  # memory
         s = by_card if kind == "card" else sorting_merchants.result()
-        # Windows [row - start, row - end) are differences between two boundaries' reports.
-        label_cut, label_start = label_delay_days, label_delay_days + LABEL_WINDOW_DAYS
-        wanted = {"at": (0, _ROWS), "new_at": (0, _NEW), "amount_at": (0, _AMOUNT), "squares_at": (0, _SQUARES),
-                  "amount_lo": (AMOUNT_DAYS, _AMOUNT), "squares_lo": (AMOUNT_DAYS, _SQUARES),
-                  "count_lo": (AMOUNT_DAYS, _ROWS), "fraud_hi": (label_cut, _FRAUD), "fraud_lo": (label_start, _FRAUD)}
+        # Windows [row - start days, row - end days) of the row's group: (start, end, what).
+        label = (label_delay_days + LABEL_WINDOW_DAYS, label_delay_days)
+        wanted = {"count": (AMOUNT_DAYS, 0, _ROWS), "amount": (AMOUNT_DAYS, 0, _AMOUNT),
+                  "squares": (AMOUNT_DAYS, 0, _SQUARES), "frauds": (*label, _FRAUD)}
         for days in WINDOWS_DAYS:
-            wanted[f"lo_{days}"] = (days, _ROWS)
-            wanted[f"new_{days}"] = (days, _NEW)
+            wanted[f"tx_{days}"] = (days, 0, _ROWS)
+            if days <= 7:
+                wanted[f"new_{days}"] = (days, 0, _NEW)
         if kind == "card":
-            wanted["before"] = (0, _KEY_BEFORE)
+            wanted["before"] = (0, 0, _KEY_BEFORE)
         else:
-            wanted |= {"known_hi": (label_cut, _KNOWN), "known_lo": (label_start, _KNOWN),
-                       "usual_lo": (BASELINE_DAYS + 7, _NEW), "oldest_lo": (horizon, _ROWS),
-                       "oldest": (horizon, _KEY_AT)}
+            wanted |= {"known": (*label, _KNOWN), "usual": (BASELINE_DAYS + 7, 7, _NEW),
+                       "active": (horizon, 0, _ROWS), "oldest": (horizon, 0, _KEY_AT)}
         w = s.sweep(first.view(np.uint8), log_amount, fraud, wanted)
         for days in WINDOWS_DAYS:
-            out[f"{kind}_tx_{days}d"] = np.log1p(w["at"] - w[f"lo_{days}"])
+            out[f"{kind}_tx_{days}d"] = np.log1p(w[f"tx_{days}"])
             if days <= 7:
-                out[f"{kind}_new_{counterparts}_{days}d"] = np.log1p(w["new_at"] - w[f"new_{days}"])
-        count = w["at"] - w["count_lo"]
-        mean = np.divide(w["amount_at"] - w["amount_lo"], count * _FIXED, out=np.zeros(len(rows)), where=count > 0)
-        var = np.divide(w["squares_at"] - w["squares_lo"], count * _FIXED**2, out=np.zeros(len(rows)),
-                        where=count > 0) - mean ** 2
+                out[f"{kind}_new_{counterparts}_{days}d"] = np.log1p(w[f"new_{days}"])
+        count = w["count"]
+        mean = np.divide(w["amount"], count * _FIXED, out=np.zeros(len(rows)), where=count > 0)
+        var = np.divide(w["squares"], count * _FIXED**2, out=np.zeros(len(rows)), where=count > 0) - mean ** 2
         out[f"amount_vs_{kind}"] = np.where(count > 0, (own - mean) / (np.sqrt(np.maximum(var, 0.0)) + 0.25), 0.0)
         # Label-aware: only labels of rows older than the delay, over the window before that cut.
-        frauds = w["fraud_hi"] - w["fraud_lo"]
-        out[f"{kind}_known_frauds"] = np.log1p(frauds)
+        out[f"{kind}_known_frauds"] = np.log1p(w["frauds"])
         q = s.query_keys()
         if kind == "card":
             found = (w["before"] >= 0) & (w["before"] >= q - horizon * DAY)
             out["card_hours_since_last"] = np.log1p(np.where(found, q - w["before"], horizon * DAY) / 60.0)
+            del s, by_card, w  # before the merchants' sweep (memory)
             continue
-        out["merchant_fraud_rate"] = ((frauds + PRIOR_RATE * PRIOR_WEIGHT)
-                                      / (w["known_hi"] - w["known_lo"] + PRIOR_WEIGHT))
-        week = w["new_at"] - w["new_7"]
-        usual = (w["new_7"] - w["usual_lo"]) * 7.0 / BASELINE_DAYS
-        out["merchant_new_cards_vs_usual"] = np.log((week + 1.0) / (usual + 1.0))
-        active = w["at"] > w["oldest_lo"]
-        out["merchant_days_active"] = np.log1p(np.where(active, q - w["oldest"], 0) / DAY)
-    return np.column_stack([out[name] for name in NAMES]).astype(np.float32)
+        out["merchant_fraud_rate"] = (w["frauds"] + PRIOR_RATE * PRIOR_WEIGHT) / (w["known"] + PRIOR_WEIGHT)
+        usual = w["usual"] * 7.0 / BASELINE_DAYS
+        out["merchant_new_cards_vs_usual"] = np.log((w["new_7"] + 1.0) / (usual + 1.0))
+        out["merchant_days_active"] = np.log1p(np.where(w["active"] > 0, q - w["oldest"], 0) / DAY)
+    values = np.empty((len(rows), len(NAMES)), dtype=np.float32)
+    for i, name in enumerate(NAMES):
+        values[:, i] = out.pop(name)  # each column freed once copied (memory)
+    return values
 
 
 def history(stream: Stream, since_minute: int, label_delay_days: int) -> Stream:
