@@ -75,6 +75,23 @@ def test_the_dask_trained_package_loads_in_the_triton_package_path_and_scores_as
         model_export.FILES + model_export.NATIVE_FILES)
 
 
+def test_triton_serves_the_dask_trained_package_and_predicts_its_test_scores(on_dask, graph_dir, tmp_path):
+    import shutil
+
+    from fraudlib.settings import TRITON_MODEL_NAME
+    from fraudlib.triton_server import EmbeddedTriton
+    from test_model_export import _contract_inputs
+
+    repository = tmp_path / "models"
+    shutil.copytree(on_dask.model_dir, repository / TRITON_MODEL_NAME)
+    test = graph_store.read_part(graph_dir, "test")
+    with EmbeddedTriton(repository, tmp_path / "triton.log") as server, server.client() as client:
+        client.load_model(TRITON_MODEL_NAME)
+        out = client.infer(TRITON_MODEL_NAME, _contract_inputs(test), outputs=["PREDICTION"])
+
+    np.testing.assert_allclose(out["PREDICTION"][:, 0], on_dask.test_scores["gnn_xgboost"], atol=1e-5)
+
+
 def test_the_result_says_how_large_the_graph_was_and_the_peak_memory(on_dask, in_process, graph_dir):
     train_part = graph_store.read_part(graph_dir, "train")
     assert on_dask.graph_size == in_process.graph_size == {
