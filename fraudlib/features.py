@@ -25,7 +25,6 @@ the window's length; a row to score whose windows reach before the saved history
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numba
@@ -335,16 +334,16 @@ def compute(stream: Stream, rows: np.ndarray | None = None,
     span = int(t.max()) + 1
     low, high = int(stream.card.min()), int(stream.card.max())
     # Card ids (user * cards + card) are dense enough to be codes themselves.
-    card = (stream.card - low).astype(np.int32) if high - low < 2**24 else pd.factorize(stream.card)[0].astype(np.int32)
+    if high - low >= 2**24:
+        card = pd.factorize(stream.card)[0].astype(np.int32)
+    elif low >= 0 and stream.card.dtype == np.int32:
+        card = stream.card  # no copy (memory)
+    else:
+        card = (stream.card - low).astype(np.int32)
     merchant, merchants = pd.factorize(stream.merchant)
     merchant = merchant.astype(np.int32)
     out = {}
 
-    # The merchants' sort does not need the first visits: it runs beside the cards' and the
-    # pairs' work (the compiled passes release the GIL).
-    pool = ThreadPoolExecutor(1)
-    sorting_merchants = pool.submit(_Sorted.of, merchant, t, span, rows)
-    pool.shutdown(wait=False)
     by_card = _Sorted.of(card, t, span, rows)
     by_pair = _Sorted.pairs(merchant, card, t, span, rows, by_card.order)
     first = _first_visits(by_pair)
@@ -365,7 +364,9 @@ def compute(stream: Stream, rows: np.ndarray | None = None,
     fraud = stream.fraud
     for kind, codes, counterparts in (("card", card, "merchants"), ("merchant", merchant, "cards")):
         out.update((name, v.astype(np.float32)) for name, v in out.items() if v.dtype != np.float32)  # memory
-        s = by_card if kind == "card" else sorting_merchants.result()
+        # One grouping at a time: sorting the merchants beside the cards' work held both
+        # sorts' buffers at once (full size: 3.2 GB peak).
+        s = by_card if kind == "card" else _Sorted.of(merchant, t, span, rows)
         # Windows [row - start days, row - end days) of the row's group: (start, end, what).
         label = (label_delay_days + LABEL_WINDOW_DAYS, label_delay_days)
         wanted = {"count": (AMOUNT_DAYS, 0, _ROWS), "amount": (AMOUNT_DAYS, 0, _AMOUNT),

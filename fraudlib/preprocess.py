@@ -567,7 +567,7 @@ def _select_rows(frame: pd.DataFrame, card_codes: np.ndarray, mcc_codes: np.ndar
     else:
         first = np.ones(len(frame), dtype=bool)
     fraud_rows = np.flatnonzero(fraud & pool)
-    non_fraud = np.flatnonzero(first & ~fraud & pool)
+    non_fraud = np.flatnonzero(first & ~fraud & pool).astype(np.int32 if len(frame) < 2**31 else np.int64)  # memory
     if under_sample and len(fraud_rows) == 0 and pool.any():  # no rows at all: the split check says so
         where = "" if whole is None else " before the test period"
         raise ValueError(f"the file has no fraud rows{where}, so undersampling to fraud_ratio would keep no rows "
