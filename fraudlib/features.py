@@ -25,6 +25,7 @@ the window's length; a row to score whose windows reach before the saved history
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numba
@@ -343,68 +344,81 @@ def compute(stream: Stream, rows: np.ndarray | None = None,
     merchant, merchants = pd.factorize(stream.merchant)
     merchant = merchant.astype(np.int32)
     out = {}
+    with ThreadPoolExecutor(1) as pool:  # the merchants' grouping on the second core
+        by_merchant = pool.submit(_Sorted.of, merchant, t, span, rows)
+        by_card = _Sorted.of(card, t, span, rows)
+        by_pair = _Sorted.pairs(merchant, card, t, span, rows, by_card.order)
+        first = _first_visits(by_pair).view(np.uint8)
+        seen, gap = by_pair.previous(NOVELTY_DAYS)
+        out["pair_first_visit"] = (~seen).astype(np.float32)
+        out["pair_days_since_last"] = np.log1p(gap / DAY).astype(np.float32)
+        del by_pair, seen, gap
 
-    by_card = _Sorted.of(card, t, span, rows)
-    by_pair = _Sorted.pairs(merchant, card, t, span, rows, by_card.order)
-    first = _first_visits(by_pair)
-    seen, gap = by_pair.previous(NOVELTY_DAYS)
-    out["pair_first_visit"] = (~seen).astype(np.float64)
-    out["pair_days_since_last"] = np.log1p(gap / DAY)
-    del by_pair
-
-    # Log amounts in fixed point: integer prefix sums are exact, so a row's statistics do not
-    # depend on which other rows (groups, later rows) the stream holds; the squares' sums
-    # stay below 2**63 up to ~10**9 rows.
-    log_amount = np.abs(stream.amount)
-    np.log1p(log_amount, out=log_amount)
-    log_amount *= _FIXED
-    np.copysign(log_amount, stream.amount, out=log_amount)
-    log_amount = np.rint(log_amount, out=log_amount).astype(np.int32)
-    own = log_amount[rows] / _FIXED
-    fraud = stream.fraud
-    for kind, codes, counterparts in (("card", card, "merchants"), ("merchant", merchant, "cards")):
-        out.update((name, v.astype(np.float32)) for name, v in out.items() if v.dtype != np.float32)  # memory
-        # One grouping at a time: sorting the merchants beside the cards' work held both
-        # sorts' buffers at once (full size: 3.2 GB peak).
-        s = by_card if kind == "card" else _Sorted.of(merchant, t, span, rows)
-        # Windows [row - start days, row - end days) of the row's group: (start, end, what).
-        label = (label_delay_days + LABEL_WINDOW_DAYS, label_delay_days)
-        wanted = {"count": (AMOUNT_DAYS, 0, _ROWS), "amount": (AMOUNT_DAYS, 0, _AMOUNT),
-                  "squares": (AMOUNT_DAYS, 0, _SQUARES), "frauds": (*label, _FRAUD)}
-        for days in WINDOWS_DAYS:
-            wanted[f"tx_{days}"] = (days, 0, _ROWS)
-            if days <= 7:
-                wanted[f"new_{days}"] = (days, 0, _NEW)
-        if kind == "card":
-            wanted["before"] = (0, 0, _KEY_BEFORE)
-        else:
-            wanted |= {"known": (*label, _KNOWN), "usual": (BASELINE_DAYS + 7, 7, _NEW),
-                       "active": (horizon, 0, _ROWS), "oldest": (horizon, 0, _KEY_AT)}
-        w = s.sweep(first.view(np.uint8), log_amount, fraud, wanted)
-        for days in WINDOWS_DAYS:
-            out[f"{kind}_tx_{days}d"] = np.log1p(w[f"tx_{days}"])
-            if days <= 7:
-                out[f"{kind}_new_{counterparts}_{days}d"] = np.log1p(w[f"new_{days}"])
-        count = w["count"]
-        mean = np.divide(w["amount"], count * _FIXED, out=np.zeros(len(rows)), where=count > 0)
-        var = np.divide(w["squares"], count * _FIXED**2, out=np.zeros(len(rows)), where=count > 0) - mean ** 2
-        out[f"amount_vs_{kind}"] = np.where(count > 0, (own - mean) / (np.sqrt(np.maximum(var, 0.0)) + 0.25), 0.0)
-        # Label-aware: only labels of rows older than the delay, over the window before that cut.
-        out[f"{kind}_known_frauds"] = np.log1p(w["frauds"])
-        q = s.query_keys()
-        if kind == "card":
-            found = (w["before"] >= 0) & (w["before"] >= q - horizon * DAY)
-            out["card_hours_since_last"] = np.log1p(np.where(found, q - w["before"], horizon * DAY) / 60.0)
-            del s, by_card, w  # before the merchants' sweep (memory)
-            continue
-        out["merchant_fraud_rate"] = (w["frauds"] + PRIOR_RATE * PRIOR_WEIGHT) / (w["known"] + PRIOR_WEIGHT)
-        usual = w["usual"] * 7.0 / BASELINE_DAYS
-        out["merchant_new_cards_vs_usual"] = np.log((w["new_7"] + 1.0) / (usual + 1.0))
-        out["merchant_days_active"] = np.log1p(np.where(w["active"] > 0, q - w["oldest"], 0) / DAY)
+        # Log amounts in fixed point: integer prefix sums are exact, so a row's statistics do
+        # not depend on which other rows (groups, later rows) the stream holds; the squares'
+        # sums stay below 2**63 up to ~10**9 rows.
+        log_amount = np.abs(stream.amount)
+        np.log1p(log_amount, out=log_amount)
+        log_amount *= _FIXED
+        np.copysign(log_amount, stream.amount, out=log_amount)
+        log_amount = np.rint(log_amount, out=log_amount).astype(np.int32)
+        stream_values = (first, log_amount, stream.fraud, log_amount[rows] / _FIXED, label_delay_days, horizon)
+        merchants_part = pool.submit(_merchant_features, by_merchant, *stream_values)
+        del by_merchant  # the worker holds the only reference: freed when its features are done
+        out |= _grouping_features("card", by_card, *stream_values)
+        del by_card
+        out |= merchants_part.result()
     values = np.empty((len(rows), len(NAMES)), dtype=np.float32)
     for i, name in enumerate(NAMES):
         values[:, i] = out.pop(name)  # each column freed once copied (memory)
     return values
+
+
+def _merchant_features(by_merchant, *stream_values) -> dict[str, np.ndarray]:
+    sorted_ = by_merchant.result()
+    del by_merchant
+    return _grouping_features("merchant", sorted_, *stream_values)
+
+
+def _grouping_features(kind: str, s: _Sorted, first: np.ndarray, log_amount: np.ndarray, fraud: np.ndarray,
+                       own: np.ndarray, label_delay_days: int, horizon: int) -> dict[str, np.ndarray]:
+    """The features of one grouping (``kind`` card or merchant) from its sorted stream ``s``."""
+    counterparts = "merchants" if kind == "card" else "cards"
+    # Windows [row - start days, row - end days) of the row's group: (start, end, what).
+    label = (label_delay_days + LABEL_WINDOW_DAYS, label_delay_days)
+    wanted = {"count": (AMOUNT_DAYS, 0, _ROWS), "amount": (AMOUNT_DAYS, 0, _AMOUNT),
+              "squares": (AMOUNT_DAYS, 0, _SQUARES), "frauds": (*label, _FRAUD)}
+    for days in WINDOWS_DAYS:
+        wanted[f"tx_{days}"] = (days, 0, _ROWS)
+        if days <= 7:
+            wanted[f"new_{days}"] = (days, 0, _NEW)
+    if kind == "card":
+        wanted["before"] = (0, 0, _KEY_BEFORE)
+    else:
+        wanted |= {"known": (*label, _KNOWN), "usual": (BASELINE_DAYS + 7, 7, _NEW),
+                   "active": (horizon, 0, _ROWS), "oldest": (horizon, 0, _KEY_AT)}
+    w = s.sweep(first, log_amount, fraud, wanted)
+    out = {}
+    for days in WINDOWS_DAYS:
+        out[f"{kind}_tx_{days}d"] = np.log1p(w[f"tx_{days}"])
+        if days <= 7:
+            out[f"{kind}_new_{counterparts}_{days}d"] = np.log1p(w[f"new_{days}"])
+    count = w["count"]
+    mean = np.divide(w["amount"], count * _FIXED, out=np.zeros(len(own)), where=count > 0)
+    var = np.divide(w["squares"], count * _FIXED**2, out=np.zeros(len(own)), where=count > 0) - mean ** 2
+    out[f"amount_vs_{kind}"] = np.where(count > 0, (own - mean) / (np.sqrt(np.maximum(var, 0.0)) + 0.25), 0.0)
+    # Label-aware: only labels of rows older than the delay, over the window before that cut.
+    out[f"{kind}_known_frauds"] = np.log1p(w["frauds"])
+    q = s.query_keys()
+    if kind == "card":
+        found = (w["before"] >= 0) & (w["before"] >= q - horizon * DAY)
+        out["card_hours_since_last"] = np.log1p(np.where(found, q - w["before"], horizon * DAY) / 60.0)
+    else:
+        out["merchant_fraud_rate"] = (w["frauds"] + PRIOR_RATE * PRIOR_WEIGHT) / (w["known"] + PRIOR_WEIGHT)
+        usual = w["usual"] * 7.0 / BASELINE_DAYS
+        out["merchant_new_cards_vs_usual"] = np.log((w["new_7"] + 1.0) / (usual + 1.0))
+        out["merchant_days_active"] = np.log1p(np.where(w["active"] > 0, q - w["oldest"], 0) / DAY)
+    return {name: v.astype(np.float32) for name, v in out.items()}
 
 
 def history(stream: Stream, since_minute: int, label_delay_days: int) -> Stream:
