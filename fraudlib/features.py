@@ -72,6 +72,9 @@ class Stream:
     minute: np.ndarray
     amount: np.ndarray
     fraud: np.ndarray
+    # The merchants as codes 0..k-1 when known (a categorical column's), else factorized when
+    # needed; any numbering gives the same features. Not carried by take/concat.
+    merchant_codes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.minute)
@@ -119,15 +122,17 @@ def minutes(year, month, day, time) -> np.ndarray:
 def stream_of(frame: pd.DataFrame, max_cards: int, fraud: np.ndarray | None = None) -> Stream:
     """The stream of raw rows as ``tabformer.read_transactions`` returns them; card id =
     User * max_cards + Card (the graph's user node). ``fraud`` overrides the labels (-1: unknown)."""
-    merchant = frame["Merchant Name"]
-    merchant = merchant.array.categories.to_numpy()[merchant.array.codes] if isinstance(
-        merchant.dtype, pd.CategoricalDtype) else merchant.to_numpy()
+    merchant, codes = frame["Merchant Name"], None
+    if isinstance(merchant.dtype, pd.CategoricalDtype):
+        codes = merchant.array.codes
+        merchant = merchant.array.categories.to_numpy()[codes]
     return Stream(
         card=card_ids(frame, max_cards),
         merchant=np.asarray(merchant, dtype=np.int64),
         minute=minutes(frame["Year"], frame["Month"], frame["Day"], frame["Time"]),
         amount=frame["Amount"].to_numpy(np.float64),
-        fraud=(frame["Is Fraud?"].to_numpy() if fraud is None else fraud).astype(np.int8))
+        fraud=(frame["Is Fraud?"].to_numpy() if fraud is None else fraud).astype(np.int8),
+        merchant_codes=None if codes is None or (codes < 0).any() else codes.astype(np.int32))
 
 
 def card_ids(frame: pd.DataFrame, max_cards: int) -> np.ndarray:
@@ -197,13 +202,25 @@ _ROWS, _NEW, _AMOUNT, _SQUARES, _FRAUD, _KNOWN, _KEY_BEFORE, _KEY_AT = range(8) 
 
 
 @numba.njit(cache=True, nogil=True)
-def _sweep(key, q, slot, first, amount, fraud, offsets, want_start, want_end, want_value):
+def _gather(order, first, amount, fraud):
+    """``first``, ``amount`` and ``fraud`` in ``order`` (one pass over the order)."""
+    n = len(order)
+    f, a, y = np.empty(n, first.dtype), np.empty(n, amount.dtype), np.empty(n, fraud.dtype)
+    for i in range(n):
+        r = order[i]
+        f[i], a[i], y[i] = first[r], amount[r], fraud[r]
+    return f, a, y
+
+
+@numba.njit(cache=True, nogil=True)
+def _sweep(key, q, slot, first, amount, fraud, offsets, need, want_start, want_end, want_value):
     """One pass over the sorted stream for the sorted queries ``q``: a pointer per boundary
     (the first row with key >= query - offset) moves forward only, carrying the sums of the
-    rows before it. Reports, per query, each requested window's (between the boundaries
-    ``want_start`` and ``want_end``) row count, sum of first visits, of log amounts, of their
-    squares, frauds or known labels; or the key just before / at the start boundary's pointer
-    (-1 when none); in row ``slot[j]`` of the output for query j."""
+    rows before it that the boundary's windows ``need`` (a flag per sum column). Reports, per
+    query, each requested window's (between the boundaries ``want_start`` and ``want_end``)
+    row count, sum of first visits, of log amounts, of their squares, frauds or known labels;
+    or the key just before / at the start boundary's pointer (-1 when none); in row
+    ``slot[j]`` of the output for query j."""
     n, b_count = len(key), len(offsets)
     pointer = np.zeros(b_count, np.int64)
     sums = np.zeros((b_count, 6), np.int64)
@@ -212,14 +229,24 @@ def _sweep(key, q, slot, first, amount, fraud, offsets, want_start, want_end, wa
         for b in range(b_count):
             limit = q[j] - offsets[b]
             i = pointer[b]
-            while i < n and key[i] < limit:
-                a = np.int64(amount[i])
-                sums[b, 1] += first[i]
-                sums[b, 2] += a
-                sums[b, 3] += a * a
-                sums[b, 4] += fraud[i] == 1
-                sums[b, 5] += fraud[i] >= 0
-                i += 1
+            if need[b, 1] or need[b, 2] or need[b, 4] or need[b, 5]:
+                s1, s2, s3, s4, s5 = sums[b, 1], sums[b, 2], sums[b, 3], sums[b, 4], sums[b, 5]
+                while i < n and key[i] < limit:
+                    if need[b, 1]:
+                        s1 += first[i]
+                    if need[b, 2]:
+                        a = np.int64(amount[i])
+                        s2 += a
+                        s3 += a * a
+                    if need[b, 4]:
+                        s4 += fraud[i] == 1
+                    if need[b, 5]:
+                        s5 += fraud[i] >= 0
+                    i += 1
+                sums[b, 1], sums[b, 2], sums[b, 3], sums[b, 4], sums[b, 5] = s1, s2, s3, s4, s5
+            else:  # the row count is the pointer itself
+                while i < n and key[i] < limit:
+                    i += 1
             pointer[b] = i
             sums[b, 0] = i
         r = slot[j]
@@ -264,10 +291,6 @@ class _Sorted:
         qkey = (merchant[rows].astype(np.int64) * cards + card[rows]) * span + t[rows]
         return _Sorted(_pair_keys(order, merchant, card, cards, t, span), order, qkey)
 
-    def take(self, values: np.ndarray) -> np.ndarray:
-        """``values`` (one per stream row) in sorted order."""
-        return np.take(values, self.order)
-
     def sweep(self, first: np.ndarray, amount: np.ndarray, fraud: np.ndarray,
               wanted: dict[str, tuple[float, float, int]]) -> dict[str, np.ndarray]:
         """Per query (row order), each ``wanted`` name's value (``_sweep``) over the rows of the
@@ -276,8 +299,12 @@ class _Sorted:
         days = sorted({d for start, end, _ in wanted.values() for d in (start, end)})
         start, end, value = (np.array([days.index(w[i]) if i < 2 else w[i] for w in wanted.values()], np.int64)
                              for i in range(3))
-        out = _sweep(self.key, self.q, self.qorder, self.take(first), self.take(amount), self.take(fraud),
-                     np.array([int(d * DAY) for d in days], np.int64), start, end, value)
+        need = np.zeros((len(days), 6), np.bool_)  # the sums each boundary carries
+        for k in np.flatnonzero(value <= _KNOWN):
+            need[[start[k], end[k]], value[k]] = True
+        need[:, _AMOUNT] |= need[:, _SQUARES]  # carried together
+        out = _sweep(self.key, self.q, self.qorder, *_gather(self.order, first, amount, fraud),
+                     np.array([int(d * DAY) for d in days], np.int64), need, start, end, value)
         return {name: out[:, k] for k, name in enumerate(wanted)}
 
     def _at_queries(self) -> np.ndarray:
@@ -341,8 +368,8 @@ def compute(stream: Stream, rows: np.ndarray | None = None,
         card = stream.card  # no copy (memory)
     else:
         card = (stream.card - low).astype(np.int32)
-    merchant, merchants = pd.factorize(stream.merchant)
-    merchant = merchant.astype(np.int32)
+    merchant = stream.merchant_codes if stream.merchant_codes is not None else \
+        pd.factorize(stream.merchant)[0].astype(np.int32)
     out = {}
     with ThreadPoolExecutor(1) as pool:  # the merchants' grouping on the second core
         by_merchant = pool.submit(_Sorted.of, merchant, t, span, rows)
