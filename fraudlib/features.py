@@ -379,7 +379,7 @@ def compute(stream: Stream, rows: np.ndarray | None = None,
         seen, gap = by_pair.previous(NOVELTY_DAYS)
         out["pair_first_visit"] = (~seen).astype(np.float32)
         out["pair_days_since_last"] = np.log1p(gap / DAY).astype(np.float32)
-        del by_pair, seen, gap
+        del by_pair, seen, gap, t  # (memory) the merchants' sort holds t until it is done
 
         # Log amounts in fixed point: integer prefix sums are exact, so a row's statistics do
         # not depend on which other rows (groups, later rows) the stream holds; the squares'
@@ -425,6 +425,7 @@ def _grouping_features(kind: str, s: _Sorted, first: np.ndarray, log_amount: np.
         wanted |= {"known": (*label, _KNOWN), "usual": (BASELINE_DAYS + 7, 7, _NEW),
                    "active": (horizon, 0, _ROWS), "oldest": (horizon, 0, _KEY_AT)}
     w = s.sweep(first, log_amount, fraud, wanted)
+    s.key = s.order = None  # (memory) done with the sorted stream; its queries stay
     out = {}
     for days in WINDOWS_DAYS:
         out[f"{kind}_tx_{days}d"] = np.log1p(w[f"tx_{days}"])
