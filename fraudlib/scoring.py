@@ -15,6 +15,7 @@ at the top, so the MLflow model loads with its own requirements.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import pandas as pd
 
+from fraudlib import graph_store
 from fraudlib.graph_store import Graph, compact, read_encoders, read_part
 from fraudlib.tabformer import COLUMNS, LABEL, read_transactions
 
@@ -143,19 +145,49 @@ def explanation_cap(client: TritonClient) -> int | None:
     return max_shap_edges((repo.version_dir(repo.state().champion) / PACKAGE_CONFIG).read_text())
 
 
-def explain_example(client: TritonClient, graph_dir: Path | str | None = None) -> Example:
+def _kept_scores(run_dir: Path | str, meta: dict, graph_dir: Path | str) -> Path:
+    """Where a run folder keeps a model's scores (the model named by its meta.json) of a graph
+    directory's test edges (named by its manifest)."""
+    manifest = Path(graph_dir) / graph_store.MANIFEST
+    graph = manifest.read_bytes() if manifest.is_file() else str(Path(graph_dir).resolve()).encode()
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode() + graph).hexdigest()[:24]
+    return Path(run_dir) / "scores" / f"test-{key}.npy"
+
+
+def keep_test_scores(run_dir: Path | str, meta: dict, graph_dir: Path | str, scores: np.ndarray) -> None:
+    """Keep the scores a stage computed of ``graph_dir``'s test edges (every one, in their
+    order) by the model whose meta.json is ``meta``, for a later stage of the run (the deploy
+    stage's example) not to score the whole test period again."""
+    path = _kept_scores(run_dir, meta, graph_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.npy")
+    np.save(tmp, np.asarray(scores).reshape(-1))
+    os.replace(tmp, path)
+
+
+def kept_test_scores(run_dir: Path | str, meta: dict, graph_dir: Path | str) -> np.ndarray | None:
+    path = _kept_scores(run_dir, meta, graph_dir)
+    return np.load(path) if path.is_file() else None
+
+
+def explain_example(client: TritonClient, graph_dir: Path | str | None = None,
+                    run_dir: Path | str | None = None) -> Example:
     """The champion's highest-scored test transaction whose context the champion explains
     (at most its ``max_shap_edges``), with its Shapley values.
 
     The test part holds every transaction of the test period, so a transaction's receptive
     field can exceed the cap; when all of the 100 highest-scored do, the highest is explained
     inside a uniform sample of its receptive field cut to the cap (seeded; the GNN was trained
-    on uniform samples of the stream), and ``Example.receptive_field`` says so."""
+    on uniform samples of the stream), and ``Example.receptive_field`` says so. The test
+    edges' scores are those ``run_dir`` keeps for the champion and graph (``keep_test_scores``)
+    when it does, else scored here."""
     graph_dir = Path(graph_dir) if graph_dir else champion_graph_dir()
     meta = champion_meta(client)
     n_hops = int(meta["architecture"]["n_hops"])
     test = read_part(graph_dir, "test")
-    whole = np.asarray(_predict(client, test)["PREDICTION"]).reshape(-1)
+    whole = kept_test_scores(run_dir, meta, graph_dir) if run_dir else None
+    if whole is None or len(whole) != test.num_edges:
+        whole = np.asarray(_predict(client, test)["PREDICTION"]).reshape(-1)
     cap = explanation_cap(client)
     top = np.argsort(-whole, kind="stable")[:100].tolist()
     fields = {}

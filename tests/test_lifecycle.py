@@ -132,6 +132,44 @@ def test_an_example_whose_receptive_field_exceeds_the_cap_is_explained_in_a_unif
     assert example.shapley["edge"].shape == (len(example.group_names["edge"]),)
 
 
+def test_the_example_is_found_in_the_scores_the_run_keeps_instead_of_scoring_the_test_period_again(
+        env, graph_dir, tmp_path):
+    """The evaluate stage keeps the challenger's scores of every test edge in the run folder; the
+    deploy stage's example reads them for the champion it explains (same model, same graph)."""
+    from fraudlib import scoring
+
+    repo = lifecycle.repository(env[1])
+    if repo.state().champion is None:  # run alone (-k)
+        evaluate_and_deploy(env, graph_dir, make_package(tmp_path, 0.0))
+    meta_file = repo.version_dir(repo.state().champion) / "meta.json"
+    meta_text = meta_file.read_text()
+    meta = {**json.loads(meta_text), "architecture": {"n_hops": 2}}  # the tiny model: a GNN's
+    meta_file.write_text(json.dumps(meta))
+    try:
+        check_kept_scores(env, graph_dir, tmp_path, meta)
+    finally:
+        meta_file.write_text(meta_text)
+
+
+def check_kept_scores(env, graph_dir, tmp_path, meta):
+    from fraudlib import scoring
+
+    scored = scoring.explain_example(env[1], graph_dir)
+    assert scoring.kept_test_scores(tmp_path, meta, graph_dir) is None
+    again = scoring.explain_example(env[1], graph_dir, tmp_path)  # nothing kept: scored again
+    assert (again.edge, again.whole_graph_score) == (scored.edge, scored.whole_graph_score)
+
+    kept = np.zeros(graph_store.read_part(graph_dir, "test").num_edges, np.float32)
+    kept[7 if scored.edge != 7 else 8] = 1.0  # what the run keeps decides which edge is the highest
+    scoring.keep_test_scores(tmp_path, meta, graph_dir, kept)
+    example = scoring.explain_example(env[1], graph_dir, tmp_path)
+    assert example.edge == int(np.argmax(kept)) and example.edge != scored.edge
+    assert example.score == pytest.approx(float(scoring.served_champion(env[1])(
+        graph_store.read_part(graph_dir, "test"))[example.edge]), abs=1e-6)  # its score: the model's own
+    other = {**meta, "bias": 123}  # another model's kept scores are not this champion's
+    assert scoring.kept_test_scores(tmp_path, other, graph_dir) is None
+
+
 def test_a_better_challenger_is_promoted_and_the_old_champion_becomes_previous(env, graph_dir, tmp_path):
     old = registry.champion()
     evaluation, deployment = evaluate_and_deploy(env, graph_dir, make_package(tmp_path, 0.0))
@@ -422,3 +460,4 @@ def test_a_champion_whose_preprocessed_graph_was_deleted_is_not_compared_on_a_gu
     assert evaluation.decision.decision == promotion.REJECT
     lifecycle.deploy(evaluation.decision.decision, evaluation.challenger_version, evaluation.registry_version, client)
     assert consistent(client) == first.challenger_version
+

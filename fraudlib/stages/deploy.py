@@ -61,7 +61,8 @@ def run(params: Params) -> Outputs:
             lifecycle.reconcile(client)
         state = lifecycle.repository(client).state()
         versions = client.repository_index()
-        example = scoring.explain_example(client, params.example_graph_dir or None) if state.champion else None
+        example = scoring.explain_example(client, params.example_graph_dir or None, run_dir) \
+            if state.champion else None
     rows = [{"version": v.version, "triton_version": v.triton_version, "aliases": ", ".join(v.aliases),
              "run_id": v.run_id, "data_manifest": (v.manifest_hash or "")[:12]} for v in registry.versions()]
     champion = registry.champion()

@@ -5,6 +5,7 @@ test transactions with explicit versions, and decide by a paired bootstrap
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -54,7 +55,7 @@ class Outputs:
 
 
 def run(params: Params) -> Outputs:
-    from fraudlib import lifecycle, plots, tracking, training
+    from fraudlib import lifecycle, plots, scoring, tracking, training
     from fraudlib.triton_server import connect_or_start
 
     run_dir = base.run_folder(params.run_dir)
@@ -67,6 +68,10 @@ def run(params: Params) -> Outputs:
         ev = lifecycle.evaluate(model_dir, graph_dir, client, mlflow_run_id, metric=params.promotion_metric,
                                 min_improvement=params.min_improvement, bootstrap_samples=params.bootstrap_samples,
                                 confidence_level=params.confidence_level, bootstrap_seed=params.bootstrap_seed)
+        if ev.comparison is None:  # the challenger's scores of every test edge: kept for stage 4's example
+            version_dir = lifecycle.repository(client).version_dir(ev.challenger_version)
+            scoring.keep_test_scores(run_dir, json.loads((version_dir / "meta.json").read_text()), graph_dir,
+                                     ev.challenger_scores)
     d = ev.decision
     scores = {f"challenger v{ev.challenger_version}": ev.challenger_scores}
     if ev.champion_scores is not None:
