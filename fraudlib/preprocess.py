@@ -38,6 +38,7 @@ touches only the kept rows.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import glob
 import hashlib
 import json
@@ -266,6 +267,7 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
             for done in [pool.submit(job) for job in jobs]:
                 done.result()  # the first error, raised here (nothing is moved into place)
 
+    _trim_heap()  # (memory) the encoding's freed heap handed back before the files are formatted: 100M rows, ~2 GB
     _write_atomically(out_dir, write)
     return PreprocessSummary(
         graph_dir=str(out_dir),
@@ -598,6 +600,15 @@ def _select_rows(frame: pd.DataFrame, card_codes: np.ndarray, mcc_codes: np.ndar
         rows = np.concatenate([rows, np.flatnonzero(kept_whole)])
     rows = rows[np.random.RandomState(seed).permutation(len(rows))]
     return rows, counts
+
+
+def _trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere
+    nothing): numpy's freed temporaries otherwise stay in the process's memory."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _undersampled(label: np.ndarray, fraud_ratio: float, seed: int) -> np.ndarray:
