@@ -28,6 +28,7 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,23 +200,47 @@ def causal_features(cluster: Cluster, stream: features.Stream, rows: np.ndarray,
         sides[side].append(i)
     rows = np.asarray(rows, dtype=np.int64)
     out = np.empty((len(rows), len(features.NAMES)), dtype=np.float32)
-    tasks = []
+    # One partition per worker at a time, plus one cut ahead: a partition is cut (and sent) only
+    # when a worker is free for it, so no worker holds more than two partitions and the driver
+    # one (every partition sent at once held the whole stream twice over on the workers).
+    pending = deque()
     for key, columns in ((stream.card, sides["card"]), (stream.merchant, sides["merchant"])):
-        part = (key.astype(np.int64) * 2654435761) % parts  # a multiplicative hash (wrapping is fine)
+        part = _partition(key, parts)
         row_part = part[rows]
         for p in range(parts):
+            if len(pending) > _workers(cluster):
+                _collect(cluster, out, *pending.popleft())
             members = np.flatnonzero(part == p)
             mine = np.flatnonzero(row_part == p)
-            data = cluster.client.scatter(stream.take(members), hash=False)
-            tasks.append((mine, columns, cluster.client.submit(
-                _feature_columns, data, np.searchsorted(members, rows[mine]), label_delay_days, columns, pure=False)))
-    for mine, columns, future in tasks:
-        out[np.ix_(mine, columns)] = results(cluster, [future])[0]
-        future.release()
+            # The partition and its query rows in one piece (rows in the task's graph make it large).
+            [data] = cluster.client.scatter([(stream.take(members), np.searchsorted(members, rows[mine]))], hash=False)
+            del members
+            pending.append((mine, columns, data, cluster.client.submit(
+                _feature_columns, data, label_delay_days, columns, pure=False)))
+        del part, row_part
+    while pending:
+        _collect(cluster, out, *pending.popleft())
     return out
 
 
-def _feature_columns(stream: features.Stream, rows: np.ndarray, label_delay_days: int, columns: list[int]) -> np.ndarray:
+def _partition(key: np.ndarray, parts: int) -> np.ndarray:
+    """Each row's partition: a multiplicative hash of its key (wrapping is fine), computed in
+    slices (no int64 temporary of the stream's length)."""
+    out = np.empty(len(key), dtype=np.uint16)
+    step = 1 << 22
+    for start in range(0, len(key), step):
+        out[start:start + step] = (key[start:start + step].astype(np.int64) * 2654435761) % parts
+    return out
+
+
+def _collect(cluster: Cluster, out: np.ndarray, mine: np.ndarray, columns: list[int], data, future) -> None:
+    out[np.ix_(mine, columns)] = results(cluster, [future])[0]
+    future.release()
+    data.release()
+
+
+def _feature_columns(data: tuple[features.Stream, np.ndarray], label_delay_days: int, columns: list[int]) -> np.ndarray:
+    stream, rows = data
     return features.compute(stream, rows, label_delay_days)[:, columns]
 
 
