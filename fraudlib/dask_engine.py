@@ -16,8 +16,9 @@ task (a gzip stream cannot be cut); the Parquet store is one task per month. Err
 pandas engine's, naming the file and line: a block's error is placed in its file, and among
 several the one the pandas engine meets first is raised (``_first_error``). The causal
 features of a stream above ``FEATURE_PARTITION_ROWS`` rows are computed by the workers on
-partitions by card and by merchant (``causal_features``); the rest of preprocessing runs in
-the calling process on the frame it gathered. A task whose worker dies is retried by Dask on
+partitions by card and by merchant (``causal_features``), of at most ``FEATURE_TASK_ROWS``
+rows, sent as workers free up; the rest of preprocessing runs in the calling process on the
+frame it gathered. A task whose worker dies is retried by Dask on
 another worker; when it cannot be, :class:`ClusterError` says so. Nothing is written here:
 preprocessing writes its output only once it is complete.
 """
