@@ -230,7 +230,7 @@ def causal_features(cluster: Cluster, stream: features.Stream, rows: np.ndarray,
 def _partition(key: np.ndarray, parts: int) -> np.ndarray:
     """Each row's partition: a multiplicative hash of its key (wrapping is fine), computed in
     slices (no int64 temporary of the stream's length)."""
-    out = np.empty(len(key), dtype=np.uint16)
+    out = np.empty(len(key), dtype=np.uint16 if parts <= 1 << 16 else np.int64)
     step = 1 << 22
     for start in range(0, len(key), step):
         out[start:start + step] = (key[start:start + step].astype(np.int64) * 2654435761) % parts
@@ -302,6 +302,8 @@ def _own_memory(part: pd.DataFrame) -> pd.DataFrame:
 
 
 def _mapped(array: np.ndarray) -> np.ndarray:
+    if array.dtype.hasobject:  # Python objects cannot live in a map (none in a compact frame)
+        return array
     out = np.frombuffer(mmap.mmap(-1, max(array.nbytes, 1)), dtype=array.dtype, count=len(array))
     out[:] = array
     return out
