@@ -186,8 +186,13 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
                                     eligible, whole)
         del card_codes, mcc_codes
         kept = frame.take(rows).reset_index(drop=True)
+        del eligible, whole
         history = None
         if feature_set == "causal":
+            # The edge features' raw columns and MCC are read only on the kept rows from here:
+            # dropped before the stream is built beside the frame (memory: 0.9 GB at 100M rows).
+            for column in ("MCC", *(c for c, _ in EDGE_NOMINAL)):
+                del frame[column]
             stream = features.stream_of(frame, nodes["max_cards"])
             del frame
             pa.default_memory_pool().release_unused()  # the frame's arrow buffers (0.3 GB at full size)

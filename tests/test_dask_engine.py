@@ -62,7 +62,8 @@ def test_the_dask_engine_writes_the_same_graph_directory_as_pandas(synthetic_csv
 
 def test_causal_features_by_card_and_by_merchant_partitions_give_the_same_graph(
         synthetic_csv, pandas_graph, cluster_address, monkeypatch, tmp_path):
-    monkeypatch.setattr(dask_engine, "FEATURE_PARTITION_ROWS", 7_000)  # 30,000 rows: 5 partitions per side
+    monkeypatch.setattr(dask_engine, "FEATURE_PARTITION_ROWS", 20_000)  # 30,000 rows: partitioned,
+    monkeypatch.setattr(dask_engine, "FEATURE_TASK_ROWS", 7_000)  # in 5 partitions per side (3 in flight)
 
     preprocess(synthetic_csv, tmp_path / "graph", engine="dask", scheduler_address=cluster_address)
 
