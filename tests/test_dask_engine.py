@@ -247,8 +247,10 @@ def dask_processes(tmp_path: Path, workers: int = 2):
             except OSError:
                 assert time.monotonic() < deadline, "dask scheduler did not start listening in 60 s"
                 time.sleep(0.2)
-        with dask_engine.cluster(address) as cluster:
-            cluster.client.wait_for_workers(workers, timeout=120)
+        from distributed import Client
+
+        with Client(address, timeout=60, set_as_default=False) as client:  # not dask_engine's own wait: a
+            client.wait_for_workers(workers, timeout=120)  # test may shorten it, and workers start slowly
         yield address, processes[1:]
     finally:
         for process in reversed(processes):
