@@ -51,10 +51,6 @@ CONNECT_TIMEOUT_S = 10
 WORKER_WAIT_S = 30
 FEATURE_PARTITION_ROWS = 32_000_000  # a stream above this many rows: causal features on the workers, partitioned
 FEATURE_TASK_ROWS = 8_000_000  # stream rows per causal-feature task, about (a task's memory follows its rows)
-# Which rows each causal feature reads besides the row's own: the same card (and its pairs),
-# or the same merchant. A feature in neither list stops causal_features (it would be wrong).
-_BY_CARD = ("card_", "pair_", "amount_vs_card")
-_BY_MERCHANT = ("merchant_", "amount_vs_merchant")
 
 logger = logging.getLogger(__name__)
 
@@ -187,28 +183,23 @@ def causal_features(cluster: Cluster, stream: features.Stream, rows: np.ndarray,
     Each causal feature of a row reads only earlier rows of its card, its card-merchant pair
     or its merchant, and the amount statistics are exact integer sums, so a partition holding
     all rows of its cards (or merchants) gives the whole stream's values bit for bit (the
-    tests compare the graph directories). Each task computes every feature of its partition
-    and keeps its side's: twice the CPU of one pass, spread over the workers, with no worker
+    tests compare the graph directories). Each task computes its side's features only
+    (``features.compute(groupings=...)``: one sort and one sweep per task), with no worker
     sorting more than ``FEATURE_TASK_ROWS`` rows (about ``FEATURE_PARTITION_ROWS`` when that
     is smaller). A stream of at most ``FEATURE_PARTITION_ROWS`` rows is one pass here.
     """
     if len(stream) <= FEATURE_PARTITION_ROWS:
         return features.compute(stream, rows, label_delay_days)
     parts = -(-len(stream) // min(FEATURE_PARTITION_ROWS, FEATURE_TASK_ROWS))
-    sides = {"card": [], "merchant": []}
-    for i, name in enumerate(features.NAMES):
-        side = "card" if name.startswith(_BY_CARD) else "merchant" if name.startswith(_BY_MERCHANT) else None
-        if side is None:
-            raise ValueError(f"causal feature {name!r} is not known to read only its card's or its merchant's rows; "
-                             "add it to dask_engine._BY_CARD or _BY_MERCHANT")
-        sides[side].append(i)
+    sides = {side: [i for i, name in enumerate(features.NAMES) if features.GROUPING_OF[name] == side]
+             for side in features.GROUPINGS}
     rows = np.asarray(rows, dtype=np.int64)
     out = np.empty((len(rows), len(features.NAMES)), dtype=np.float32)
     # One partition per worker at a time, plus one cut ahead: a partition is cut (and sent) only
     # when a worker is free for it, so no worker holds more than two partitions and the driver
     # one (every partition sent at once held the whole stream twice over on the workers).
     pending = deque()
-    for key, columns in ((stream.card, sides["card"]), (stream.merchant, sides["merchant"])):
+    for side, key in (("card", stream.card), ("merchant", stream.merchant)):
         part = _partition(key, parts)
         row_part = part[rows]
         for p in range(parts):
@@ -219,8 +210,8 @@ def causal_features(cluster: Cluster, stream: features.Stream, rows: np.ndarray,
             # The partition and its query rows in one piece (rows in the task's graph make it large).
             [data] = cluster.client.scatter([(stream.take(members), np.searchsorted(members, rows[mine]))], hash=False)
             del members
-            pending.append((mine, columns, data, cluster.client.submit(
-                _feature_columns, data, label_delay_days, columns, pure=False)))
+            pending.append((mine, sides[side], data, cluster.client.submit(
+                _feature_columns, data, label_delay_days, side, pure=False)))
         del part, row_part
     while pending:
         _collect(cluster, out, *pending.popleft())
@@ -243,9 +234,10 @@ def _collect(cluster: Cluster, out: np.ndarray, mine: np.ndarray, columns: list[
     data.release()
 
 
-def _feature_columns(data: tuple[features.Stream, np.ndarray], label_delay_days: int, columns: list[int]) -> np.ndarray:
+def _feature_columns(data: tuple[features.Stream, np.ndarray], label_delay_days: int, side: str) -> np.ndarray:
     stream, rows = data
-    return features.compute(stream, rows, label_delay_days)[:, columns]
+    columns = [i for i, name in enumerate(features.NAMES) if features.GROUPING_OF[name] == side]
+    return features.compute(stream, rows, label_delay_days, groupings=(side,))[:, columns]
 
 
 def _plan(cluster: Cluster, path: Path, columns: list[str]):

@@ -56,6 +56,13 @@ NAMES = (
 )
 
 
+# The grouping whose rows each feature reads besides the row's own: its card (and the card's
+# pairs), or its merchant. ``compute(groupings=...)`` computes one grouping's features only.
+GROUPINGS = ("card", "merchant")
+GROUPING_OF = {name: "card" if name.startswith(("card_", "pair_", "amount_vs_card")) else "merchant"
+               for name in NAMES}
+
+
 def history_days(label_delay_days: int) -> int:
     """How far back a row's features look: older rows never change them. The counts of first
     visits over a window look a further NOVELTY_DAYS back from each row in the window."""
@@ -285,7 +292,9 @@ class _Sorted:
     def pairs(merchant: np.ndarray, card: np.ndarray, t: np.ndarray, span: int, rows: np.ndarray,
               card_order: np.ndarray) -> "_Sorted":
         """Grouped by (merchant, card): the order by (card, minute) sorted again by merchant
-        alone (stable), the keys made in one pass (no temporary of the stream's length)."""
+        alone (stable), the keys made in one pass (no temporary of the stream's length). With
+        the order by (merchant, minute) instead, ``merchant`` and ``card`` swap roles: grouped by
+        (card, merchant), the same pairs."""
         cards = int(card.max()) + 1
         order = _radix_sort(merchant[card_order], card_order.copy())[1]
         qkey = (merchant[rows].astype(np.int64) * cards + card[rows]) * span + t[rows]
@@ -346,11 +355,15 @@ def _mark_first_visits(key, order, window, first):
 
 
 def compute(stream: Stream, rows: np.ndarray | None = None,
-            label_delay_days: int = DEFAULT_LABEL_DELAY_DAYS) -> np.ndarray:
+            label_delay_days: int = DEFAULT_LABEL_DELAY_DAYS, groupings: tuple[str, ...] = GROUPINGS) -> np.ndarray:
     """Features (float32 [len(rows), len(NAMES)], columns as ``NAMES``) of ``stream``'s rows
-    ``rows`` (all when None), each from the stream's rows strictly before it in time."""
+    ``rows`` (all when None), each from the stream's rows strictly before it in time. Only the
+    features of ``groupings`` (``GROUPING_OF``) are computed, the others' columns left 0: one
+    grouping's sort and sweep less (the dask engine's partitions hold one grouping's rows)."""
     if label_delay_days < 0:
         raise ValueError(f"label_delay_days must be >= 0, got {label_delay_days!r}")
+    if not groupings or set(groupings) - set(GROUPINGS):
+        raise ValueError(f"groupings must be some of {GROUPINGS}, got {groupings!r}")
     n = len(stream)
     rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
     if n == 0 or len(rows) == 0:
@@ -372,14 +385,20 @@ def compute(stream: Stream, rows: np.ndarray | None = None,
         pd.factorize(stream.merchant)[0].astype(np.int32)
     out = {}
     with ThreadPoolExecutor(1) as pool:  # the merchants' grouping on the second core
-        by_merchant = pool.submit(_Sorted.of, merchant, t, span, rows)
-        by_card = _Sorted.of(card, t, span, rows)
-        by_pair = _Sorted.pairs(merchant, card, t, span, rows, by_card.order)
+        if "card" in groupings:
+            by_merchant = pool.submit(_Sorted.of, merchant, t, span, rows) if "merchant" in groupings else None
+            by_card = _Sorted.of(card, t, span, rows)
+            by_pair = _Sorted.pairs(merchant, card, t, span, rows, by_card.order)
+        else:  # the pairs from the merchants' order (no card sort)
+            by_merchant = pool.submit(_Sorted.of, merchant, t, span, rows)
+            by_card, by_pair = None, _Sorted.pairs(card, merchant, t, span, rows, by_merchant.result().order)
         first = _first_visits(by_pair).view(np.uint8)
-        seen, gap = by_pair.previous(NOVELTY_DAYS)
-        out["pair_first_visit"] = (~seen).astype(np.float32)
-        out["pair_days_since_last"] = np.log1p(gap / DAY).astype(np.float32)
-        del by_pair, seen, gap, t  # (memory) the merchants' sort holds t until it is done
+        if by_card is not None:
+            seen, gap = by_pair.previous(NOVELTY_DAYS)
+            out["pair_first_visit"] = (~seen).astype(np.float32)
+            out["pair_days_since_last"] = np.log1p(gap / DAY).astype(np.float32)
+            del seen, gap
+        del by_pair, t  # (memory) the merchants' sort holds t until it is done
 
         # Log amounts in fixed point: integer prefix sums are exact, so a row's statistics do
         # not depend on which other rows (groups, later rows) the stream holds; the squares'
@@ -390,14 +409,17 @@ def compute(stream: Stream, rows: np.ndarray | None = None,
         np.copysign(log_amount, stream.amount, out=log_amount)
         log_amount = np.rint(log_amount, out=log_amount).astype(np.int32)
         stream_values = (first, log_amount, stream.fraud, log_amount[rows] / _FIXED, label_delay_days, horizon)
-        merchants_part = pool.submit(_merchant_features, by_merchant, *stream_values)
+        merchants_part = None if by_merchant is None else pool.submit(_merchant_features, by_merchant, *stream_values)
         del by_merchant  # the worker holds the only reference: freed when its features are done
-        out |= _grouping_features("card", by_card, *stream_values)
+        if by_card is not None:
+            out |= _grouping_features("card", by_card, *stream_values)
         del by_card
-        out |= merchants_part.result()
-    values = np.empty((len(rows), len(NAMES)), dtype=np.float32)
+        if merchants_part is not None:
+            out |= merchants_part.result()
+    values = np.zeros((len(rows), len(NAMES)), dtype=np.float32)
     for i, name in enumerate(NAMES):
-        values[:, i] = out.pop(name)  # each column freed once copied (memory)
+        if name in out:
+            values[:, i] = out.pop(name)  # each column freed once copied (memory)
     return values
 
 

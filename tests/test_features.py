@@ -66,6 +66,20 @@ def test_features_equal_their_definitions_computed_row_by_row(delay):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("grouping", features.GROUPINGS)
+def test_one_groupings_features_alone_are_the_same_values_and_the_others_are_left_zero(grouping):
+    s = random_stream(seed=3)
+    rows = np.arange(0, len(s), 5)
+    mine = np.array([features.GROUPING_OF[name] == grouping for name in NAMES])
+
+    got = compute(s, rows, 60, groupings=(grouping,))
+
+    np.testing.assert_array_equal(got[:, mine], compute(s, rows, 60)[:, mine])
+    assert not got[:, ~mine].any() and mine.any() and (~mine).any()
+    with pytest.raises(ValueError, match="groupings must be some of"):
+        compute(s, rows, 60, groupings=("pair",))
+
+
 def test_a_rows_features_never_depend_on_later_rows_or_its_own_label():
     s = random_stream(seed=1)
     cut = np.quantile(s.minute, 0.6)
