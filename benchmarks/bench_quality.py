@@ -3,9 +3,7 @@ over several generator seeds and regimes:
 
 * ``baseline``: XGBoost on the row alone (card and merchant id codes, the row's columns);
 * ``graph_features``: XGBoost on the row plus the causal graph/time features (fraudlib.features);
-* ``gnn_xgboost``: the full model as the train stage packages it: GNN embeddings + XGBoost
-  on the row and the features when they raise the validation AUPRC (``keep_gnn="if_better"``),
-  else ``graph_features`` itself; ``gnn_candidate`` is the GNN's booster either way.
+* ``gnn_xgboost``: the full model (GNN embeddings + XGBoost on the row and the features).
 
 Regimes (``fraudlib.synthetic.REGIMES``): ``default`` (every fraud mechanism, legitimate
 look-alikes, drift), one mechanism at a time, and ``row_only``, a control whose fraud has no
@@ -34,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-MODELS = ("baseline", "graph_features", "gnn_candidate", "gnn_xgboost")
+MODELS = ("baseline", "graph_features", "gnn_xgboost")
 
 
 def _child(args) -> None:
@@ -61,9 +59,8 @@ def _child(args) -> None:
     out = {"regime": args.regime, "seed": args.seed, "rows": args.rows, "feature_set": args.feature_set,
            "deduplicate": args.deduplicate, "undersample_test": args.undersample_test,
            "test_edges": int(len(r.test_labels)), "test_fraud": int(r.test_labels.sum()),
-           "preprocess_s": preprocess_s, "train_s": train_s, "edges": summary.edges, "models": {},
-           "kept": r.model_choice["kept"], "validation_auprc": r.model_choice["validation_auprc"]}
-    for model, scores in {**r.test_scores, "gnn_candidate": r.gnn_test_scores}.items():
+           "preprocess_s": preprocess_s, "train_s": train_s, "edges": summary.edges, "models": {}}
+    for model, scores in r.test_scores.items():
         b = metrics.bootstrap(r.test_labels, {model: scores}, "auprc", n_boot=args.boot, seed=args.seed)
         out["models"][model] = {"auprc": b.values[model], "low": b.intervals[model][0],
                                 "high": b.intervals[model][1]}
@@ -86,14 +83,13 @@ def _delta(d: dict | None) -> str:
 
 def _line(r: dict) -> str:
     return (f"| {r['regime']} | {r['seed']} | {r['rows']:,} | {r['test_edges']:,} ({r['test_fraud']:,}) | "
-            + " | ".join(_cell(r["models"].get(m)) for m in MODELS) + f" | {r.get('kept', 'gnn')}"
+            + " | ".join(_cell(r["models"].get(m)) for m in MODELS)
             + f" | {_delta(r.get('full_minus_baseline'))} | {_delta(r.get('full_minus_graph_features'))} |")
 
 
 HEADER = ("| regime | seed | rows | test transactions (fraud) | row-only baseline | graph features + XGBoost "
-          "| GNN + XGBoost (candidate) | full model (as packaged) | kept (validation) | full - baseline (paired) "
-          "| full - graph features (paired) |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+          "| full model (GNN + XGBoost) | full - baseline (paired) | full - graph features (paired) |\n"
+          "|---|---|---|---|---|---|---|---|---|")
 
 
 def main() -> None:

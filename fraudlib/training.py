@@ -25,13 +25,7 @@ Phases (each timed in ``TrainResult.seconds``):
    causal graph/time features (the row-only control); and, when the graph has causal
    features, ``graph_features``: XGBoost on the row plus those features, without embeddings.
    Together they show what the features and what the GNN add (benchmarks/bench_quality.py).
-6. choice (``keep_gnn="if_better"``): the package keeps the GNN's embeddings only when its
-   XGBoost beats ``graph_features`` on the validation AUPRC; otherwise it holds the
-   ``graph_features`` booster with its columns moved to the full input's layout
-   (``in_layout``), which reads no embedding and scores exactly as that control: the GNN must
-   earn its place (on fraud rings it did not: docs/model_quality.md). The serving contract
-   and the package do not change; ``TrainResult.model_choice`` and ``meta.json`` say which.
-7. export: the self-contained Triton model package (``fraudlib.model_export``).
+6. export: the self-contained Triton model package (``fraudlib.model_export``).
 
 ``engine="dask"`` fits the XGBoost models (phases 4 and 5) through ``xgboost.dask`` on a Dask
 cluster (``dask_engine.cluster``: a LocalCluster sized to this machine, or the one at
@@ -80,7 +74,6 @@ MEMORY_SAMPLE_S = 0.2  # this process's RSS; the workers' every MEMORY_SAMPLE_S 
 # (1.5M edges x 153 columns at full size, 0.93 GB, and its gathered pieces as much again) set
 # training's peak memory, which then grew with the test period (docs/scaling.md).
 TEST_BATCH_EDGES = 1 << 18
-KEEP_GNN = ("if_better", "always")  # the GNN's embeddings in the package: on validation evidence, or always
 
 
 class HyperparameterError(ValueError):
@@ -182,9 +175,6 @@ class TrainResult:
     dashboard: str = ""  # its dashboard's link (dask engine)
     graph_size: dict = field(default_factory=dict)  # nodes, edges per split, feature dims (graph_size())
     peak_memory: dict = field(default_factory=dict)  # bytes: "process" and, with dask, "workers" (summed)
-    # kept ("gnn" | "graph_features"), rule, validation AUPRC of both, the GNN candidate's test AUPRC
-    model_choice: dict = field(default_factory=dict)
-    gnn_test_scores: np.ndarray | None = field(default=None, repr=False)  # the GNN candidate's, whichever is kept
 
 
 def usable_cores() -> int:
@@ -583,37 +573,6 @@ def _fit_controls(graphs: dict, y: dict, s: XGBSettings, device: str, seed: int,
     return boosters, scores, time.perf_counter() - started
 
 
-def in_layout(booster: xgb.Booster, names: list[str], layout: list[str]) -> xgb.Booster:
-    """``booster`` (its inputs ``names``) reading the same columns from inputs laid out as
-    ``layout`` (a superset): the same trees, each split's feature index moved; the other
-    columns are never read, so its scores on the wider input are the booster's own."""
-    import json
-
-    position = np.array([layout.index(n) for n in names])
-    model = json.loads(booster.save_raw("json"))
-    learner = model["learner"]
-    learner["learner_model_param"]["num_feature"] = str(len(layout))
-    for tree in learner["gradient_booster"]["model"]["trees"]:
-        tree["tree_param"]["num_feature"] = str(len(layout))
-        leaf = np.asarray(tree["left_children"]) == -1  # a leaf's index is unused (0)
-        tree["split_indices"] = np.where(leaf, 0, position[tree["split_indices"]]).tolist()
-    learner["feature_names"], learner["feature_types"] = [], []
-    return xgb.Booster(model_file=bytearray(json.dumps(model).encode()))
-
-
-def _choose(keep_gnn: str, result_metrics: dict) -> dict:
-    """Which booster the package keeps, by the validation AUPRC (``KEEP_GNN``)."""
-    val = {m: result_metrics[m]["validation"]["auprc"] for m in ("gnn_xgboost", "graph_features")
-           if m in result_metrics}
-    gnn_wins = "graph_features" not in val or val["gnn_xgboost"] > val["graph_features"]
-    kept = "gnn" if keep_gnn == "always" or gnn_wins else "graph_features"
-    rule = ("keep_gnn=always" if keep_gnn == "always" else
-            "keep_gnn=if_better: the GNN's embeddings kept only when its validation AUPRC is higher")
-    return {"kept": kept, "rule": rule, "validation_auprc": {("gnn" if m == "gnn_xgboost" else m): v
-                                                             for m, v in val.items()},
-            "gnn_test_auprc": result_metrics["gnn_xgboost"]["test"]["auprc"]}
-
-
 def _evaluate(y: dict, scores: dict, alert_rate: float | None) -> dict:
     threshold = metrics.choose_threshold(y["validation"], scores["validation"], alert_rate)
     return {split: metrics.report(y[split], scores[split], threshold) for split in ("validation", "test")}
@@ -622,17 +581,14 @@ def _evaluate(y: dict, scores: dict, alert_rate: float | None) -> dict:
 def train(graph_dir: Path | str, out_dir: Path | str, gnn_params: dict | None = None,
           xgb_params: dict | None = None, device: str = "auto", seed: int = 42,
           progress: bool = True, alert_rate: float | None = None, engine: str = "pandas",
-          scheduler_address: str = "", keep_gnn: str = "if_better") -> TrainResult:
+          scheduler_address: str = "") -> TrainResult:
     """Train on ``graph_dir`` and write the model package under ``out_dir``; see the module doc.
 
     Each model's operating threshold is chosen on the validation edges: F1-max, or the
     threshold that flags ``alert_rate`` of them (``metrics.choose_threshold``). ``engine``
     (``ENGINES``) says where XGBoost is fitted; with ``dask`` the cluster
     (``scheduler_address``, else ``$DASK_SCHEDULER_ADDRESS``, else a local one) is reached
-    before any data is read, or ``dask_engine.ClusterError`` says why not. ``keep_gnn``
-    (``KEEP_GNN``) says when the package keeps the GNN's embeddings (phase 6 of the module doc)."""
-    if keep_gnn not in KEEP_GNN:
-        raise HyperparameterError(f"keep_gnn = {keep_gnn!r} must be one of {', '.join(KEEP_GNN)}")
+    before any data is read, or ``dask_engine.ClusterError`` says why not."""
     if alert_rate is not None and not (isinstance(alert_rate, (int, float)) and 0 < alert_rate < 1):
         raise HyperparameterError(f"alert_rate = {alert_rate!r} must be a fraction in (0, 1), or None for F1-max")
     gnn_s = parse_settings(GNNSettings, gnn_params, "gnn_params")
@@ -643,8 +599,7 @@ def train(graph_dir: Path | str, out_dir: Path | str, gnn_params: dict | None = 
     with ExitStack() as stack:
         cluster = stack.enter_context(dask_engine.cluster(scheduler_address)) if engine == "dask" else None
         with peak_memory(cluster) as peaks:
-            result = _train(graph_dir, out_dir, gnn_s, xgb_s, device, seed, progress, alert_rate, cluster,
-                            keep_gnn)
+            result = _train(graph_dir, out_dir, gnn_s, xgb_s, device, seed, progress, alert_rate, cluster)
     result.engine, result.peak_memory = engine, peaks
     if cluster is not None:
         result.cluster, result.dashboard = cluster.description, cluster.dashboard
@@ -652,8 +607,7 @@ def train(graph_dir: Path | str, out_dir: Path | str, gnn_params: dict | None = 
 
 
 def _train(graph_dir: Path, out_dir: Path, gnn_s: GNNSettings, xgb_s: XGBSettings, device: str, seed: int,
-           progress: bool, alert_rate: float | None, cluster: "dask_engine.Cluster | None",
-           keep_gnn: str = "if_better") -> TrainResult:
+           progress: bool, alert_rate: float | None, cluster: "dask_engine.Cluster | None") -> TrainResult:
     seconds: dict[str, float] = {}
     say = print if progress else (lambda *a, **k: None)
 
@@ -713,16 +667,6 @@ def _train(graph_dir: Path, out_dir: Path, gnn_s: GNNSettings, xgb_s: XGBSetting
     all_scores = {"gnn_xgboost": scores, **control_scores}
 
     result_metrics = {name: _evaluate(y, s, alert_rate) for name, s in all_scores.items()}
-    choice = _choose(keep_gnn, result_metrics)
-    gnn_test_scores = all_scores["gnn_xgboost"]["test"]
-    if choice["kept"] == "graph_features":  # the package scores as that control, from the same input
-        booster = boosters["gnn_xgboost"] = in_layout(boosters["graph_features"], names["graph_features"],
-                                                      names["gnn_xgboost"])
-        all_scores["gnn_xgboost"] = all_scores["graph_features"]
-        result_metrics["gnn_xgboost"] = result_metrics["graph_features"]
-    say(f"package keeps {'the GNN embeddings' if choice['kept'] == 'gnn' else 'XGBoost on the graph features alone'}"
-        f" (validation AUPRC " + ", ".join(f"{m} {v:.4f}" for m, v in choice["validation_auprc"].items())
-        + f"; {choice['rule']})", flush=True)
     threshold = result_metrics["gnn_xgboost"]["validation"]["threshold"]
     t = time.perf_counter()
     meta = {
@@ -741,7 +685,6 @@ def _train(graph_dir: Path, out_dir: Path, gnn_s: GNNSettings, xgb_s: XGBSetting
         "threshold_rule": "F1-max on validation" if alert_rate is None else f"alert rate {alert_rate:g} on validation",
         "manifest_hash": manifest_hash(graph_dir),
         "metrics": result_metrics["gnn_xgboost"],
-        "model_choice": choice,
     }
     model_dir = model_export.export_model(out_dir, model, booster, meta)
     seconds["export"] = time.perf_counter() - t
@@ -753,8 +696,7 @@ def _train(graph_dir: Path, out_dir: Path, gnn_s: GNNSettings, xgb_s: XGBSetting
         feature_importance={m: _importance(b, names[m]) for m, b in boosters.items()},
         gnn_settings=gnn_s, xgb_settings=xgb_s,
         xgboost_rounds={m: b.num_boosted_rounds() for m, b in boosters.items()},
-        device=device, boosters=boosters, graph_size=graph_size(train_part, test), model_choice=choice,
-        gnn_test_scores=gnn_test_scores,
+        device=device, boosters=boosters, graph_size=graph_size(train_part, test),
     )
 
 

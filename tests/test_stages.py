@@ -85,7 +85,6 @@ def test_stage_choices_are_the_libraries_own():
 
     assert preprocess.FEATURE_SETS == features.FEATURE_SETS
     assert set(train.LAYERS) == set(gnn.LAYERS)
-    assert train.KEEP_GNN == training.KEEP_GNN
     assert evaluate.METRICS == promotion.METRICS
     for settings_class, names in ((training.GNNSettings, train.GNN_FIELDS), (training.XGBSettings, train.XGB_FIELDS)):
         defaults = {f.name: f.default for f in dataclasses.fields(settings_class)}

@@ -24,7 +24,6 @@ from fraudlib.stages.base import param
 GNN_FIELDS = ("hidden_channels", "n_hops", "layer", "dropout_prob", "batch_size", "fan_out", "num_epochs",
               "node_edge_means")
 XGB_FIELDS = ("max_depth", "learning_rate", "num_parallel_tree", "num_boost_round", "gamma")
-KEEP_GNN = ("if_better", "always")  # fraudlib.training.KEEP_GNN (a test keeps them equal)
 LAYERS = ("SAGEConv", "GraphConv", "GATConv", "GATv2Conv")  # fraudlib.gnn.LAYERS (a test keeps them equal)
 PLOTS = ("training_curve", "pr_curve", "confusion", "importance")
 ENGINES = ("pandas", "dask", "auto")  # fraudlib.training.ENGINES (a test keeps them equal)
@@ -58,8 +57,6 @@ class Params(base.StageParams):
     gamma: float = param(0.0, "XGBoost minimum split loss", lambda v: v >= 0.0, ">= 0")
     alert_rate: float = param(0.0, "operating threshold: 0 means F1-max on validation, else the threshold that flags this fraction of validation edges",
                               lambda v: 0.0 <= v < 1.0, "in [0, 1)")
-    keep_gnn: str = param("if_better", "if_better: the package keeps the GNN's embeddings only when they raise the validation AUPRC over XGBoost on the graph features alone (else that XGBoost, same serving contract); always: keep them",
-                          choices=KEEP_GNN)
     train_seed: int = param(42, "seed of the GNN and XGBoost training (repeatable on CPU)")
     experiment_name: str = param(settings.EXPERIMENT_NAME, "MLflow experiment", lambda v: bool(v.strip()), "not empty")
     engine: str = param("auto", "where XGBoost is fitted: pandas (this process), dask (xgboost.dask on a Dask cluster, same model), auto: the preprocess stage's engine (its output, in a pipeline), else dask above 50,000,000 input rows (the graph's manifest)",
@@ -109,8 +106,7 @@ def run(params: Params) -> Outputs:
     if params.backend == "native":
         result = training.train(graph_dir, model_dir.parent, gnn_params, xgb_params, device=params.device,
                                 seed=params.train_seed, progress=False, alert_rate=params.alert_rate or None,
-                                engine=params.engine, scheduler_address=params.scheduler_address,
-                                keep_gnn=params.keep_gnn)
+                                engine=params.engine, scheduler_address=params.scheduler_address)
         model_dir = result.model_dir
     else:
         from fraudlib import ngc  # needs a GPU host with Docker and the NGC image
@@ -142,7 +138,7 @@ def run(params: Params) -> Outputs:
         details += [("graph size", size_text(result.graph_size)),
                     ("XGBoost engine", result.engine + (f" on {result.cluster}" if result.cluster else "")
                      + (f" (Dask dashboard: {result.dashboard})" if result.dashboard else "")),
-                    ("peak memory", memory_text(result.peak_memory)), ("model kept", choice_text(result.model_choice))]
+                    ("peak memory", memory_text(result.peak_memory))]
     if result is None:
         return Outputs(model_dir, mlflow_run_id, graph_dir, data_hash, plots=plot_paths,
                        summary=base.summary("02 train", run_dir, data_hash, "succeeded (NGC container)", details))
@@ -156,14 +152,6 @@ def run(params: Params) -> Outputs:
                    graph_size=result.graph_size, peak_memory=result.peak_memory,
                    metrics=result.metrics, seconds=result.seconds,
                    plots=plot_paths, summary=base.summary("02 train", run_dir, data_hash, outcome, details))
-
-
-def choice_text(choice: dict) -> str:
-    """Which booster the package holds, and the validation evidence (``training._choose``)."""
-    val = ", ".join(f"{m} {v:.4f}" for m, v in choice["validation_auprc"].items())
-    kept = ("GNN embeddings + XGBoost" if choice["kept"] == "gnn" else
-            f"XGBoost on the graph features alone (the GNN candidate's test AUPRC: {choice['gnn_test_auprc']:.4f})")
-    return f"{kept}; validation AUPRC {val}; {choice['rule']}"
 
 
 def metrics_table(outputs: Outputs):
