@@ -57,10 +57,16 @@ NAMES = (
 
 
 # The grouping whose rows each feature reads besides the row's own: its card (and the card's
-# pairs), or its merchant. ``compute(groupings=...)`` computes one grouping's features only.
+# pairs), or its merchant. ``compute(groupings=...)`` computes one grouping's features only,
+# and the dask engine's partitions hold whole groupings. A feature that reads other rows (e.g.
+# its card's merchants' rows) fits neither: it must not be added to NAMES under these prefixes.
 GROUPINGS = ("card", "merchant")
-GROUPING_OF = {name: "card" if name.startswith(("card_", "pair_", "amount_vs_card")) else "merchant"
+_PREFIXES = {"card": ("card_", "pair_", "amount_vs_card"), "merchant": ("merchant_", "amount_vs_merchant")}
+GROUPING_OF = {name: next((g for g, prefixes in _PREFIXES.items() if name.startswith(prefixes)), None)
                for name in NAMES}
+if None in GROUPING_OF.values():
+    raise ValueError(f"features {[n for n, g in GROUPING_OF.items() if g is None]} read no known grouping: "
+                     f"name them with a prefix of {_PREFIXES}, or partition them in the dask engine")
 
 
 def history_days(label_delay_days: int) -> int:
