@@ -191,8 +191,6 @@ def causal_features(cluster: Cluster, stream: features.Stream, rows: np.ndarray,
     if len(stream) <= FEATURE_PARTITION_ROWS:
         return features.compute(stream, rows, label_delay_days)
     parts = -(-len(stream) // min(FEATURE_PARTITION_ROWS, FEATURE_TASK_ROWS))
-    sides = {side: [i for i, name in enumerate(features.NAMES) if features.GROUPING_OF[name] == side]
-             for side in features.GROUPINGS}
     rows = np.asarray(rows, dtype=np.int64)
     out = np.empty((len(rows), len(features.NAMES)), dtype=np.float32)
     # One partition per worker at a time, plus one cut ahead: a partition is cut (and sent) only
@@ -210,7 +208,7 @@ def causal_features(cluster: Cluster, stream: features.Stream, rows: np.ndarray,
             # The partition and its query rows in one piece (rows in the task's graph make it large).
             [data] = cluster.client.scatter([(stream.take(members), np.searchsorted(members, rows[mine]))], hash=False)
             del members
-            pending.append((mine, sides[side], data, cluster.client.submit(
+            pending.append((mine, features.GROUPING_COLUMNS[side], data, cluster.client.submit(
                 _feature_columns, data, label_delay_days, side, pure=False)))
         del part, row_part
     while pending:
@@ -236,8 +234,7 @@ def _collect(cluster: Cluster, out: np.ndarray, mine: np.ndarray, columns: list[
 
 def _feature_columns(data: tuple[features.Stream, np.ndarray], label_delay_days: int, side: str) -> np.ndarray:
     stream, rows = data
-    columns = [i for i, name in enumerate(features.NAMES) if features.GROUPING_OF[name] == side]
-    return features.compute(stream, rows, label_delay_days, groupings=(side,))[:, columns]
+    return features.compute(stream, rows, label_delay_days, groupings=(side,))[:, features.GROUPING_COLUMNS[side]]
 
 
 def _plan(cluster: Cluster, path: Path, columns: list[str]):

@@ -67,6 +67,7 @@ GROUPING_OF = {name: next((g for g, prefixes in _PREFIXES.items() if name.starts
 if None in GROUPING_OF.values():
     raise ValueError(f"features {[n for n, g in GROUPING_OF.items() if g is None]} read no known grouping: "
                      f"name them with a prefix of {_PREFIXES}, or partition them in the dask engine")
+GROUPING_COLUMNS = {g: [i for i, name in enumerate(NAMES) if GROUPING_OF[name] == g] for g in GROUPINGS}
 
 
 def history_days(label_delay_days: int) -> int:

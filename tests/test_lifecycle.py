@@ -136,8 +136,6 @@ def test_the_example_is_found_in_the_scores_the_run_keeps_instead_of_scoring_the
         env, graph_dir, tmp_path):
     """The evaluate stage keeps the challenger's scores of every test edge in the run folder; the
     deploy stage's example reads them for the champion it explains (same model, same graph)."""
-    from fraudlib import scoring
-
     repo = lifecycle.repository(env[1])
     if repo.state().champion is None:  # run alone (-k)
         evaluate_and_deploy(env, graph_dir, make_package(tmp_path, 0.0))
@@ -460,4 +458,3 @@ def test_a_champion_whose_preprocessed_graph_was_deleted_is_not_compared_on_a_gu
     assert evaluation.decision.decision == promotion.REJECT
     lifecycle.deploy(evaluation.decision.decision, evaluation.challenger_version, evaluation.registry_version, client)
     assert consistent(client) == first.challenger_version
-
