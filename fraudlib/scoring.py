@@ -238,9 +238,14 @@ def place_rows(context: Graph, user_ids: np.ndarray, merchant_ids: np.ndarray,
         table = np.column_stack([u.astype(np.float64), m.astype(np.float64), attr.astype(np.float32).astype(np.float64)])
         return [row.tobytes() for row in np.ascontiguousarray(table)]
 
+    # Only the context's edges between a row's card and merchant can be that row (the context
+    # is ~1.5M edges at full size: keyed whole, it took seconds per call).
+    merchants = int(max(context.edge_index[1].max(initial=-1), merchant_ids.max(initial=-1))) + 1
+    pairs = context.edge_index[0].astype(np.int64) * merchants + context.edge_index[1]
+    candidates = np.flatnonzero(np.isin(pairs, user_ids.astype(np.int64) * merchants + merchant_ids))
     held = {}
-    for i, key in enumerate(keys(context.edge_index[0], context.edge_index[1], context.edge_attr)):
-        held.setdefault(key, i)
+    for i, key in zip(candidates, keys(*context.edge_index[:, candidates], context.edge_attr[candidates])):
+        held.setdefault(key, int(i))
     found = np.array([held.get(k, -1) for k in keys(user_ids, merchant_ids, edge_attr)], dtype=np.int64)
     fresh = found < 0
     graph = append_edges(context, user_ids[fresh], merchant_ids[fresh], edge_attr[fresh])

@@ -162,7 +162,20 @@ def _log_training_data(graph_dir: Path) -> None:
     digest = (manifest_hash(graph_dir) or "")[:12]
     dataset = mlflow.data.from_pandas(frame, source=str(graph_dir.resolve()), targets="Fraud",
                                       name=f"{graph_dir.name}-train{'-' + digest if digest else ''}")
+    dataset.schema = _frame_schema(frame)  # instead of MLflow's inference: a Python test per value (57 s at full size)
     mlflow.log_input(dataset, context="training")
+
+
+def _frame_schema(frame: pd.DataFrame):
+    """The MLflow schema that ``PandasDataset`` infers (column types from the first rows; a
+    column is required when it holds no missing value), with the missing values found by
+    pandas over whole columns."""
+    from mlflow.models import infer_signature
+    from mlflow.types import ColSpec, Schema
+
+    missing = frame.isna().any()
+    return Schema([ColSpec(spec.type, spec.name, required=not missing[spec.name])
+                   for spec in infer_signature(frame.head(1000)).inputs.inputs])
 
 
 def _log_model(version_dir: Path, graph_dir: Path) -> None:

@@ -115,6 +115,17 @@ def test_new_rows_get_the_batch_features_from_the_saved_history_whatever_its_ord
     np.testing.assert_allclose(got, compute(s, rows, 60), rtol=1e-6, atol=1e-6)
 
 
+def test_a_few_new_rows_get_their_batch_features_from_their_own_cards_and_merchants_rows():
+    s = random_stream(seed=5, n=4000, cards=80, merchants=120, days=1200)
+    since = int(np.quantile(s.minute, 0.8))
+    rows = np.flatnonzero(s.minute >= since)[[3, 40, 77]]
+    hist = features.history(s, since, 60)
+    related = np.isin(hist.card, s.card[rows]) | np.isin(hist.merchant, s.merchant[rows])
+    assert related.mean() < 0.25  # most of the history is about other cards and merchants
+    np.testing.assert_allclose(features.for_new_rows(hist, s.take(rows), 60), compute(s, rows, 60),
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_the_history_reaches_back_far_enough_for_the_first_visits_counted_in_every_window():
     """A revisit inside the merchant's baseline window whose first visit was 360 days before
     it: a history cut at the windows' own length would count it as a first visit."""

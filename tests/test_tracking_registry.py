@@ -74,6 +74,18 @@ def test_the_training_run_records_its_data_and_its_notebook(trained):
     assert [t.value for t in dataset.tags if t.key == "mlflow.data.context"] == ["training"]
     assert json.loads(dataset.dataset.profile)["num_rows"] == graph_store.read_part(graph_dir, "train").num_edges
     assert dataset.dataset.source == json.dumps({"uri": str(graph_dir.resolve())})
+    columns = [c["name"] for c in json.loads(dataset.dataset.schema)["mlflow_colspec"]]
+    assert columns[-4:] == ["user", "merchant", "split", "Fraud"] and len(columns) > 4
+
+
+def test_the_dataset_schema_is_the_one_mlflow_infers_without_testing_each_value():
+    from mlflow.types.utils import _infer_schema
+
+    frame = pd.DataFrame({"f": np.arange(3000, dtype=np.float32), "gap": np.r_[np.zeros(2999), np.nan],
+                          "user": np.arange(3000), "split": np.array(["train", "validation"] * 1500),
+                          "Fraud": np.zeros(3000, dtype=np.int64)})
+    assert tracking._frame_schema(frame) == _infer_schema(frame)
+    assert not tracking._frame_schema(frame).inputs[1].required  # its one NaN is past the first rows
 
 
 def test_the_logged_model_declares_raw_rows_pinned_requirements_and_carries_its_context(trained):
