@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Callable
 
 from fraudlib.settings import TRITON_MODEL_NAME
-from fraudlib.training import GNNSettings, XGBSettings, container_settings, manifest_hash, parse_settings
+from fraudlib.graph_store import manifest_hash
+from fraudlib.training import GNNSettings, XGBSettings, container_settings, parse_settings
 
 TRAINING_IMAGE = "nvcr.io/nvidia/cugraph/financial-fraud-training:2.0.0"
 MODEL_KIND = "GNN_XGBoost"

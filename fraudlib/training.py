@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-import hashlib
 import math
 import os
 import threading
@@ -59,7 +58,7 @@ import torch.nn.functional as F
 import xgboost as xgb
 
 from fraudlib import dask_engine, features, gnn, metrics, model_export
-from fraudlib.graph_store import MANIFEST, Graph, compact, read_manifest, read_part
+from fraudlib.graph_store import MANIFEST, Graph, compact, manifest_hash, read_manifest, read_part
 
 # Not container hyperparameters: fixed here so that a run is described by the container's names.
 GNN_LEARNING_RATE = 0.01
@@ -190,12 +189,6 @@ def resolve_device(device: str) -> str:
             raise ValueError(f"device={device!r} but torch sees no CUDA device: use 'auto' or 'cpu'")
         return device
     raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
-
-
-def manifest_hash(graph_dir: Path | str) -> str | None:
-    """sha256 of the graph directory's manifest.json (None when it has none)."""
-    path = Path(graph_dir) / MANIFEST
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def neighbor_sampling_available() -> bool:

@@ -105,7 +105,7 @@ def test_meta_records_what_the_model_needs_and_where_it_came_from(result, graph_
     assert meta["feature_masks"]["merchant"] == test_graph.feature_mask_merchant.tolist()
     assert meta["hyperparameters"]["gnn"]["hidden_channels"] == GNN["hidden_channels"]
     assert meta["hyperparameters"]["xgb"]["num_boost_round"] == FAST_XGB["num_boost_round"]
-    assert meta["manifest_hash"] == training.manifest_hash(graph_dir)
+    assert meta["manifest_hash"] == graph_store.manifest_hash(graph_dir)
     assert meta["threshold"] == result.metrics["gnn_xgboost"]["validation"]["threshold"]
     assert len(meta["features"]["xgboost"]) == sum(test_graph.x_user.shape[1:]) + sum(
         test_graph.x_merchant.shape[1:]) + test_graph.edge_attr.shape[1] + 2 * GNN["hidden_channels"]

@@ -55,7 +55,7 @@ class Outputs:
 
 
 def run(params: Params) -> Outputs:
-    from fraudlib import lifecycle, plots, scoring, tracking, training
+    from fraudlib import graph_store, lifecycle, plots, scoring, tracking
     from fraudlib.triton_server import connect_or_start
 
     run_dir = base.run_folder(params.run_dir)
@@ -94,7 +94,7 @@ def run(params: Params) -> Outputs:
     if d.delta is not None:
         details.append((f"{d.metric} challenger - champion",
                         f"{d.delta:+.4f}, {d.level * 100:g}% interval [{d.delta_low:+.4f}, {d.delta_high:+.4f}]"))
-    text = base.summary("03 evaluate", run_dir, training.manifest_hash(graph_dir),
+    text = base.summary("03 evaluate", run_dir, graph_store.manifest_hash(graph_dir),
                         f"succeeded: decision {d.decision}", details)
     notes = [n for n in (ev.comparison, ev.champion_unusable, *ev.threshold_notes, *ev.repairs) if n]
     return Outputs(decision=d.decision, promotion_reason=d.reason, challenger_version=ev.challenger_version,

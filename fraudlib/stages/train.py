@@ -85,7 +85,7 @@ class Outputs:
 
 
 def run(params: Params) -> Outputs:
-    from fraudlib import dask_engine, plots, tracking, training
+    from fraudlib import dask_engine, graph_store, plots, tracking, training
     from fraudlib.stages import preprocess
 
     run_dir = base.run_folder(params.run_dir)
@@ -131,7 +131,7 @@ def run(params: Params) -> Outputs:
         config={"graph_dir": str(graph_dir), "backend": params.backend, "train_seed": params.train_seed,
                 "device": result.device if result else params.device, "gnn": gnn_params, "xgb": xgb_params},
         tags={"graph_dir": str(graph_dir), "run_dir": str(run_dir), "model_dir": str(Path(model_dir).resolve())})
-    data_hash = training.manifest_hash(graph_dir)
+    data_hash = graph_store.manifest_hash(graph_dir)
     details = [("graph", source or f"`{graph_dir}`"), ("model package", f"`{model_dir}`"),
                ("MLflow run", f"`{mlflow_run_id}` ({settings.mlflow_tracking_uri()})")]
     if result is not None:
