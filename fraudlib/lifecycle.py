@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -439,42 +440,45 @@ def evaluate(model_dir: Path | str, graph_dir: Path | str, client: TritonClient,
     registry.mark_challenger(registered.version)
     _point("evaluate", "challenger_marked")
 
-    challenger_scores = _prediction(repo.score(version, graph_inputs(test)))
-    challenger_metrics = metrics.report(test.label, challenger_scores, challenger_threshold)
-    thresholds = {"challenger": challenger_threshold}
-    all_scores, all_metrics = challenger_scores, challenger_metrics
-
     champion_version = repo.state().champion
-    labels = test.label
     champion_scores = champion_metrics = unusable = comparison = None
     decision = champion_note = None
-    if champion_version is not None:
+    with ThreadPoolExecutor(1) as pool:
+        # Both models scored at once: a model instance on a CPU host is one thread.
+        challenger_job = pool.submit(lambda: _prediction(repo.score(version, graph_inputs(test))))
+        if champion_version is not None:
+            try:
+                champion_threshold, champion_note = operating_threshold(repo.version_dir(champion_version), "champion")
+                champion_test, known = champion_view(test, graph_dir, registry.graph_dir_of(registry.champion()))
+                if known is not None and not known.any():
+                    raise ValueError(f"none of the {known.size:,} test transactions has a card and a merchant "
+                                     "that the champion's encoders know")
+                champion_scores = _prediction(repo.score(champion_version, graph_inputs(champion_test)))
+            except (TritonError, OSError, ValueError) as e:
+                unusable = f"the champion (version {champion_version}) cannot score this test set: {e}"
+        challenger_scores = challenger_job.result()
+    challenger_metrics = metrics.report(test.label, challenger_scores, challenger_threshold)
+    thresholds = {"challenger": challenger_threshold}
+    labels = test.label
+    if champion_scores is not None:
         try:
-            champion_threshold, note = operating_threshold(repo.version_dir(champion_version), "champion")
-            champion_test, known = champion_view(test, graph_dir, registry.graph_dir_of(registry.champion()))
-            if known is not None and not known.any():
-                raise ValueError(f"none of the {known.size:,} test transactions has a card and a merchant "
-                                 "that the champion's encoders know")
-            champion_scores = _prediction(repo.score(champion_version, graph_inputs(champion_test)))
+            compared_labels, compared, compared_metrics = labels, challenger_scores, challenger_metrics
             if known is not None:  # both are compared on the rows the champion could score
                 comparison = (f"the champion's preprocessing fitted other encoders: the test rows were "
                               f"re-encoded with them; compared on {int(known.sum()):,} of {known.size:,} test "
                               f"transactions (the others have a card or merchant the champion never saw)")
-                labels, challenger_scores = labels[known], challenger_scores[known]
-                challenger_metrics = metrics.report(labels, challenger_scores, challenger_threshold)
-            champion_metrics = metrics.report(labels, champion_scores, champion_threshold)
-            thresholds["champion"] = champion_threshold
-            champion_note = note
+                compared_labels, compared = labels[known], challenger_scores[known]
+                compared_metrics = metrics.report(compared_labels, compared, challenger_threshold)
+            champion_metrics = metrics.report(compared_labels, champion_scores, champion_threshold)
             # A metric undefined on the compared rows (no fraud left among them) is a ValueError.
-            decision = promotion.decide(labels, challenger_scores, champion_scores, **settings_,
+            decision = promotion.decide(compared_labels, compared, champion_scores, **settings_,
                                         challenger_threshold=challenger_threshold,
                                         champion_threshold=champion_threshold)
-        except (TritonError, OSError, ValueError) as e:
+            labels, challenger_scores, challenger_metrics = compared_labels, compared, compared_metrics
+            thresholds["champion"] = champion_threshold
+        except ValueError as e:
             unusable = f"the champion (version {champion_version}) cannot score this test set: {e}"
-            labels, challenger_scores, challenger_metrics = test.label, all_scores, all_metrics
-            champion_scores = champion_metrics = comparison = None
-            thresholds.pop("champion", None)
-
+            champion_scores = champion_metrics = comparison = decision = None
     if unusable:
         key = metric if metric in metrics.RANKING_METRICS else f"{metric}_at_threshold"
         decision = promotion.Decision(

@@ -562,7 +562,9 @@ def _strip_scheme(url: str) -> str:
 class TritonClient:
     """The few Triton HTTP operations this project needs, with errors that explain.
 
-    Not thread safe (nor is the underlying tritonclient): use one per thread.
+    Each thread that uses it gets its own connections (tritonclient's gevent client cannot
+    be shared between threads): e.g. two models scored side by side, a model instance being
+    one thread on a CPU host.
     """
 
     def __init__(self, url: str, network_timeout_s: float = LOAD_TIMEOUT_S,
@@ -571,10 +573,28 @@ class TritonClient:
         # None: looked up at each control call (control_key()), so a restarted server's new
         # key is found.
         self._control_key = control_key
-        self._http = httpclient.InferenceServerClient(
-            self.url, connection_timeout=connection_timeout_s, network_timeout=network_timeout_s)
-        # Inference goes over its own lean connection (fraudlib.triton_http says why).
-        self._infer = InferConnection(self.url, network_timeout_s, connection_timeout_s)
+        self._timeouts = (network_timeout_s, connection_timeout_s)
+        self._local = threading.local()
+        self._opened: list = []  # every thread's connections, closed by close()
+        self._opened_lock = threading.Lock()
+
+    def _connections(self) -> tuple[httpclient.InferenceServerClient, InferConnection]:
+        """This thread's (tritonclient's client for the control calls, the lean connection
+        for inference: fraudlib.triton_http says why)."""
+        mine = getattr(self._local, "connections", None)
+        if mine is None:
+            network_timeout_s, connection_timeout_s = self._timeouts
+            mine = self._local.connections = (
+                httpclient.InferenceServerClient(self.url, connection_timeout=connection_timeout_s,
+                                                 network_timeout=network_timeout_s),
+                InferConnection(self.url, network_timeout_s, connection_timeout_s))
+            with self._opened_lock:
+                self._opened.append(mine)
+        return mine
+
+    @property
+    def _http(self) -> httpclient.InferenceServerClient:
+        return self._connections()[0]
 
     def _unreachable(self, cause: BaseException) -> TritonUnreachable:
         return TritonUnreachable(
@@ -645,20 +665,24 @@ class TritonClient:
         """One request; tensors travel as binary data. Returns every (or the named) output."""
         what = f"inference on {model} version {version if version is not None else '(default)'}"
         try:
-            return self._infer.infer(model, inputs, version=version, outputs=outputs)
+            return self._connections()[1].infer(model, inputs, version=version, outputs=outputs)
         except InferenceRefused as e:
             raise TritonError(f"Triton at {self.url}: {what} failed: {e}", e.status) from e
         except BrokenAnswer as e:
             raise TritonError(f"Triton at {self.url}: {what} failed: {e}") from e
         except TimeoutError as e:
             raise TritonError(f"Triton at {self.url}: {what} failed: no answer within "
-                              f"{self._infer.network_timeout_s:g} s") from e
+                              f"{self._timeouts[0]:g} s") from e
         except OSError as e:
             raise self._unreachable(e) from e
 
     def close(self) -> None:
-        self._infer.close()
-        self._http.close()
+        with self._opened_lock:
+            for http, infer in self._opened:
+                infer.close()
+                http.close()
+            self._opened.clear()
+        self._local = threading.local()
 
     def __enter__(self) -> TritonClient:
         return self

@@ -105,6 +105,25 @@ def test_inference_answers_as_the_reference_tritonclient_does(client):
         np.testing.assert_array_equal(ours[name], expected.as_numpy(name))
 
 
+def test_one_client_serves_several_threads_at_once(client):
+    """lifecycle.evaluate scores the challenger and the champion side by side with one client:
+    each thread gets its own connections (tritonclient's gevent client cannot cross threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = [client.infer(MODEL, tiny_inputs(n), version=1)["PREDICTION"] for n in (3, 7)]
+
+    def work(n):
+        client.require_live()
+        assert client.is_model_ready(MODEL, 1)
+        return client.infer(MODEL, tiny_inputs(n), version=1)["PREDICTION"]
+
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(work, [3, 7] * 4))
+    for i, out in enumerate(got):
+        np.testing.assert_array_equal(out, expected[i % 2])
+    assert client.infer(MODEL, tiny_inputs(3), version=1)["PREDICTION"].shape == (3, 1)  # still usable here
+
+
 def test_an_unknown_model_or_version_is_named_in_the_error(client):
     with pytest.raises(TritonError, match="inference on no_such_model version .default. failed: .*no_such_model"):
         client.infer("no_such_model", tiny_inputs(3))
