@@ -235,14 +235,13 @@ def read_part(graph_dir: Path | str, part: str) -> Graph:
         del head, table
         pa.default_memory_pool().release_unused()
         return graph
-    edge_index, _ = _read_matrix(base / "edges" / "user_to_merchant.csv", np.int64)
     label, _ = _read_matrix(base / "edges" / "user_to_merchant_label.csv", np.int64)
     edge_attr, edge_features = _read_matrix(base / "edges" / "user_to_merchant_attr.csv", np.float32)
     split = pacsv.read_csv(base / "edges" / "user_to_merchant_split.csv",
                            convert_options=pacsv.ConvertOptions(column_types={"split": pa.string()}))
     return Graph(
         **nodes,
-        edge_index=np.ascontiguousarray(edge_index.T),
+        edge_index=read_edge_index(graph_dir, part),
         edge_attr=edge_attr,
         label=label[:, 0],
         split=np.asarray(split.column("split").to_pylist(), dtype=object),
@@ -250,6 +249,15 @@ def read_part(graph_dir: Path | str, part: str) -> Graph:
         feature_mask_edge=_read_mask(edge_mask, len(edge_features)),
         year=split.column("year").to_numpy().astype(np.int64) if "year" in split.column_names else None,
     )
+
+
+def read_edge_index(graph_dir: Path | str, part: str) -> np.ndarray:
+    """One part's edge index ([2, edges], as ``read_part`` gives it) without the rest."""
+    if part == "test" and (Path(graph_dir) / TEST_EDGES).is_file():
+        ends = pq.read_table(Path(graph_dir) / TEST_EDGES, columns=["src", "dst"])
+        return np.vstack([ends.column("src").to_numpy(), ends.column("dst").to_numpy()])
+    edge_index, _ = _read_matrix(_part_dir(Path(graph_dir), part) / "edges" / "user_to_merchant.csv", np.int64)
+    return np.ascontiguousarray(edge_index.T)
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -502,10 +502,9 @@ def report_tables(graph_dir: str | Path) -> dict[str, pd.DataFrame]:
 
 def degrees(graph_dir: str | Path) -> dict[str, np.ndarray]:
     """Edges per user and per merchant node over all splits (for the notebook's plots)."""
-    parts = [graph_store.read_part(graph_dir, p) for p in ("train", "test")]
-    index = np.hstack([g.edge_index for g in parts])
-    return {"user": np.bincount(index[0], minlength=parts[0].x_user.shape[0]),
-            "merchant": np.bincount(index[1], minlength=parts[0].x_merchant.shape[0])}
+    nodes = graph_store.read_manifest(graph_dir)["nodes"]
+    index = np.hstack([graph_store.read_edge_index(graph_dir, p) for p in ("train", "test")])
+    return {kind: np.bincount(index[i], minlength=nodes[kind]) for i, kind in enumerate(("user", "merchant"))}
 
 
 # --- fitting ---------------------------------------------------------------------------------

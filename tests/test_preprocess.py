@@ -94,6 +94,21 @@ def test_without_undersampling_every_unique_non_fraud_row_is_kept(synthetic_csv,
     assert sum(summary.fraud_edges.values()) == summary.fraud_rows
 
 
+@pytest.mark.parametrize("fixture", ["graph_dir", "causal_dir"])  # both feature sets
+def test_degrees_count_every_edge_of_both_parts_from_the_edge_index_alone(fixture, request):
+    from fraudlib import graph_store
+    from fraudlib.preprocess import degrees
+
+    graph_dir = request.getfixturevalue(fixture)
+    parts = [graph_store.read_part(graph_dir, p) for p in ("train", "test")]
+    for name, graph in zip(("train", "test"), parts):
+        np.testing.assert_array_equal(graph_store.read_edge_index(graph_dir, name), graph.edge_index)
+    index = np.hstack([g.edge_index for g in parts])
+    got = degrees(graph_dir)
+    np.testing.assert_array_equal(got["user"], np.bincount(index[0], minlength=parts[0].x_user.shape[0]))
+    np.testing.assert_array_equal(got["merchant"], np.bincount(index[1], minlength=parts[0].x_merchant.shape[0]))
+
+
 def test_split_is_by_year(graph_dir):
     years = graph_store.read_manifest(graph_dir)["years"]
 
