@@ -73,11 +73,14 @@ def _describe(v) -> str:
 
 
 def _rejection(v) -> str:
-    """Why a version was rejected: stage 3's reason (its run's promotion_reason) unless deploy
-    wrote another (a roll-back after a failed health check)."""
-    if v.rejected and v.rejected.startswith("rolled back"):
-        return v.rejected
-    return v.reason or v.rejected or "?"
+    """Why a version was rejected: stage 3's reason (its run's promotion_reason) when deploy
+    rejected it on that decision, else what deploy or reconcile wrote (a roll-back after a
+    failed health check, a challenger whose run did not finish, one evaluated again)."""
+    from fraudlib.registry import NOT_BETTER
+
+    if v.rejected == NOT_BETTER:
+        return v.reason or v.rejected
+    return v.rejected or "?"
 
 
 def _triton_lines(url: str) -> tuple[list[str], bool]:

@@ -134,7 +134,12 @@ def reconcile(client: TritonClient | None, root: Path | str | None = None,
     challenger stays unless ``force``; the report says so).
     """
     repo = repository(client, root)
+    staged = repo.state().challenger
     report = repo.reconcile(registry_champion_triton_version(), reject_challenger=reject_challenger, force=force)
+    if staged is not None and staged in repo.state().archived:  # dropped: say so in the registry too
+        for v in registry.versions():
+            if v.triton_version == staged and not v.rejected:
+                registry.tag_version(v.version, REJECTED_TAG, "dropped by reconcile: the run that staged it did not finish deploying it")
     aliases = repair_aliases(repo)
     return dataclasses.replace(report, actions=(*report.actions, *aliases)) if aliases else report
 
@@ -575,7 +580,7 @@ def deploy(decision: str, challenger_version: int, registry_version: int, client
     if challenger is None or challenger.version == registry_version:
         registry.clear_challenger()
     step("challenger_alias_removed")
-    registry.tag_version(registry_version, REJECTED_TAG, "not better than the champion")
+    registry.tag_version(registry_version, REJECTED_TAG, registry.NOT_BETTER)
     step("rejected_tag_written")
     current = registry.champion()
     return Deployment(promotion.REJECT, repo.state().champion, current.version if current else None,

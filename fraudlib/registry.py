@@ -24,6 +24,7 @@ from fraudlib import settings
 TRITON_VERSION_TAG = "triton_version"
 MANIFEST_TAG = "data_manifest"
 REJECTED_TAG = "rejected"
+NOT_BETTER = "not better than the champion"  # the rejected tag of stage 3's reject: its run's reason says why
 REASON_TAG = "promotion_reason"  # on the training run: why stage 3 decided as it did
 _HTTP_TIMEOUT_S = 3.0  # a tracking server answers in milliseconds; a cold one takes a second
 

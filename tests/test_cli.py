@@ -100,3 +100,15 @@ def test_generate_names_the_regimes_when_given_an_unknown_one(tmp_path):
     assert done.returncode == 1
     assert "unknown regime 'nope'" in done.stderr and "row_only" in done.stderr
     assert not (tmp_path / "tx.csv").exists()
+
+
+def test_status_says_why_a_version_was_rejected_in_the_words_of_whoever_rejected_it():
+    from fraudlib import cli, registry
+
+    def version(tag, reason="challenger auprc 0.50 vs champion 0.60 ...: reject"):
+        return registry.RegistryVersion(3, "run", 3, None, (), rejected=tag, reason=reason)
+
+    assert cli._rejection(version(registry.NOT_BETTER)) == "challenger auprc 0.50 vs champion 0.60 ...: reject"
+    for tag in ("rolled back: the health check failed", "dropped by reconcile: the run that staged it did not finish "
+                "deploying it", "replaced: evaluated again by the same training run"):
+        assert cli._rejection(version(tag, reason="challenger auprc 0.70 vs champion 0.60 ...: promote")) == tag

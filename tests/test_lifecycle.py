@@ -350,6 +350,16 @@ def test_a_crash_after_triton_promoted_but_before_the_registry_did_is_reconciled
     assert consistent(client) == champion
 
 
+def test_a_challenger_that_reconcile_rejects_is_marked_rejected_in_the_registry_too(env, graph_dir, tmp_path):
+    _, client = env
+    champion = consistent(client)
+    evaluation = lifecycle.evaluate(make_package(tmp_path, 0.0), graph_dir, client, training_run())
+    lifecycle.reconcile(client, reject_challenger=True, force=True)  # as if its run had died
+    (dropped,) = [v for v in registry.versions() if v.version == evaluation.registry_version]
+    assert dropped.rejected == "dropped by reconcile: the run that staged it did not finish deploying it" and not dropped.aliases
+    assert consistent(client) == champion
+
+
 def test_the_decision_of_a_staged_challenger_can_be_found_without_the_runner(env, graph_dir, tmp_path):
     _, client = env
     champion = consistent(client)
