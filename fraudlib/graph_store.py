@@ -226,8 +226,8 @@ def read_part(graph_dir: Path | str, part: str) -> Graph:
         edge_attr = np.empty((table.metadata.num_rows, len(edge_features)), np.float32)
         for i, name in enumerate(edge_features):
             edge_attr[:, i] = table.read(columns=[name]).column(0).to_numpy()
-        head = table.read(columns=["src", "dst", "Fraud", "year"])
-        graph = Graph(**nodes, edge_index=np.vstack([head.column("src").to_numpy(), head.column("dst").to_numpy()]),
+        head = table.read(columns=["Fraud", "year"])
+        graph = Graph(**nodes, edge_index=read_edge_index(graph_dir, part),
                       edge_attr=edge_attr, label=head.column("Fraud").to_numpy().astype(np.int64),
                       split=np.full(head.num_rows, "test", dtype=object), edge_features=edge_features,
                       feature_mask_edge=_read_mask(edge_mask, len(edge_features)),

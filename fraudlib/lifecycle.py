@@ -139,7 +139,8 @@ def reconcile(client: TritonClient | None, root: Path | str | None = None,
     if staged is not None and staged in repo.state().archived:  # dropped: say so in the registry too
         for v in registry.versions():
             if v.triton_version == staged and not v.rejected:
-                registry.tag_version(v.version, REJECTED_TAG, "dropped by reconcile: the run that staged it did not finish deploying it")
+                registry.tag_version(v.version, REJECTED_TAG,
+                                     "dropped by reconcile: the run that staged it did not finish deploying it")
     aliases = repair_aliases(repo)
     return dataclasses.replace(report, actions=(*report.actions, *aliases)) if aliases else report
 
