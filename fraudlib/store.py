@@ -9,9 +9,11 @@ and its months are added to the store under ``$FRAUD_STORE`` or ``<runs>/store``
 
 Rules (a month in the ledger is *sealed*):
 
-* atomic: month files are written under a temporary name and renamed; the ledger, renamed into
-  place last, is the commit point, so a crash leaves the store as it was (an unlisted file is
-  never read and is removed by the next ingest);
+* atomic: month files are written in a staging folder and renamed into place; the ledger,
+  renamed into place last, is the commit point, so a crash leaves the store as it was (an
+  unlisted file or a staging folder is never read and is removed by the next ingest);
+* bounded memory: a plain CSV over ``CHUNK_BYTES`` (a 10 GB file of 100M rows) is read block by
+  block, each block's months appended to their staged files as a row group;
 * idempotent: a month whose rows hash to the sealed content is skipped (ingesting the same
   file twice adds nothing, whatever its name or compression);
 * other rows for a sealed month, or a month older than the newest sealed one (months arrive in
@@ -28,27 +30,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 from filelock import FileLock
 
 from fraudlib import settings
-from fraudlib.tabformer import COLUMNS, read_transactions
+from fraudlib.tabformer import (COLUMNS, PARSE_ERRORS, TabFormerFormatError, blocks, check, locate_error,
+                                newlines_before, read_block, read_transactions, splittable)
 
 STORE_ENV = "FRAUD_STORE"
 LEDGER = "store.json"
 FORMAT = 1
 _COMPRESSION = "zstd"
+CHUNK_BYTES = 256 << 20  # a plain CSV over this is ingested block by block (bounded memory)
+_STAGING = ".ingest-"  # an ingest's staging folder under the store's root
 _CATEGORICAL = frozenset({"Use Chip", "Merchant Name", "Merchant City", "Merchant State", "Zip", "Errors?"})
 _ARROW_TYPES = {"User": pa.int32(), "Card": pa.int16(), "Year": pa.int16(), "Month": pa.int8(), "Day": pa.int8(),
                 "Time": pa.int16(), "Amount": pa.float64(), "Merchant Name": pa.int64(), "Zip": pa.float64(),
@@ -157,20 +165,60 @@ def read(store: str | Path | None = None, columns: Sequence[str] = COLUMNS, befo
 
 
 def ingest(path: str | Path, store: str | Path | None = None, *, replace: bool = False,
-           all_months: bool = False) -> IngestResult:
-    """Validate the TabFormer file ``path`` and add its months to the store (module docstring)."""
+           all_months: bool = False, progress: Callable[[str], None] | None = None) -> IngestResult:
+    """Validate the TabFormer file ``path`` and add its months to the store (module docstring).
+
+    A plain CSV larger than ``CHUNK_BYTES`` is read block by block, each block's months
+    appended to their files as it goes: memory stays at a few blocks whatever the file's size
+    (``progress``, when given, hears after each block how far it got)."""
     started = time.perf_counter()
     path = Path(path).expanduser().resolve()
-    frame = read_transactions(path)
-    by_month = _split_months(frame)
-    if len(by_month) > 1 and not all_months:
-        found = [month_text(k) for k in by_month]
-        raise StoreError(f"{path} holds rows of {len(found)} months ({_span(found)}): ingest one month per file, "
-                         f"feed it month by month with `fraud replay {path} --start {found[0]} --months {len(found)}`, "
-                         "or load them all at once with --all-months")
-    result = _ingest_months(Path(store) if store else store_root(), str(path), by_month, replace)
+    chunks = _chunks(path, progress)
+    if not all_months:
+        chunks = _one_month(path, chunks)
+    result = _ingest_months(Path(store) if store else store_root(), str(path), chunks, replace)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _chunks(path: Path, progress: Callable[[str], None] | None) -> Iterator[tuple[pd.DataFrame, bool]]:
+    """(the rows, whether the file is read to its end) per block of ``path``, in file order:
+    the whole file at once unless it is a plain CSV over ``CHUNK_BYTES``."""
+    columns = check(path)  # the header's errors before any block
+    if not splittable(path) or path.stat().st_size <= CHUNK_BYTES:
+        yield read_transactions(path), True
+        return
+    ranges = blocks(path, CHUNK_BYTES)
+    rows, began = 0, time.perf_counter()
+    for start, end in ranges:
+        try:
+            part = read_block(path, start, end, columns)
+        except TabFormerFormatError as error:
+            raise error.shifted(newlines_before(path, start) - 1) from None
+        except PARSE_ERRORS as error:
+            raise locate_error(path, columns, error) from None
+        rows += len(part)
+        yield part, end == ranges[-1][1]
+        if progress:
+            progress(f"{path.name}: {end / ranges[-1][1]:.0%} read and stored, {rows:,} rows, "
+                     f"{time.perf_counter() - began:.0f} s")
+
+
+def _one_month(path: Path, chunks) -> Iterator[tuple[pd.DataFrame, bool]]:
+    """``chunks``, refused (before the second month's rows are written) when they hold several months."""
+    found: set[int] = set()
+    for part, last in chunks:
+        found |= set(np.unique(_month_keys(part)).tolist())
+        if len(found) > 1:
+            months_ = [month_text(k) for k in sorted(found)]
+            if not last:  # a large file, refused at its first block: too large to replay in memory anyway
+                raise StoreError(f"{path} holds rows of several months (at least {len(months_)}, "
+                                 f"{_span(months_)}, in its first block): ingest one month per file, "
+                                 "or load them all at once with --all-months")
+            raise StoreError(f"{path} holds rows of {len(months_)} months ({_span(months_)}): ingest one month per "
+                             f"file, feed it month by month with `fraud replay {path} --start {months_[0]} --months "
+                             f"{len(months_)}`, or load them all at once with --all-months")
+        yield part, last
 
 
 def replay(path: str | Path, start: str, n_months: int, store: str | Path | None = None, *, replace: bool = False,
@@ -183,17 +231,19 @@ def replay(path: str | Path, start: str, n_months: int, store: str | Path | None
     if isinstance(n_months, bool) or not isinstance(n_months, int) or n_months < 1:
         raise StoreError(f"--months must be an integer >= 1, got {n_months!r}")
     frame = read_transactions(path)
-    by_month = _split_months(frame)
+    keys = _month_keys(frame)
+    held = np.unique(keys).tolist()
     wanted = list(range(first, first + n_months))
-    empty = [month_text(k) for k in wanted if k not in by_month]
+    empty = [month_text(k) for k in wanted if k not in held]
     if empty:
-        raise StoreError(f"{path} has no rows for {', '.join(empty)} (it holds {_span([month_text(k) for k in by_month])}); "
+        raise StoreError(f"{path} has no rows for {', '.join(empty)} (it holds {_span([month_text(k) for k in held])}); "
                          "choose --start and --months inside it")
     root = Path(store) if store else store_root()
     results = []
     for key in wanted:
         began = time.perf_counter()
-        result = _ingest_months(root, f"{path}#{month_text(key)}", {key: by_month[key]}, replace)
+        month = frame[keys == key].reset_index(drop=True)
+        result = _ingest_months(root, f"{path}#{month_text(key)}", [(month, True)], replace)
         result.seconds = time.perf_counter() - began
         results.append(result)
         if after_each:
@@ -203,7 +253,11 @@ def replay(path: str | Path, start: str, n_months: int, store: str | Path | None
 
 # --- writing ------------------------------------------------------------------------------------
 
-def _ingest_months(root: Path, source: str, by_month: dict[int, pd.DataFrame], replace: bool) -> IngestResult:
+def _ingest_months(root: Path, source: str, chunks: Iterable[tuple[pd.DataFrame, bool]],
+                   replace: bool) -> IngestResult:
+    """Add the months of ``chunks`` (their rows, block by block, in file order) to the store at
+    ``root``. Each month's rows go to a file in a staging folder, hashed as they come; once all
+    are in, the rules decide, the new months' files are renamed into place and the ledger last."""
     root.mkdir(parents=True, exist_ok=True)
     result = IngestResult(source=source)
     with FileLock(str(root / ".lock")):
@@ -211,34 +265,39 @@ def _ingest_months(root: Path, source: str, by_month: dict[int, pd.DataFrame], r
         _remove_strays(root, book)
         sealed = {month_key(m): entry for m, entry in book["months"].items()}
         newest = max(sealed, default=None)
-        plan = []
-        for key, part in sorted(by_month.items()):
-            month, digest = month_text(key), _frame_hash(part)
-            if key in sealed and sealed[key]["content_hash"] == digest:
-                result.unchanged.append(month)
-                continue
-            if not replace and key in sealed:
-                raise StoreError(f"{source}: month {month} is already sealed in {root} with other rows "
-                                 f"({sealed[key]['rows']:,} rows from {sealed[key]['source']}); nothing was written. "
-                                 "Pass --replace to replace that month")
-            if not replace and newest is not None and key < newest:
-                raise StoreError(f"{source}: month {month} arrives out of order: the store {root} already holds "
-                                 f"{month_text(newest)}; months are ingested oldest first, nothing was written. "
-                                 "Pass --replace to insert it anyway")
-            plan.append((key, month, digest, part))
+        staging = Path(tempfile.mkdtemp(prefix=_STAGING, dir=root))
+        files: dict[int, _MonthFile] = {}
         written = []
         try:
-            for key, month, digest, part in plan:
+            for part, _ in chunks:
+                for key, table, hashes in _months_of(part):
+                    if key not in files:
+                        if not replace and key not in sealed and newest is not None and key < newest:
+                            raise StoreError(f"{source}: month {month_text(key)} arrives out of order: the store "
+                                             f"{root} already holds {month_text(newest)}; months are ingested oldest "
+                                             "first, nothing was written. Pass --replace to insert it anyway")
+                        files[key] = _MonthFile(staging / f"{key}.parquet", table.schema)
+                    files[key].add(table, hashes)
+            plan = []
+            for key, month_file in sorted(files.items()):
+                month, digest = month_text(key), month_file.close()
+                if key in sealed and sealed[key]["content_hash"] == digest:
+                    result.unchanged.append(month)
+                    continue
+                if not replace and key in sealed:
+                    raise StoreError(f"{source}: month {month} is already sealed in {root} with other rows "
+                                     f"({sealed[key]['rows']:,} rows from {sealed[key]['source']}); nothing was "
+                                     "written. Pass --replace to replace that month")
+                plan.append((key, month, digest, month_file))
+            for key, month, digest, month_file in plan:
                 relative = f"year={key // 12:04d}/month={key % 12 + 1:02d}/{digest[:16]}.parquet"
                 target = root / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-                part.to_parquet(tmp, compression=_COMPRESSION, index=False)
-                os.replace(tmp, target)
+                os.replace(month_file.path, target)
                 written.append(target)
                 (result.replaced if key in sealed else result.added).append(month)
-                result.rows += len(part)
-                book["months"][month] = {"file": relative, "rows": len(part), "fraud": int(part["Is Fraud?"].sum()),
+                result.rows += month_file.rows
+                book["months"][month] = {"file": relative, "rows": month_file.rows, "fraud": month_file.fraud,
                                          "content_hash": digest, "source": source,
                                          "ingested": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             if written:
@@ -249,31 +308,92 @@ def _ingest_months(root: Path, source: str, by_month: dict[int, pd.DataFrame], r
             for target in written:  # named by content hash, never a listed file: not in the ledger
                 target.unlink(missing_ok=True)
             raise
+        finally:
+            for month_file in files.values():
+                month_file.close()
+            shutil.rmtree(staging, ignore_errors=True)
         _remove_strays(root, book)  # the replaced months' old files
     return result
 
 
+class _MonthFile:
+    """One month's rows appended block by block to a Parquet file (one row group per block),
+    and their content hash as they come: of the rows' values, not of the file (another
+    compression, name or block size is the same content)."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path, self.rows, self.fraud = path, 0, 0
+        self.writer = pq.ParquetWriter(path, schema, compression=_COMPRESSION)
+        self.digest = xxhash.xxh3_128()
+        self.digest.update(",".join(schema.names).encode())
+
+    def add(self, table: pa.Table, hashes: np.ndarray) -> None:
+        self.digest.update(hashes.tobytes())
+        self.writer.write_table(table)
+        self.rows += table.num_rows
+        self.fraud += pc.sum(table["Is Fraud?"]).as_py() or 0
+
+    def close(self) -> str:
+        """Finish the file (once; again is a no-op); the content hash."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        return self.digest.hexdigest()
+
+
+def _month_keys(frame: pd.DataFrame) -> np.ndarray:
+    return frame["Year"].to_numpy().astype(np.int64) * 12 + frame["Month"].to_numpy().astype(np.int64) - 1
+
+
+def _months_of(frame: pd.DataFrame) -> Iterator[tuple[int, pa.Table, np.ndarray]]:
+    """(month key, its rows as an Arrow table in the readers' types, the rows' value hashes)
+    per month of ``frame``, rows in frame order. One sort and one conversion per column for
+    all months (a block of a large file holds hundreds): each month is a slice, and each
+    string column's dictionary holds only the month's own values."""
+    key = _month_keys(frame)
+    order = np.argsort(key, kind="stable")
+    keys, starts, counts = np.unique(key[order], return_index=True, return_counts=True)
+    month = np.repeat(np.arange(len(keys)), counts)  # each sorted row's month (its position in keys)
+    hashes = pd.util.hash_pandas_object(frame, index=False).to_numpy()[order]
+    schema = pa.schema([(c, _ARROW_TYPES[c]) for c in frame.columns])
+    columns = []  # per column: one array to slice, or a list of arrays per month
+    for name in frame.columns:
+        values, arrow_type = frame[name], _ARROW_TYPES[name]
+        if not isinstance(values.dtype, pd.CategoricalDtype):
+            columns.append(pa.array(values.to_numpy()[order], type=arrow_type))
+            continue
+        codes = values.array.codes[order]
+        if not pa.types.is_dictionary(arrow_type):  # numeric (Merchant Name, Zip): plain values
+            plain = values.array.categories.to_numpy()[np.maximum(codes, 0)]
+            columns.append(pa.array(plain, type=arrow_type, mask=codes < 0))
+            continue
+        # Codes renumbered per month over the month's own categories: (month, code) pairs ranked.
+        valid = codes >= 0
+        width = int(codes.max(initial=0)) + 1
+        pair = month[valid] * width + codes[valid]
+        used, rank = np.unique(pair, return_inverse=True)
+        first = np.searchsorted(used, np.arange(len(keys) + 1) * width)  # each month's first used pair
+        local = np.full(len(codes), -1, np.int32)
+        local[valid] = rank - first[month[valid]]
+        dictionary = pa.array(values.array.categories.to_numpy(dtype=object), type=pa.string())
+        columns.append([pa.DictionaryArray.from_arrays(
+            pa.array(local[lo:lo + n], mask=local[lo:lo + n] < 0),
+            dictionary.take(pa.array(used[first[m]:first[m + 1]] - m * width)))
+            for m, (lo, n) in enumerate(zip(starts, counts))])
+    for m, (k, lo, n) in enumerate(zip(keys, starts, counts)):
+        arrays = [c[m] if isinstance(c, list) else c.slice(lo, n) for c in columns]
+        yield int(k), pa.Table.from_arrays(arrays, schema=schema), hashes[lo:lo + n]
+
+
 def _remove_strays(root: Path, book: dict) -> None:
-    """Month files the ledger does not list (a crashed ingest, a replaced month) are removed."""
+    """Month files the ledger does not list (a crashed ingest, a replaced month) are removed, and
+    a crashed ingest's staging folder (the caller holds the store's lock: no ingest is running)."""
     listed = {(root / e["file"]).resolve() for e in book["months"].values()}
     for path in root.glob("year=*/month=*/*"):
         if path.resolve() not in listed:
             path.unlink(missing_ok=True)
-
-
-def _split_months(frame: pd.DataFrame) -> dict[int, pd.DataFrame]:
-    key = frame["Year"].to_numpy().astype(np.int64) * 12 + frame["Month"].to_numpy().astype(np.int64) - 1
-    order = np.argsort(key, kind="stable")
-    keys, starts = np.unique(key[order], return_index=True)
-    bounds = list(starts[1:]) + [len(order)]
-    parts = {}
-    for k, lo, hi in zip(keys, starts, bounds):
-        part = frame.take(order[lo:hi]).reset_index(drop=True)
-        for name in part.columns:
-            if isinstance(part[name].dtype, pd.CategoricalDtype):
-                part[name] = _first_appearance(part[name].array)
-        parts[int(k)] = part
-    return parts
+    for path in root.glob(f"{_STAGING}*"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _first_appearance(values: pd.Categorical) -> pd.Categorical:
@@ -284,14 +404,6 @@ def _first_appearance(values: pd.Categorical) -> pd.Categorical:
     out = np.full(len(codes), -1, dtype=np.int32)
     out[present] = new_codes
     return pd.Categorical.from_codes(out, categories=values.categories.take(uniques))
-
-
-def _frame_hash(frame: pd.DataFrame) -> str:
-    """Hash of the rows' values (not of the file: another compression or name is the same content)."""
-    digest = xxhash.xxh3_128()
-    digest.update(",".join(frame.columns).encode())
-    digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _read_ledger(root: Path) -> dict:
@@ -353,7 +465,8 @@ def _cmd_ingest(args) -> int:
         except flow.OrchestrationError as error:
             print(f"fraud ingest: {error}; nothing was ingested", file=sys.stderr)
             return 3
-    result = _run(lambda: ingest(args.file, args.store, replace=args.replace, all_months=args.all_months))
+    result = _run(lambda: ingest(args.file, args.store, replace=args.replace, all_months=args.all_months,
+                                 progress=lambda line: print(line, file=sys.stderr, flush=True)))
     if result is None:
         return 2
     print(result.describe())

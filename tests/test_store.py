@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from fraudlib import store
@@ -125,6 +126,73 @@ def test_a_crash_before_the_ledger_is_written_leaves_the_store_as_it_was(month_f
     with pytest.raises(OSError, match="disk full"):
         store.ingest(month_file("2019-02"), root)
     assert snapshot(root) == before
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Files over 700 KB are ingested block by block (the 30,000-row file: 4-5 blocks)."""
+    monkeypatch.setattr(store, "CHUNK_BYTES", 700_000)
+
+
+def test_a_large_file_ingested_block_by_block_is_the_same_store_as_at_once(synthetic_csv, tmp_path, monkeypatch):
+    whole = store.ingest(synthetic_csv, tmp_path / "whole", all_months=True)
+    monkeypatch.setattr(store, "CHUNK_BYTES", 700_000)
+    heard = []
+    blocked = store.ingest(synthetic_csv, tmp_path / "blocks", all_months=True, progress=heard.append)
+    assert blocked.added == whole.added and blocked.rows == whole.rows == 30_000
+    assert len(heard) >= 4 and heard[-1].startswith(f"{synthetic_csv.name}: 100% read and stored, 30,000 rows")
+    # The same content hashes (of values, not files), rows and frauds per month, the same frame back.
+    entry = lambda root: {m: (e["content_hash"], e["rows"], e["fraud"], e["file"])
+                          for m, e in store.ledger(root)["months"].items()}
+    assert entry(tmp_path / "blocks") == entry(tmp_path / "whole")
+    pd.testing.assert_frame_equal(store.read(tmp_path / "blocks"), store.read(tmp_path / "whole"))
+    # A month's rows came in several blocks: several row groups in its one file.
+    files = sorted((tmp_path / "blocks").glob("year=*/month=*/*.parquet"))
+    assert len(files) == len(whole.added) and max(pq.ParquetFile(f).num_row_groups for f in files) > 1
+    assert not list((tmp_path / "blocks").glob(".ingest-*"))
+    # Ingesting the file again at once adds nothing: the hash does not depend on the blocks.
+    monkeypatch.setattr(store, "CHUNK_BYTES", 1 << 40)
+    assert store.ingest(synthetic_csv, tmp_path / "blocks", all_months=True).unchanged == whole.added
+
+
+def test_bad_input_in_a_later_block_names_the_files_line_and_writes_nothing(synthetic_csv, tmp_path, small_blocks):
+    root = tmp_path / "store"
+    lines = synthetic_csv.read_text().splitlines()
+    lines[25_000] = lines[25_000].replace("$", "$x", 1)  # file line 25,001, in a late block
+    path = tmp_path / "bad.csv"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TabFormerFormatError, match=rf"{path.name}.*line 25001, column 'Amount'"):
+        store.ingest(path, root, all_months=True)
+    assert snapshot(root) == {}
+    lines[25_000] = "1,2,3"  # a row pyarrow cannot parse
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TabFormerFormatError, match=r"line 25001"):
+        store.ingest(path, root, all_months=True)
+    assert snapshot(root) == {}
+
+
+def test_a_crash_mid_file_leaves_the_store_as_it_was_and_no_staging(month_file, synthetic_csv, tmp_path, small_blocks):
+    root = tmp_path / "store"
+    store.ingest(month_file("2019-01"), root)
+    before = snapshot(root)
+    heard = []
+
+    def crash(line):
+        heard.append(line)
+        if len(heard) == 2:
+            raise KeyboardInterrupt  # e.g. Ctrl-C half way
+
+    with pytest.raises(KeyboardInterrupt):
+        store.ingest(synthetic_csv, root, all_months=True, replace=True, progress=crash)
+    assert snapshot(root) == before
+    assert sorted(p.name for p in root.iterdir()) == [".lock", store.LEDGER, "year=2019"]
+
+
+def test_a_large_file_with_several_months_is_refused_at_its_first_block(synthetic_csv, tmp_path, small_blocks):
+    heard = []
+    with pytest.raises(store.StoreError, match=r"holds rows of several months \(at least \d+, \d{4}-\d\d \.\. 20\d\d-\d\d, in its first block\): .* --all-months$"):
+        store.ingest(synthetic_csv, tmp_path / "store", progress=heard.append)
+    assert heard == [] and not (tmp_path / "store" / store.LEDGER).exists()
 
 
 def test_replay_feeds_one_month_at_a_time_in_order(synthetic_csv, tmp_path):
