@@ -25,6 +25,7 @@ preprocessing writes its output only once it is complete.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
@@ -50,6 +51,7 @@ MEMORY_SHARE = 0.5  # of this machine's memory for the local workers; the rest f
 CONNECT_TIMEOUT_S = 10
 WORKER_WAIT_S = 30
 FEATURE_PARTITION_ROWS = 32_000_000  # a stream above this many rows: causal features on the workers, partitioned
+STORE_TASK_ROWS = 4_000_000  # store rows per read task, about (consecutive whole months)
 FEATURE_TASK_ROWS = 8_000_000  # stream rows per causal-feature task, about (a task's memory follows its rows)
 
 logger = logging.getLogger(__name__)
@@ -166,13 +168,46 @@ def read_files(cluster: Cluster, files: Sequence[Path], columns: Sequence[str]) 
 
 
 def read_store(cluster: Cluster, root: Path, columns: Sequence[str], before: str | None = None) -> pd.DataFrame:
-    """The store's sealed months (before ``before``) as one compact frame, a task per month."""
-    chosen = [m for m in store.months(root) if before is None or store.month_key(m) < store.month_key(before)]
+    """The store's sealed months (before ``before``) as one compact frame, a task per run of
+    consecutive months of about ``STORE_TASK_ROWS`` rows. At most two tasks per worker are in
+    flight, and each result is fetched (and let go by its worker) in order: the workers never
+    hold the whole store decoded (a task per month, all gathered at once, passed 11 GB at 100M)."""
+    book = store.ledger(root)["months"]
+    chosen = [m for m in sorted(book) if before is None or store.month_key(m) < store.month_key(before)]
     if not chosen:
         return store.read(root, columns, before=before)  # raises its StoreError
-    futures = [cluster.client.submit(store.read, root, columns, since=m, before=store.month_text(store.month_key(m) + 1),
-                                     pure=False) for m in chosen]
-    return tabformer.concat([_own_memory(part) for part in results(cluster, futures)])
+    runs, rows = [[]], 0
+    for month in chosen:
+        if runs[-1] and rows + book[month]["rows"] > STORE_TASK_ROWS:
+            runs.append([])
+            rows = 0
+        runs[-1].append(month)
+        rows += book[month]["rows"]
+    parts, pending = [], deque()
+    for run in runs:
+        if len(pending) >= 2 * _workers(cluster):
+            parts.append(_fetched(cluster, pending.popleft()))
+        pending.append(cluster.client.submit(store.read, root, columns, since=run[0],
+                                             before=store.month_text(store.month_key(run[-1]) + 1), pure=False))
+    while pending:
+        parts.append(_fetched(cluster, pending.popleft()))
+    return tabformer.concat(parts)
+
+
+def _fetched(cluster: Cluster, future) -> pd.DataFrame:
+    part = _own_memory(results(cluster, [future])[0])
+    future.release()
+    trim_heap()  # the fetched copy's pages (a task's months: ~100 MB) back to the system
+    return part
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere
+    nothing): numpy's freed temporaries otherwise stay in the process's memory."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def causal_features(cluster: Cluster, stream: features.Stream, rows: np.ndarray,

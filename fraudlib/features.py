@@ -154,7 +154,10 @@ def card_ids(frame: pd.DataFrame, max_cards: int) -> np.ndarray:
     it fits (half the memory of the whole file's 24M ids)."""
     user = frame["User"].to_numpy()
     dtype = np.int32 if (int(user.max(initial=0)) + 1) * max_cards < 2**31 else np.int64
-    return user.astype(dtype) * dtype(max_cards) + frame["Card"].to_numpy().astype(dtype)
+    ids = user.astype(dtype)
+    ids *= dtype(max_cards)  # in place: no temporary of the input's length (0.4 GB at 100M rows)
+    ids += frame["Card"].to_numpy()
+    return ids
 
 
 _RADIX_BITS = 11  # digits of the radix sort: 2,048 buckets stay in cache

@@ -38,7 +38,6 @@ touches only the kept rows.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import glob
 import hashlib
 import json
@@ -178,7 +177,7 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
         if window:
             frame = window.check(frame, raw_path)
         test_start = window.test_start_minute if window else _TEST_START_MINUTE
-        nodes, card_codes, mcc_codes = _fit_node_encoders(frame)
+        nodes, card_codes, mcc_codes = _fit_node_encoders(frame, with_codes=deduplicate)
         eligible = window.inside(frame) if window else None
         whole = None if undersample_test else (
             window.in_test(frame) if window else frame["Year"].to_numpy() > TRAIN_BEFORE_YEAR)
@@ -272,7 +271,7 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
             for done in [pool.submit(job) for job in jobs]:
                 done.result()  # the first error, raised here (nothing is moved into place)
 
-    _trim_heap()  # (memory) the encoding's freed heap handed back before the files are formatted: 100M rows, ~2 GB
+    dask_engine.trim_heap()  # (memory) the encoding's freed heap handed back before the files are formatted: 100M rows, ~2 GB
     _write_atomically(out_dir, write)
     return PreprocessSummary(
         graph_dir=str(out_dir),
@@ -509,13 +508,14 @@ def degrees(graph_dir: str | Path) -> dict[str, np.ndarray]:
 
 # --- fitting ---------------------------------------------------------------------------------
 
-def _fit_node_encoders(frame: pd.DataFrame) -> tuple[dict, np.ndarray, np.ndarray]:
+def _fit_node_encoders(frame: pd.DataFrame, with_codes: bool) -> tuple[dict, np.ndarray | None, np.ndarray | None]:
     """Node encoders over every card and merchant of the file (ids = positions in sorted
-    order), plus each row's card and MCC position (dense codes for deduplication)."""
+    order), plus, ``with_codes``, each row's card and MCC position (dense codes for
+    deduplication; None without: two int32 arrays of the input's length, 0.8 GB at 100M rows)."""
     max_cards = int(frame["Card"].max()) + 1
-    cards, card_codes = _rank(features.card_ids(frame, max_cards))
+    cards, card_codes = _rank(features.card_ids(frame, max_cards), with_codes)
     mcc = frame["MCC"].to_numpy()
-    mccs, mcc_codes = _rank(mcc)
+    mccs, mcc_codes = _rank(mcc, with_codes)
     merchant = frame["Merchant Name"].array
     # Categories are in order of first appearance, so where the running maximum of the codes
     # first reaches k is the first row of merchant k: its MCC is the merchant's.
@@ -604,15 +604,6 @@ def _select_rows(frame: pd.DataFrame, card_codes: np.ndarray, mcc_codes: np.ndar
         rows = np.concatenate([rows, np.flatnonzero(kept_whole)])
     rows = rows[np.random.RandomState(seed).permutation(len(rows))]
     return rows, counts
-
-
-def _trim_heap() -> None:
-    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere
-    nothing): numpy's freed temporaries otherwise stay in the process's memory."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _undersampled(label: np.ndarray, fraud_ratio: float, seed: int) -> np.ndarray:
@@ -762,15 +753,16 @@ def _positions(values, categories: list) -> np.ndarray:
     return pd.Index(categories).get_indexer(values).astype(np.int64)
 
 
-def _rank(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted distinct values, each value's position among them) of integer values."""
+def _rank(values: np.ndarray, positions: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """(sorted distinct values, each value's position among them, or None unless ``positions``)
+    of integer values."""
     low, high = int(values.min()), int(values.max())
     if high - low >= 1 << 26:
-        return np.unique(values, return_inverse=True)
+        return np.unique(values, return_inverse=True) if positions else (np.unique(values), None)
     # A presence table over the value range beats sorting millions of values.
     offset = values - low
     present = np.bincount(offset, minlength=high - low + 1) > 0
-    return np.flatnonzero(present) + low, (np.cumsum(present) - 1).astype(np.int32)[offset]
+    return np.flatnonzero(present) + low, (np.cumsum(present) - 1).astype(np.int32)[offset] if positions else None
 
 
 def _bits(ordinal: np.ndarray, width: int) -> np.ndarray:

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -84,8 +85,10 @@ class IngestResult:
         return bool(self.added or self.replaced)
 
     def describe(self) -> str:
-        parts = [f"{what} {', '.join(months)}" for what, months in
-                 (("added", self.added), ("replaced", self.replaced), ("already ingested", self.unchanged)) if months]
+        # Up to 6 months by name; more (a bulk load of years) as their count and span.
+        parts = [f"{what} {', '.join(months) if len(months) <= 6 else f'{len(months)} months, {_span(sorted(months))}'}"
+                 for what, months in (("added", self.added), ("replaced", self.replaced),
+                                      ("already ingested", self.unchanged)) if months]
         return f"{self.source}: " + ("; ".join(parts) or "nothing") + f" ({self.rows:,} rows written, {self.seconds:.2f} s)"
 
 
@@ -183,25 +186,36 @@ def ingest(path: str | Path, store: str | Path | None = None, *, replace: bool =
 
 def _chunks(path: Path, progress: Callable[[str], None] | None) -> Iterator[tuple[pd.DataFrame, bool]]:
     """(the rows, whether the file is read to its end) per block of ``path``, in file order:
-    the whole file at once unless it is a plain CSV over ``CHUNK_BYTES``."""
+    the whole file at once unless it is a plain CSV over ``CHUNK_BYTES``. The next block is
+    parsed on a second thread while the caller stores this one (pyarrow's parse and the
+    Parquet write let go of the GIL)."""
     columns = check(path)  # the header's errors before any block
     if not splittable(path) or path.stat().st_size <= CHUNK_BYTES:
         yield read_transactions(path), True
         return
     ranges = blocks(path, CHUNK_BYTES)
     rows, began = 0, time.perf_counter()
-    for start, end in ranges:
-        try:
-            part = read_block(path, start, end, columns)
-        except TabFormerFormatError as error:
-            raise error.shifted(newlines_before(path, start) - 1) from None
-        except PARSE_ERRORS as error:
-            raise locate_error(path, columns, error) from None
-        rows += len(part)
-        yield part, end == ranges[-1][1]
-        if progress:
-            progress(f"{path.name}: {end / ranges[-1][1]:.0%} read and stored, {rows:,} rows, "
-                     f"{time.perf_counter() - began:.0f} s")
+    with ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(_block, path, *ranges[0], columns)
+        for i, (start, end) in enumerate(ranges):
+            part = ahead.result()  # this block's error, in file order
+            if i + 1 < len(ranges):
+                ahead = pool.submit(_block, path, *ranges[i + 1], columns)
+            rows += len(part)
+            yield part, i + 1 == len(ranges)
+            if progress:
+                progress(f"{path.name}: {end / ranges[-1][1]:.0%} read and stored, {rows:,} rows, "
+                         f"{time.perf_counter() - began:.0f} s")
+
+
+def _block(path: Path, start: int, end: int, columns: list[str]) -> pd.DataFrame:
+    """``tabformer.read_block``, its errors placed in the file."""
+    try:
+        return read_block(path, start, end, columns)
+    except TabFormerFormatError as error:
+        raise error.shifted(newlines_before(path, start) - 1) from None
+    except PARSE_ERRORS as error:
+        raise locate_error(path, columns, error) from None
 
 
 def _one_month(path: Path, chunks) -> Iterator[tuple[pd.DataFrame, bool]]:

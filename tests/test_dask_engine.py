@@ -143,8 +143,10 @@ def test_a_compressed_file_is_one_task_and_gives_the_pandas_graph(synthetic_csv,
     assert files_of(tmp_path / "dask") == files_of(tmp_path / "pandas")
 
 
-def test_the_store_is_read_a_month_per_task_into_the_same_graph(synthetic_csv, cluster_address, tmp_path):
+def test_the_store_is_read_in_runs_of_months_per_task_into_the_same_graph(synthetic_csv, cluster_address, tmp_path,
+                                                                          monkeypatch):
     store.ingest(synthetic_csv, tmp_path / "store", all_months=True)
+    monkeypatch.setattr(dask_engine, "STORE_TASK_ROWS", 2_000)  # ~15 tasks of several months each
     windows = {"as_of": "2020-01", "train_months": 36, "val_months": 12, "test_months": 12}  # each with fraud
 
     preprocess(tmp_path / "store", tmp_path / "pandas", **windows)

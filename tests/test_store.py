@@ -140,6 +140,7 @@ def test_a_large_file_ingested_block_by_block_is_the_same_store_as_at_once(synth
     heard = []
     blocked = store.ingest(synthetic_csv, tmp_path / "blocks", all_months=True, progress=heard.append)
     assert blocked.added == whole.added and blocked.rows == whole.rows == 30_000
+    assert f"added {len(whole.added)} months, {whole.added[0]} .. {whole.added[-1]} (30,000 rows written" in blocked.describe()
     assert len(heard) >= 4 and heard[-1].startswith(f"{synthetic_csv.name}: 100% read and stored, 30,000 rows")
     # The same content hashes (of values, not files), rows and frauds per month, the same frame back.
     entry = lambda root: {m: (e["content_hash"], e["rows"], e["fraud"], e["file"])
