@@ -395,12 +395,14 @@ def compute(stream: Stream, rows: np.ndarray | None = None,
         pd.factorize(stream.merchant)[0].astype(np.int32)
     out = {}
     with ThreadPoolExecutor(1) as pool:  # the merchants' grouping on the second core
+        by_merchant = pool.submit(_Sorted.of, merchant, t, span, rows) if "merchant" in groupings else None
+        # Then the log amounts, on the same core while this one makes the pairs: the merchants'
+        # sweep, which needs them, starts as soon as the first visits are marked.
+        log_amounts = pool.submit(_log_amounts, stream.amount)
         if "card" in groupings:
-            by_merchant = pool.submit(_Sorted.of, merchant, t, span, rows) if "merchant" in groupings else None
             by_card = _Sorted.of(card, t, span, rows)
             by_pair = _Sorted.pairs(merchant, card, t, span, rows, by_card.order)
         else:  # the pairs from the merchants' order (no card sort)
-            by_merchant = pool.submit(_Sorted.of, merchant, t, span, rows)
             by_card, by_pair = None, _Sorted.pairs(card, merchant, t, span, rows, by_merchant.result().order)
         first = _first_visits(by_pair).view(np.uint8)
         if by_card is not None:
@@ -410,14 +412,7 @@ def compute(stream: Stream, rows: np.ndarray | None = None,
             del seen, gap
         del by_pair, t  # (memory) the merchants' sort holds t until it is done
 
-        # Log amounts in fixed point: integer prefix sums are exact, so a row's statistics do
-        # not depend on which other rows (groups, later rows) the stream holds; the squares'
-        # sums stay below 2**63 up to ~10**9 rows.
-        log_amount = np.abs(stream.amount)
-        np.log1p(log_amount, out=log_amount)
-        log_amount *= _FIXED
-        np.copysign(log_amount, stream.amount, out=log_amount)
-        log_amount = np.rint(log_amount, out=log_amount).astype(np.int32)
+        log_amount = log_amounts.result()
         stream_values = (first, log_amount, stream.fraud, log_amount[rows] / _FIXED, label_delay_days, horizon)
         merchants_part = None if by_merchant is None else pool.submit(_merchant_features, by_merchant, *stream_values)
         del by_merchant  # the worker holds the only reference: freed when its features are done
@@ -426,11 +421,22 @@ def compute(stream: Stream, rows: np.ndarray | None = None,
         del by_card
         if merchants_part is not None:
             out |= merchants_part.result()
-    values = np.zeros((len(rows), len(NAMES)), dtype=np.float32)
+    values = np.zeros((len(rows), len(NAMES)), dtype=np.float32, order="F")  # columns filled and read whole
     for i, name in enumerate(NAMES):
         if name in out:
             values[:, i] = out.pop(name)  # each column freed once copied (memory)
     return values
+
+
+def _log_amounts(amount: np.ndarray) -> np.ndarray:
+    """Log amounts in fixed point (int32, 1/_FIXED): integer prefix sums are exact, so a row's
+    statistics do not depend on which other rows (groups, later rows) the stream holds; the
+    squares' sums stay below 2**63 up to ~10**9 rows."""
+    log_amount = np.abs(amount)
+    np.log1p(log_amount, out=log_amount)
+    log_amount *= _FIXED
+    np.copysign(log_amount, amount, out=log_amount)
+    return np.rint(log_amount, out=log_amount).astype(np.int32)
 
 
 def _merchant_features(by_merchant, *stream_values) -> dict[str, np.ndarray]:
