@@ -258,10 +258,11 @@ def preprocess(raw_path: str | Path, out_dir: str | Path, fraud_ratio: float = 0
         "feature_masks": {k: v.tolist() for k, v in masks.items()},
     }
     def write(tmp: Path) -> None:
-        # The files on both cores (pyarrow's writers release the GIL), the largest first.
-        jobs = [lambda: graph_store.write_test_edges(tmp, whole.edges(test)),
+        # The files on both cores (pyarrow's writers release the GIL), the longest first (at full
+        # size: test rows 1.1 s, train part 0.9 s, test edges 0.9 s, history 0.2 s).
+        jobs = [lambda: graph_store.write_parquet(kept.take(test).reset_index(drop=True), tmp / TEST_ROWS),
                 lambda: graph_store.write_part(tmp, "train", whole.edges(train_order)),
-                lambda: graph_store.write_parquet(kept.take(test).reset_index(drop=True), tmp / TEST_ROWS),
+                lambda: graph_store.write_test_edges(tmp, whole.edges(test)),
                 lambda: graph_store.write_part(tmp, "test", whole.edges(test[blueprint_test])),
                 lambda: history is None or graph_store.write_parquet(history, tmp / HISTORY),
                 lambda: graph_store.write_json(tmp / graph_store.MANIFEST, manifest),
