@@ -192,6 +192,17 @@ def test_a_crash_mid_file_leaves_the_store_as_it_was_and_no_staging(month_file, 
     assert sorted(p.name for p in root.iterdir()) == [".lock", store.LEDGER, "year=2019"]
 
 
+def test_a_staging_folder_left_by_a_killed_ingest_is_removed_by_the_next(month_file, tmp_path):
+    root = tmp_path / "store"
+    store.ingest(month_file("2019-01"), root)
+    left = root / ".ingest-killed"  # as a kill -9 mid-file leaves it: never read, not in the ledger
+    left.mkdir()
+    (left / "24229.parquet").write_bytes(b"half a file")
+    assert store.months(root) == ["2019-01"]
+    assert store.ingest(month_file("2019-02"), root).added == ["2019-02"]
+    assert not left.exists() and not list(root.glob(".ingest-*"))
+
+
 def test_a_large_file_with_several_months_is_refused_at_its_first_block(synthetic_csv, tmp_path, small_blocks):
     heard = []
     with pytest.raises(store.StoreError, match=r"holds rows of several months \(at least \d+, \d{4}-\d\d \.\. 20\d\d-\d\d, in its first block\): .* --all-months$"):
