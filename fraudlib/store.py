@@ -457,7 +457,9 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("ingest", help="validate a TabFormer file and add its month to the transaction store")
     p.add_argument("file", help="TabFormer-format CSV, .gz or .tgz (one month; see --all-months)")
     _store_args(p)
-    p.add_argument("--all-months", action="store_true", help="accept a file with rows of several months (a bulk load)")
+    p.add_argument("--all-months", action="store_true",
+                   help="accept a file with rows of several months (a bulk load: a plain CSV over 256 MB is read "
+                        "block by block in ~2 GB, with progress on stderr)")
     p.add_argument("--trigger", action="store_true",
                    help="then start the lifecycle deployment on the Prefect server at $PREFECT_API_URL "
                         "(checked before anything is written)")
