@@ -514,9 +514,9 @@ def _fit_node_encoders(frame: pd.DataFrame, with_codes: bool) -> tuple[dict, np.
     order), plus, ``with_codes``, each row's card and MCC position (dense codes for
     deduplication; None without: two int32 arrays of the input's length, 0.8 GB at 100M rows)."""
     max_cards = int(frame["Card"].max()) + 1
-    cards, card_codes = _rank(features.card_ids(frame, max_cards), with_codes)
+    cards, card_codes = tabformer.rank(features.card_ids(frame, max_cards), with_codes)
     mcc = frame["MCC"].to_numpy()
-    mccs, mcc_codes = _rank(mcc, with_codes)
+    mccs, mcc_codes = tabformer.rank(mcc, with_codes)
     merchant = frame["Merchant Name"].array
     # Categories are in order of first appearance, so where the running maximum of the codes
     # first reaches k is the first row of merchant k: its MCC is the merchant's.
@@ -752,18 +752,6 @@ def _category_positions(column: pd.Series, categories: list, missing=None) -> np
 
 def _positions(values, categories: list) -> np.ndarray:
     return pd.Index(categories).get_indexer(values).astype(np.int64)
-
-
-def _rank(values: np.ndarray, positions: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-    """(sorted distinct values, each value's position among them, or None unless ``positions``)
-    of integer values."""
-    low, high = int(values.min()), int(values.max())
-    if high - low >= 1 << 26:
-        return np.unique(values, return_inverse=True) if positions else (np.unique(values), None)
-    # A presence table over the value range beats sorting millions of values.
-    offset = values - low
-    present = np.bincount(offset, minlength=high - low + 1) > 0
-    return np.flatnonzero(present) + low, (np.cumsum(present) - 1).astype(np.int32)[offset] if positions else None
 
 
 def _bits(ordinal: np.ndarray, width: int) -> np.ndarray:

@@ -50,7 +50,7 @@ from filelock import FileLock
 
 from fraudlib import settings
 from fraudlib.tabformer import (COLUMNS, PARSE_ERRORS, TabFormerFormatError, blocks, check, locate_error,
-                                newlines_before, read_block, read_transactions, splittable)
+                                newlines_before, rank, read_block, read_transactions, splittable)
 
 STORE_ENV = "FRAUD_STORE"
 LEDGER = "store.json"
@@ -58,7 +58,6 @@ FORMAT = 1
 _COMPRESSION = "zstd"
 CHUNK_BYTES = 256 << 20  # a plain CSV over this is ingested block by block (bounded memory)
 _STAGING = ".ingest-"  # an ingest's staging folder under the store's root
-_PAIR_TABLE_LIMIT = 1 << 27  # (month, category) pairs of a block ranked by a presence table up to this many, else sorted
 _CATEGORICAL = frozenset({"Use Chip", "Merchant Name", "Merchant City", "Merchant State", "Zip", "Errors?"})
 _ARROW_TYPES = {"User": pa.int32(), "Card": pa.int16(), "Year": pa.int16(), "Month": pa.int8(), "Day": pa.int8(),
                 "Time": pa.int16(), "Amount": pa.float64(), "Merchant Name": pa.int64(), "Zip": pa.float64(),
@@ -386,14 +385,10 @@ def _months_of(frame: pd.DataFrame) -> Iterator[tuple[int, pa.Table, np.ndarray]
         valid = codes >= 0
         width = int(codes.max(initial=0)) + 1
         pair = month[valid] * width + codes[valid]
-        if len(keys) * width <= _PAIR_TABLE_LIMIT:  # a presence table over the pairs beats sorting them
-            present = np.bincount(pair, minlength=len(keys) * width) > 0
-            used, rank = np.flatnonzero(present), (np.cumsum(present) - 1)[pair]
-        else:
-            used, rank = np.unique(pair, return_inverse=True)
+        used, position = rank(pair)
         first = np.searchsorted(used, np.arange(len(keys) + 1) * width)  # each month's first used pair
         local = np.full(len(codes), -1, np.int32)
-        local[valid] = rank - first[month[valid]]
+        local[valid] = position - first[month[valid]]
         dictionary = pa.array(values.array.categories.to_numpy(dtype=object), type=pa.string())
         columns.append([pa.DictionaryArray.from_arrays(
             pa.array(local[lo:lo + n], mask=local[lo:lo + n] < 0),

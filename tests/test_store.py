@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from fraudlib import store
+from fraudlib import store, tabformer
 from fraudlib.tabformer import TabFormerFormatError, read_transactions
 
 
@@ -134,12 +134,12 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(store, "CHUNK_BYTES", 700_000)
 
 
-@pytest.mark.parametrize("pair_table_limit", [1 << 27, 0], ids=["presence-table", "sorted-pairs"])
+@pytest.mark.parametrize("rank_table_limit", [1 << 26, 0], ids=["presence-table", "sorted-pairs"])
 def test_a_large_file_ingested_block_by_block_is_the_same_store_as_at_once(synthetic_csv, tmp_path, monkeypatch,
-                                                                           pair_table_limit):
+                                                                           rank_table_limit):
     whole = store.ingest(synthetic_csv, tmp_path / "whole", all_months=True)
     monkeypatch.setattr(store, "CHUNK_BYTES", 700_000)
-    monkeypatch.setattr(store, "_PAIR_TABLE_LIMIT", pair_table_limit)  # each way of ranking a month's categories
+    monkeypatch.setattr(tabformer, "RANK_TABLE_LIMIT", rank_table_limit)  # each way of ranking a month's categories
     heard = []
     blocked = store.ingest(synthetic_csv, tmp_path / "blocks", all_months=True, progress=heard.append)
     assert blocked.added == whole.added and blocked.rows == whole.rows == 30_000
