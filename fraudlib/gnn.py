@@ -218,12 +218,15 @@ class FraudGNN(nn.Module):
 
     @torch.no_grad()
     def edge_features(self, x_user: Tensor, x_merchant: Tensor, edge_index: Tensor,
-                      edge_attr: Tensor) -> Tensor:
-        """XGBoost input of every edge: [x_user | h_user | x_merchant | h_merchant | edge_attr].
+                      edge_attr: Tensor, edges: Tensor | None = None) -> Tensor:
+        """XGBoost input of every edge: [x_user | h_user | x_merchant | h_merchant | edge_attr];
+        with ``edges`` (positions), of those edges only, the messages still passed over all.
 
         Call in eval mode (no dropout): training and serving compute it the same way.
         """
-        if self._plain_sage and not self.training:
+        if edges is None and self._plain_sage and not self.training:
             return _sage_edge_features(x_user, x_merchant, edge_index, edge_attr, self._sage_weights_list())
         h_user, h_merchant = self.embed(x_user, x_merchant, edge_index, edge_attr=edge_attr)
+        if edges is not None:
+            edge_index, edge_attr = edge_index[:, edges], edge_attr[edges]
         return _edge_features(x_user, h_user, x_merchant, h_merchant, edge_index, edge_attr)

@@ -199,7 +199,7 @@ def monitor_month(store_dir: str | Path, month: str, client, auprc_drop_alert: f
     # on its scores are biased low: PSI 0.14-0.23 against drift-free months, an alert every month.
     unfitted = (np.asarray(train.split) == "validation") & (train.label == 0)
     result.score_psi = psi(reference_scores(client, graph_dir, train.edges(unfitted),
-                                            int(meta["architecture"]["n_hops"])), month_scores.to_numpy())
+                                            scoring.field_hops(meta["architecture"])), month_scores.to_numpy())
     result.max_feature_psi = float(drift["psi"].max()) if len(drift) else None
     result.drift = drift.to_dict("records")
 

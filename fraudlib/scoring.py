@@ -42,16 +42,28 @@ NEW_SPLIT = "new"
 CONTEXT_FILES = ("manifest.json", "encoders.json", "history.parquet", "test_edges.parquet", "gnn/test_gnn")
 
 
+def field_hops(architecture: dict) -> int:
+    """The ``n_hops`` of :func:`receptive_field` for a model's ``architecture`` (its meta.json):
+    its GNN layers, and one more when its node inputs average their edges' features
+    (``edge_means``): a node ``n_hops`` away then reads all its own edges too."""
+    return int(architecture["n_hops"]) + (1 if architecture.get("edge_means", 0) else 0)
+
+
 def receptive_field(graph: Graph, targets: np.ndarray, n_hops: int = 2) -> np.ndarray:
-    """Indices of the edges an ``n_hops``-layer GNN reads to embed the targets' endpoints.
+    """Indices of the edges an ``n_hops``-layer GNN reads to embed the targets' endpoints
+    (pass :func:`field_hops` of a model's architecture).
 
     Layer k of a node's embedding aggregates over *all* its edges, using layer k-1 of its
     neighbours; so the edges needed are those incident to any node within ``n_hops - 1``
     hops of a target edge's endpoints.
     """
-    users = np.zeros(graph.x_user.shape[0], dtype=bool)
-    merchants = np.zeros(graph.x_merchant.shape[0], dtype=bool)
-    src, dst = graph.edge_index
+    return _field(graph.edge_index, graph.x_user.shape[0], graph.x_merchant.shape[0], targets, n_hops)
+
+
+def _field(edge_index: np.ndarray, n_users: int, n_merchants: int, targets: np.ndarray, n_hops: int) -> np.ndarray:
+    users = np.zeros(n_users, dtype=bool)
+    merchants = np.zeros(n_merchants, dtype=bool)
+    src, dst = edge_index
     users[src[targets]] = True
     merchants[dst[targets]] = True
     for _ in range(n_hops - 1):
@@ -59,15 +71,6 @@ def receptive_field(graph: Graph, targets: np.ndarray, n_hops: int = 2) -> np.nd
         users[src[touching]] = True
         merchants[dst[touching]] = True
     return np.flatnonzero(users[src] | merchants[dst])
-
-
-def with_context(graph: Graph, targets: np.ndarray, n_hops: int = 2) -> tuple[Graph, np.ndarray]:
-    """The targets' receptive field as a graph, and the targets' positions in it."""
-    keep = receptive_field(graph, np.asarray(targets), n_hops)
-    mask = np.zeros(graph.num_edges, dtype=bool)
-    mask[keep] = True
-    position = np.cumsum(mask) - 1
-    return graph.edges(mask), position[np.asarray(targets)]
 
 
 def feature_groups(names: list[str], mask) -> list[str]:
@@ -126,9 +129,14 @@ def _predict(client: TritonClient, graph: Graph, shap: bool = False) -> dict:
     return client.infer(PUBLIC_MODEL, graph_inputs(graph, compute_shap=shap))
 
 
-def served_champion(client: TritonClient) -> Callable[[Graph], np.ndarray]:
-    """A graph's edge probabilities from the served champion (the public model, no version named)."""
-    return lambda graph: _predict(client, graph)["PREDICTION"]
+# How a graph is scored: predict(graph, positions) -> the probabilities of the edges at positions.
+Predict = Callable[[Graph, np.ndarray], np.ndarray]
+
+
+def served_champion(client: TritonClient) -> Predict:
+    """Edge probabilities from the served champion (the public model, no version named); the
+    serving contract scores every edge of the graph sent, the positions are taken from them."""
+    return lambda graph, positions: np.asarray(_predict(client, graph)["PREDICTION"]).reshape(-1)[positions]
 
 
 def max_shap_edges(config_text: str) -> int | None:
@@ -183,7 +191,7 @@ def explain_example(client: TritonClient, graph_dir: Path | str | None = None,
     when it does, else scored here."""
     graph_dir = Path(graph_dir) if graph_dir else champion_graph_dir()
     meta = champion_meta(client)
-    n_hops = int(meta["architecture"]["n_hops"])
+    n_hops = field_hops(meta["architecture"])
     test = read_part(graph_dir, "test")
     whole = kept_test_scores(run_dir, meta, graph_dir) if run_dir else None
     if whole is None or len(whole) != test.num_edges:
@@ -191,13 +199,21 @@ def explain_example(client: TritonClient, graph_dir: Path | str | None = None,
     cap = explanation_cap(client)
     top = np.argsort(-whole, kind="stable")[:100].tolist()
     fields = {}
+    # A field holds at least its edge's card's and merchant's own edges: an edge whose endpoints
+    # have more than the cap between them is passed over without computing its field (at 100M
+    # rows each field is a pass over 6.2M edges, and the top 100 all exceed the cap).
+    degree = [np.bincount(ends, minlength=n) for ends, n in zip(test.edge_index, (test.x_user.shape[0],
+                                                                                test.x_merchant.shape[0]))]
     for edge in top:
+        u, m = test.edge_index[:, edge]
+        if cap is not None and degree[0][u] + degree[1][m] - 1 > cap:
+            continue
         fields[edge] = receptive_field(test, np.array([edge]), n_hops)
         if cap is None or fields[edge].size <= cap:
             break
     else:
         edge = top[0]
-    field = fields[edge]
+    field = whole_field = fields[edge] if edge in fields else receptive_field(test, np.array([edge]), n_hops)
     if cap is not None and field.size > cap:  # a uniform sample of the field, the edge itself kept
         others = field[field != edge]
         field = np.sort(np.r_[np.random.default_rng(0).choice(others, cap - 1, replace=False), edge])
@@ -212,12 +228,14 @@ def explain_example(client: TritonClient, graph_dir: Path | str | None = None,
              "edge": feature_groups(test.edge_features, test.feature_mask_edge)}
     return Example(edge, int(test.edge_index[0, edge]), int(test.edge_index[1, edge]), int(test.label[edge]),
                    float(np.asarray(out["PREDICTION"]).reshape(-1)[position]), float(whole[edge]),
-                   sub.num_edges, shapley, names, receptive_field=int(fields[edge].size))
+                   sub.num_edges, shapley, names, receptive_field=int(whole_field.size))
 
 
 def append_edges(graph: Graph, user_ids: np.ndarray, merchant_ids: np.ndarray, edge_attr: np.ndarray) -> Graph:
-    """The graph with new (unlabelled) edges appended after its own."""
+    """The graph with new (unlabelled) edges appended after its own (itself when there are none)."""
     n = len(user_ids)
+    if n == 0:
+        return graph
     return dataclasses.replace(
         graph,
         edge_index=np.hstack([graph.edge_index, np.vstack([user_ids, merchant_ids]).astype(np.int64)]),
@@ -228,12 +246,10 @@ def append_edges(graph: Graph, user_ids: np.ndarray, merchant_ids: np.ndarray, e
     )
 
 
-def place_rows(context: Graph, user_ids: np.ndarray, merchant_ids: np.ndarray,
-               edge_attr: np.ndarray) -> tuple[Graph, np.ndarray]:
-    """The context graph with the rows placed in it, and each row's edge: a row that is already
-    an edge of the context (same card, merchant and features: the same transaction, e.g. a row
-    of the test period scored again) is that edge, not a duplicate that would change its
-    neighbours' messages; the others are appended."""
+def _held(context: Graph, user_ids: np.ndarray, merchant_ids: np.ndarray, edge_attr: np.ndarray) -> np.ndarray:
+    """Each row's edge in ``context`` when it is that transaction (same card, merchant and
+    features, e.g. a row of the test period scored again: not a duplicate that would change its
+    neighbours' messages), else -1."""
     def keys(u, m, attr):
         table = np.column_stack([u.astype(np.float64), m.astype(np.float64), attr.astype(np.float32).astype(np.float64)])
         return [row.tobytes() for row in np.ascontiguousarray(table)]
@@ -246,11 +262,7 @@ def place_rows(context: Graph, user_ids: np.ndarray, merchant_ids: np.ndarray,
     held = {}
     for i, key in zip(candidates, keys(*context.edge_index[:, candidates], context.edge_attr[candidates])):
         held.setdefault(key, int(i))
-    found = np.array([held.get(k, -1) for k in keys(user_ids, merchant_ids, edge_attr)], dtype=np.int64)
-    fresh = found < 0
-    graph = append_edges(context, user_ids[fresh], merchant_ids[fresh], edge_attr[fresh])
-    found[fresh] = context.num_edges + np.arange(int(fresh.sum()))
-    return graph, found
+    return np.array([held.get(k, -1) for k in keys(user_ids, merchant_ids, edge_attr)], dtype=np.int64)
 
 
 def read_rows(path: Path | str) -> pd.DataFrame:
@@ -293,15 +305,14 @@ def raw_rows(frame: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def score_frame(frame: pd.DataFrame, graph_dir: Path | str, predict: Callable[[Graph], np.ndarray],
-                n_hops: int) -> pd.DataFrame:
+def score_frame(frame: pd.DataFrame, graph_dir: Path | str, predict: Predict, n_hops: int) -> pd.DataFrame:
     """Fraud probabilities of parsed raw rows (``read_rows``), by ``predict`` (a graph's edge
     probabilities: the served champion, or a model loaded in-process).
 
     Rows are encoded with the graph directory's saved encoders (their causal features computed
     from the history saved with it, as preprocessing computed them) and scored inside their
     context: its test graph (the latest labelled transactions) with the new rows placed in it
-    (``place_rows``), cut to the new rows' receptive field. A row whose card or merchant the
+    (``score_in_context``), cut to the new rows' receptive field. A row whose card or merchant the
     model never saw has no node to attach to and is reported unscored. One row out per row in:
     ``User``, ``Card``, ``Merchant Name``, ``Amount``, ``fraud_probability`` (NaN: unscored),
     ``note``, and ``Is Fraud?`` when the rows have it; ``attrs["context_edges"]``.
@@ -336,18 +347,28 @@ def score_frame(frame: pd.DataFrame, graph_dir: Path | str, predict: Callable[[G
 
 
 def score_in_context(context: Graph, user_ids: np.ndarray, merchant_ids: np.ndarray, edge_attr: np.ndarray,
-                     predict: Callable[[Graph], np.ndarray], n_hops: int) -> tuple[np.ndarray, int]:
-    """Probabilities of encoded rows placed in ``context`` (``place_rows``), the graph cut to
-    their receptive field and scored by ``predict``; and that graph's number of edges."""
-    graph, targets = place_rows(context, user_ids, merchant_ids, edge_attr)
-    sub, positions = with_context(graph, targets, n_hops)
-    return np.asarray(predict(sub), dtype=np.float64).reshape(-1)[positions], sub.num_edges
+                     predict: Predict, n_hops: int) -> tuple[np.ndarray, int]:
+    """Probabilities of encoded rows placed in ``context`` (a row that is an edge of it is that
+    edge, ``_held``; the others are appended after its edges), the graph cut to the rows'
+    receptive field (``n_hops``: ``field_hops``) and scored by ``predict``; and that graph's
+    number of edges. The field is found on the edge index alone and only its edges are gathered
+    (at 100M rows the context is 6.2M edges, most of them a few rows' field)."""
+    found = _held(context, user_ids, merchant_ids, edge_attr)
+    fresh = found < 0
+    found[fresh] = context.num_edges + np.arange(int(fresh.sum()))
+    edge_index = np.hstack([context.edge_index, np.vstack([user_ids[fresh], merchant_ids[fresh]])])
+    keep = _field(edge_index, context.x_user.shape[0], context.x_merchant.shape[0], found, n_hops)
+    kept = keep[keep < context.num_edges]
+    sub = context if len(kept) == context.num_edges else context.edges(kept)  # no copy of a whole context
+    sub = append_edges(sub, user_ids[fresh], merchant_ids[fresh], edge_attr[fresh])
+    positions = np.where(fresh, len(kept) + np.cumsum(fresh) - 1, np.searchsorted(kept, found))
+    return np.asarray(predict(sub, positions), dtype=np.float64).reshape(-1), sub.num_edges
 
 
 def score_in_process(model, frame: pd.DataFrame, graph_dir: Path | str) -> pd.DataFrame:
     """:func:`score_frame` with a model loaded in-process (``model_export.load_model``)."""
-    return score_frame(frame, graph_dir, lambda graph: model.predict(compact(graph)),
-                       int(model.meta["architecture"]["n_hops"]))
+    return score_frame(frame, graph_dir, lambda graph, positions: model.predict(compact(graph), positions),
+                       field_hops(model.meta["architecture"]))
 
 
 def score_transactions(client: TritonClient, rows: pd.DataFrame | Path | str,
@@ -357,8 +378,7 @@ def score_transactions(client: TritonClient, rows: pd.DataFrame | Path | str,
     frame = rows if isinstance(rows, pd.DataFrame) else read_rows(rows)
     graph_dir = Path(graph_dir) if graph_dir else champion_graph_dir()
     meta = champion_meta(client)
-    return score_frame(frame, graph_dir, served_champion(client),
-                       int(meta["architecture"]["n_hops"]))
+    return score_frame(frame, graph_dir, served_champion(client), field_hops(meta["architecture"]))
 
 
 def label_metrics(scored: pd.DataFrame, threshold: float) -> dict | None:

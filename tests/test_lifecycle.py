@@ -163,7 +163,7 @@ def check_kept_scores(env, graph_dir, tmp_path, meta):
     example = scoring.explain_example(env[1], graph_dir, tmp_path)
     assert example.edge == int(np.argmax(kept)) and example.edge != scored.edge
     assert example.score == pytest.approx(float(scoring.served_champion(env[1])(
-        graph_store.read_part(graph_dir, "test"))[example.edge]), abs=1e-6)  # its score: the model's own
+        graph_store.read_part(graph_dir, "test"), [example.edge])[0]), abs=1e-6)  # its score: the model's own
     other = {**meta, "bias": 123}  # another model's kept scores are not this champion's
     assert scoring.kept_test_scores(tmp_path, other, graph_dir) is None
 

@@ -358,6 +358,19 @@ def test_nodes_no_edge_touches_do_not_change_any_score(model, test_graph, edges)
     np.testing.assert_array_equal(model.predict(part), model.predict(compacted))
 
 
+@pytest.mark.parametrize("n_edges", [40, None], ids=["compiled message passing", "torch"])
+def test_scoring_chosen_edges_gives_their_scores_in_the_whole_graph(model, test_graph, n_edges):
+    # A few rows scored inside a context of millions of edges: the messages pass over every
+    # edge, the trees are walked for the chosen ones only.
+    part = test_graph.edges(np.arange(n_edges or test_graph.num_edges))
+    assert (part.num_edges > type(model.predictor.compiled_gnn).MAX_EDGES) == (n_edges is None)
+    chosen = np.array([part.num_edges - 1, 0, 7, 7])
+    np.testing.assert_array_equal(model.predict(part, chosen), model.predict(part)[chosen])
+    assert model.predict(part, np.zeros(0, dtype=np.int64)).shape == (0,)
+    with pytest.raises(ValueError, match=f"edges must be a list of edge positions in 0..{part.num_edges - 1}"):
+        model.predict(part, np.array([part.num_edges]))
+
+
 def test_a_graph_without_edges_scores_to_nothing(model, test_graph):
     assert model.predict(test_graph.edges(np.zeros(test_graph.num_edges, dtype=bool))).shape == (0,)
 

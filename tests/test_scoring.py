@@ -6,7 +6,7 @@ import torch
 
 from fraudlib.gnn import FraudGNN
 from fraudlib.graph_store import Graph
-from fraudlib.scoring import append_edges, feature_groups, place_rows, receptive_field, with_context
+from fraudlib.scoring import append_edges, feature_groups, field_hops, receptive_field, score_in_context
 
 
 def random_graph(seed=0, users=60, merchants=40, edges=300, fu=5, fm=6, fe=4):
@@ -28,22 +28,44 @@ def logits(model, g: Graph) -> np.ndarray:
                      torch.from_numpy(g.edge_index), torch.from_numpy(g.edge_attr)).numpy()
 
 
+def in_context(model, g: Graph, users, merchants, attr, n_hops):
+    """score_in_context's logits of the rows, and its context's number of edges."""
+    arch = {"n_hops": n_hops, "edge_means": model.edge_means}
+    out, edges = score_in_context(g, users, merchants, attr, lambda sub, pos: logits(model, sub)[pos],
+                                  field_hops(arch))
+    return out.reshape(len(users), -1), edges
+
+
+@pytest.mark.parametrize("edge_means", [0, 1], ids=["id codes", "edge means in node inputs"])
 @pytest.mark.parametrize("n_hops", [1, 2, 3])
-def test_targets_score_the_same_inside_their_receptive_field_as_inside_the_whole_graph(n_hops):
+def test_targets_score_the_same_inside_their_receptive_field_as_inside_the_whole_graph(n_hops, edge_means):
     torch.manual_seed(0)
-    g = random_graph()
-    model = FraudGNN(5, 6, 4, hidden_channels=8, n_hops=n_hops).eval()
+    g = random_graph(users=600, merchants=400, edges=900)
+    model = FraudGNN(5, 6, 4, hidden_channels=8, n_hops=n_hops, edge_means=edge_means).eval()
     targets = np.array([3, 150, 299])
-    sub, positions = with_context(g, targets, n_hops)
-    assert sub.num_edges < g.num_edges
-    np.testing.assert_allclose(logits(model, sub)[positions], logits(model, g)[targets], rtol=1e-5, atol=1e-5)
+    got, context = in_context(model, g, *g.edge_index[:, targets], g.edge_attr[targets], n_hops)
+    assert context < g.num_edges
+    np.testing.assert_allclose(got, logits(model, g)[targets], rtol=1e-5, atol=1e-5)
+
+
+def test_new_rows_score_as_appended_to_the_whole_graph_and_known_rows_as_their_own_edges():
+    torch.manual_seed(0)
+    g = random_graph(users=600, merchants=400, edges=900)
+    model = FraudGNN(5, 6, 4, hidden_channels=8, n_hops=2, edge_means=1).eval()
+    rows = np.array([5, 9, 5, 700])
+    users, merchants, attr = g.edge_index[0, rows], g.edge_index[1, rows], g.edge_attr[rows].copy()
+    attr[1, 0] += 1.0  # row 2: same card and merchant, other features: another transaction
+    users[3] = 599  # row 4: a card's new merchant
+    got, _ = in_context(model, g, users, merchants, attr, 2)
+    whole = logits(model, append_edges(g, users[[1, 3]], merchants[[1, 3]], attr[[1, 3]]))
+    np.testing.assert_allclose(got, whole[[5, g.num_edges, 5, g.num_edges + 1]], rtol=1e-5, atol=1e-5)
 
 
 def test_a_lone_edge_scores_differently_than_inside_its_context():
     torch.manual_seed(0)
     g = random_graph()
     model = FraudGNN(5, 6, 4, hidden_channels=8, n_hops=2).eval()
-    alone, _ = with_context(g.edges(np.isin(np.arange(g.num_edges), [3])), np.array([0]), 2)
+    alone = g.edges(np.isin(np.arange(g.num_edges), [3]))
     assert not np.allclose(logits(model, alone)[0], logits(model, g)[3], atol=1e-4)
 
 
@@ -65,19 +87,6 @@ def test_appended_edges_are_unlabelled_and_come_after_the_graph_edges():
 def test_feature_groups_name_each_group_once_by_its_column_stem():
     assert feature_groups(["City_0", "City_1", "Amount", "Chip_a", "Chip_b"], [3, 3, 4, 5, 5]) == \
         ["City", "Amount", "Chip"]
-
-
-def test_rows_already_in_the_context_are_scored_as_those_edges_and_others_are_appended():
-    g = random_graph()
-    users, merchants = g.edge_index[0, [5, 9]], g.edge_index[1, [5, 9]]
-    attr = g.edge_attr[[5, 9]].copy()
-    attr[1, 0] += 1.0  # row 2: same card and merchant, other features: another transaction
-
-    graph, targets = place_rows(g, users, merchants, attr)
-
-    assert targets[0] == 5 and targets[1] == g.num_edges
-    assert graph.num_edges == g.num_edges + 1
-    np.testing.assert_array_equal(graph.edge_attr[-1], attr[1])
 
 
 def test_the_explanation_cap_is_read_from_the_models_config():

@@ -374,8 +374,8 @@ class FraudPredictor:
                 arrays["edge_attr_user_to_merchant"])
 
     def _scores(self, x_user: torch.Tensor, x_merchant: torch.Tensor, edge_index: torch.Tensor,
-                edge_attr: torch.Tensor) -> np.ndarray:
-        features = self.gnn.edge_features(x_user, x_merchant, edge_index, edge_attr)
+                edge_attr: torch.Tensor, edges: torch.Tensor | None = None) -> np.ndarray:
+        features = self.gnn.edge_features(x_user, x_merchant, edge_index, edge_attr, edges)
         return self.predict_dense(features.cpu().numpy())
 
     def predict_dense(self, features: np.ndarray) -> np.ndarray:
@@ -385,10 +385,19 @@ class FraudPredictor:
         return self.xgboost_predict(features)
 
     @torch.inference_mode()  # cheaper than no_grad: no version counters on a request's tensors
-    def predict(self, x_user, x_merchant, edge_index, edge_attr) -> np.ndarray:
-        """Fraud probability of every edge, float32 [E]."""
+    def predict(self, x_user, x_merchant, edge_index, edge_attr, edges=None) -> np.ndarray:
+        """Fraud probability of every edge, float32 [E]; with ``edges`` (positions), of those
+        edges only: the messages are passed over every edge, the trees walked for these (a few
+        rows scored inside a context of millions of edges cost the context's message passing,
+        not millions of tree walks)."""
         x_user, x_merchant, edge_index, edge_attr = self.check(x_user, x_merchant, edge_index, edge_attr)
-        if edge_index.shape[1] == 0:
+        if edges is not None:
+            edges = np.asarray(edges)
+            n = edge_index.shape[1]
+            if edges.ndim != 1 or edges.dtype.kind not in "iu" or (edges.size and not 0 <= edges.min() <= edges.max() < n):
+                raise ValueError(f"edges must be a list of edge positions in 0..{n - 1}, got {edges!r:.80}")
+            edges = edges.astype(np.int64, copy=False)
+        if edge_index.shape[1] == 0 or (edges is not None and edges.size == 0):
             return np.zeros(0, dtype=np.float32)
         # Only the nodes the edges touch take part in message passing: drop the others, so a
         # one-transaction request costs one transaction's work whatever node tables it carries.
@@ -397,9 +406,10 @@ class FraudPredictor:
         x_merchant, dst = _touched(x_merchant, merchants)
         edge_index = edge_index if src is users and dst is merchants else np.stack([src, dst])
         if self.compiled_gnn is not None and edge_index.shape[1] <= _CompiledGNN.MAX_EDGES:
-            return self.predict_dense(self.compiled_gnn(x_user, x_merchant, edge_index, edge_attr))
+            features = self.compiled_gnn(x_user, x_merchant, edge_index, edge_attr)
+            return self.predict_dense(features if edges is None else features[edges])
         inputs = [self._tensor(a) for a in (x_user, x_merchant, edge_index, edge_attr)]
-        return self._scores(*inputs).astype(np.float32)
+        return self._scores(*inputs, None if edges is None else self._tensor(edges)).astype(np.float32)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         """``array`` on the model's device; on CPU without a copy (and 3x cheaper than as_tensor)."""
