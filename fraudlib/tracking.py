@@ -160,8 +160,11 @@ def _log_training_data(graph_dir: Path) -> None:
     frame["user"], frame["merchant"] = train.edge_index[0], train.edge_index[1]
     frame["split"], frame["Fraud"] = train.split.astype(str), train.label
     digest = (manifest_hash(graph_dir) or "")[:12]
+    # The digest is the graph's manifest hash when it has one: MLflow's own tests the type of
+    # every value of the frame in Python (10 s at 100M rows' 1.27M training edges).
     dataset = mlflow.data.from_pandas(frame, source=str(graph_dir.resolve()), targets="Fraud",
-                                      name=f"{graph_dir.name}-train{'-' + digest if digest else ''}")
+                                      name=f"{graph_dir.name}-train{'-' + digest if digest else ''}",
+                                      digest=digest or None)
     dataset.schema = _frame_schema(frame)  # instead of MLflow's inference: a Python test per value (57 s at full size)
     mlflow.log_input(dataset, context="training")
 

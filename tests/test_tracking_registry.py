@@ -74,6 +74,7 @@ def test_the_training_run_records_its_data_and_its_notebook(trained):
     assert [t.value for t in dataset.tags if t.key == "mlflow.data.context"] == ["training"]
     assert json.loads(dataset.dataset.profile)["num_rows"] == graph_store.read_part(graph_dir, "train").num_edges
     assert dataset.dataset.source == json.dumps({"uri": str(graph_dir.resolve())})
+    assert dataset.dataset.digest == graph_store.manifest_hash(graph_dir)[:12]  # the graph it was trained on
     columns = [c["name"] for c in json.loads(dataset.dataset.schema)["mlflow_colspec"]]
     assert columns[-4:] == ["user", "merchant", "split", "Fraud"] and len(columns) > 4
 
