@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NEW_SPLIT = "new"
+# What score_frame returns per row, column -> MLflow type name (``Is Fraud?`` follows when
+# given): the logged MLflow model's output signature (a test keeps it what MLflow infers).
+OUTPUT_TYPES = {"User": "integer", "Card": "integer", "Merchant Name": "long", "Amount": "double",
+                "fraud_probability": "double", "note": "string"}
 # The files of a graph directory that scoring new rows reads: a model that travels carries them.
 CONTEXT_FILES = ("manifest.json", "encoders.json", "history.parquet", "test_edges.parquet", "gnn/test_gnn")
 

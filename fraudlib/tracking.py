@@ -182,32 +182,53 @@ def _frame_schema(frame: pd.DataFrame):
 
 
 def _log_model(version_dir: Path, graph_dir: Path) -> None:
-    """The travelling pyfunc, with its example (raw test rows, no label: new transactions)
-    scored once here, which also checks the logged package scores before it is registered."""
-    from mlflow.models import infer_signature
+    """The travelling pyfunc, with its example: raw test rows without a label (new
+    transactions). MLflow scores the example with the logged model as it will be loaded (its
+    copied code and artifacts); a failure there, only a warning in MLflow, fails the logging."""
+    from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
 
-    from fraudlib import model_export, scoring
+    from fraudlib import scoring
     from fraudlib.preprocess import read_test_rows
 
     with tempfile.TemporaryDirectory(prefix="fraud-scoring-context-") as tmp:
         context_dir = scoring_context(graph_dir, Path(tmp) / "scoring_context")
         rows = read_test_rows(graph_dir).head(INPUT_EXAMPLE_ROWS)
         example = scoring.raw_rows(rows.drop(columns=[scoring.LABEL]))
-        output = scoring.score_in_process(model_export.load_model(version_dir), scoring.parse_raw(example),
-                                          context_dir)
-        inputs = Schema([ColSpec(DataType.string, c, required=c != scoring.LABEL) for c in scoring.COLUMNS])
-        signature = infer_signature(example, output)
-        signature.inputs = inputs
-        mlflow.pyfunc.log_model(
-            name=PYFUNC_ARTIFACT_PATH,
-            python_model=TransactionScorer(),
-            artifacts={"model_version": str(version_dir), "scoring_context": str(context_dir)},
-            code_paths=[str(Path(__file__).resolve().parent)],
-            pip_requirements=model_requirements(),
-            signature=signature,
-            input_example=example,
-        )
+        signature = ModelSignature(
+            inputs=Schema([ColSpec(DataType.string, c, required=c != scoring.LABEL) for c in scoring.COLUMNS]),
+            outputs=Schema([ColSpec(DataType[kind], name) for name, kind in scoring.OUTPUT_TYPES.items()]))
+        with _failed_example() as failures:
+            mlflow.pyfunc.log_model(
+                name=PYFUNC_ARTIFACT_PATH,
+                python_model=TransactionScorer(),
+                artifacts={"model_version": str(version_dir), "scoring_context": str(context_dir)},
+                code_paths=[str(Path(__file__).resolve().parent)],
+                pip_requirements=model_requirements(),
+                signature=signature,
+                input_example=example,
+            )
+        if failures:
+            raise RuntimeError(f"the logged model could not score its input example ({len(example)} test rows "
+                               f"of {graph_dir}): {failures[0]}")
+
+
+@contextmanager
+def _failed_example():
+    """The messages of MLflow's failed input-example checks while logging a model (a list)."""
+    failures: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("Failed to validate serving input example"):
+                failures.append(record.getMessage().split("\n")[-1] or record.getMessage())
+
+    logger, handler = logging.getLogger("mlflow.models.model"), Catch(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield failures
+    finally:
+        logger.removeHandler(handler)
 
 
 def log_training_run(

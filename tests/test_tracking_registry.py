@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from fraudlib import graph_store, model_export, registry, scoring, settings, tracking, training
-from fraudlib.preprocess import preprocess
+from fraudlib.preprocess import preprocess, read_test_rows
 from test_training import FAST_XGB
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,6 +100,11 @@ def test_the_logged_model_declares_raw_rows_pinned_requirements_and_carries_its_
     assert all(c["type"] == "string" for c in inputs.values())
     assert [n for n, c in inputs.items() if not c["required"]] == ["Is Fraud?"]
     assert "fraud_probability" in info.signature.outputs.input_names()
+    # The declared output is what MLflow infers from what scoring returns.
+    graph_dir, result, _ = trained
+    rows = scoring.raw_rows(read_test_rows(graph_dir).head(5).drop(columns=[scoring.LABEL]))
+    scored = scoring.score_in_process(model_export.load_model(result.model_dir), scoring.parse_raw(rows), graph_dir)
+    assert info.signature.outputs == mlflow.models.infer_signature(rows, scored).outputs
     local = Path(mlflow.artifacts.download_artifacts(uri))
     example = json.loads((local / "serving_input_example.json").read_text())["dataframe_split"]
     assert example["columns"] == [c for c in scoring.COLUMNS if c != "Is Fraud?"] and example["data"]
@@ -114,6 +119,20 @@ def test_the_logged_model_declares_raw_rows_pinned_requirements_and_carries_its_
     context = local / "artifacts" / "scoring_context"
     for name in ("encoders.json", "history.parquet", "gnn/test_gnn/edges/user_to_merchant.csv"):
         assert (context / name).is_file(), name
+
+
+def test_a_model_that_cannot_score_its_input_example_is_not_logged_as_if_it_could(trained, monkeypatch):
+    # MLflow scores the example with the logged model and only warns when that fails.
+    graph_dir, result, _ = trained
+
+    def broken(self, context, model_input, params=None):
+        raise ValueError("the model's scoring context is unreadable")
+
+    monkeypatch.setattr(tracking.TransactionScorer, "predict", broken)
+    with pytest.raises(RuntimeError, match="could not score its input example .*scoring context is unreadable"):
+        tracking.log_training_run(
+            experiment=settings.EXPERIMENT_NAME, run_name="broken", gnn_params={}, xgb_params={}, metrics={},
+            model_dir=result.model_dir, config={}, tags={"graph_dir": str(graph_dir)})
 
 
 def test_the_champion_loads_and_scores_elsewhere_without_the_training_machines_files(
