@@ -166,3 +166,17 @@ def test_scores_are_written_whole_as_csv_or_parquet_by_the_suffix(tmp_path, name
                                                                               na_values=[""])
     assert back["line"].tolist() == [2, 3] and back["fraud_probability"].iloc[0] == 0.25
     assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left beside it
+
+
+@pytest.mark.parametrize("n_hops", [1, 2, 3])
+def test_the_field_bound_says_exceeds_only_for_fields_larger_than_the_cap(n_hops):
+    from fraudlib.scoring import _FieldBound
+
+    g = random_graph(users=600, merchants=400, edges=900)
+    bound = _FieldBound(g, n_hops)
+    sizes = np.array([receptive_field(g, np.array([e]), n_hops).size for e in range(g.num_edges)])
+    for cap in (5, int(np.median(sizes)), 10_000):
+        said = np.array([bound.exceeds(e, cap) for e in range(g.num_edges)])
+        assert (sizes[said] > cap).all()  # never wrong
+        if cap == 5 and n_hops > 1:  # and it passes over the fields far above the cap
+            assert said[sizes > 4 * cap].all()
