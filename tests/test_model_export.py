@@ -403,14 +403,36 @@ def test_shapley_groups_follow_the_masks_given(model, test_graph):
 
 # --- served by the real Triton ----------------------------------------------------------------
 
+BULK_VARIANT = "bulk_variant"  # the package with bulk_edges 10: the test graph is a bulk request
+
+
 @pytest.fixture(scope="module")
 def triton(result, tmp_path_factory):
     repository = tmp_path_factory.mktemp("triton") / "models"
     shutil.copytree(result.model_dir, repository / TRITON_MODEL_NAME)
+    bulk = shutil.copytree(result.model_dir, repository / BULK_VARIANT) / "config.pbtxt"
+    text = bulk.read_text().replace(f'name: "{TRITON_MODEL_NAME}"', f'name: "{BULK_VARIANT}"')
+    bulk.write_text(text.replace('key: "bulk_edges"\n  value: { string_value: "1048576" }',
+                                 'key: "bulk_edges"\n  value: { string_value: "10" }'))
+    assert 'string_value: "10"' in bulk.read_text()
     with EmbeddedTriton(repository, repository.parent / "triton.log") as server:
         with server.client() as client:
             client.load_model(TRITON_MODEL_NAME)
+            client.log_path = server.log_path
             yield client
+
+
+@pytest.mark.skipif(training.usable_cores() < 2, reason="one core: a bulk request has no more threads to use")
+def test_a_bulk_request_is_scored_with_every_core_and_gives_the_same_scores(triton, model, test_graph):
+    triton.load_model(BULK_VARIANT)
+    cores = training.usable_cores()
+    small = test_graph.edges(np.arange(5))
+    np.testing.assert_allclose(triton.infer(BULK_VARIANT, _contract_inputs(small))["PREDICTION"][:, 0],
+                               model.predict(small), atol=1e-5)
+    assert "bulk request" not in triton.log_path.read_text()  # 5 edges: a transaction's one thread
+    out = triton.infer(BULK_VARIANT, _contract_inputs(test_graph))["PREDICTION"][:, 0]
+    np.testing.assert_allclose(out, model.predict(test_graph), atol=1e-5)
+    assert f"bulk request: {test_graph.num_edges} edges scored with {cores} threads" in triton.log_path.read_text()
 
 
 def test_triton_predicts_what_the_in_process_model_predicts(triton, model, test_graph):
