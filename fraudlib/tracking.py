@@ -224,11 +224,15 @@ def _failed_example():
                 failures.append(record.getMessage().split("\n")[-1] or record.getMessage())
 
     logger, handler = logging.getLogger("mlflow.models.model"), Catch(logging.WARNING)
+    level = logger.level
+    if logger.getEffectiveLevel() > logging.WARNING:  # quieted elsewhere: the warning must still come
+        logger.setLevel(logging.WARNING)
     logger.addHandler(handler)
     try:
         yield failures
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def log_training_run(
