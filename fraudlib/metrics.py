@@ -56,13 +56,24 @@ def roc_auc(labels, scores) -> float:
     return metric_value(labels, scores, "roc_auc")
 
 
-def pr_points(labels, scores) -> tuple[np.ndarray, np.ndarray]:
-    """(precision, recall) of flagging ``score >= t`` at each distinct fraud score ``t``, highest
-    first: the points of the precision-recall curve where recall moves (the rest of the curve
-    only lowers precision at a constant recall), one per fraud score instead of one per row,
-    by the code of ``auprc`` (``_Cells``)."""
+def pr_points(labels, scores) -> tuple[np.ndarray, np.ndarray, float]:
+    """(precision, recall, auprc): precision and recall of flagging ``score >= t`` at each
+    distinct fraud score ``t``, highest first: the points of the precision-recall curve where
+    recall moves (the rest of the curve only lowers precision at a constant recall), one per
+    fraud score instead of one per row, and the area, by the code of ``auprc`` (``_Cells``)."""
     y, s = _check(labels, scores)
-    return _Cells(y, {"model": s}, "auprc", {}).curve("model")
+    cells = _Cells(y, {"model": s}, "auprc", {})
+    return (*cells.curve("model"), float(cells(*cells.all_rows())["model"][0]))
+
+
+def _ranking(labels, scores) -> dict[str, float]:
+    """``auprc`` and ``roc_auc`` from one placing of the rows (``_Cells``: 1.6 s at 6.2M rows)."""
+    y, s = _check(labels, scores)
+    cells, out = _Cells(y, {"model": s}, "auprc", {}), {}
+    for metric in RANKING_METRICS:
+        cells.metric = metric  # the cells of the ranking metrics are the same
+        out[metric] = float(cells(*cells.all_rows())["model"][0])
+    return out
 
 
 def at_threshold(labels, scores, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
@@ -120,7 +131,7 @@ def choose_threshold(labels, scores, alert_rate: float | None = None) -> float:
 def report(labels, scores, threshold: float) -> dict[str, float]:
     """All metrics of one score set: ``auprc``, ``roc_auc``, precision/recall/f1/accuracy/alert_rate
     at 0.5 (plain names) and at ``threshold`` (``*_at_threshold``), and ``threshold`` itself."""
-    out = {"auprc": auprc(labels, scores), "roc_auc": roc_auc(labels, scores)}
+    out = _ranking(labels, scores)
     out.update(at_threshold(labels, scores, DEFAULT_THRESHOLD))
     out.update({f"{k}_at_threshold": v for k, v in at_threshold(labels, scores, threshold).items()})
     out["threshold"] = float(threshold)

@@ -42,8 +42,8 @@ def pr_curves(labels: np.ndarray, scores: dict[str, np.ndarray], title: str = "P
     for name, s in scores.items():
         # The points where recall moves (one per distinct fraud score, not one per row: 1.5M on a
         # test period), from (recall 0, precision 1) on.
-        precision, recall = metrics.pr_points(labels, s)
-        ax.plot(np.r_[0.0, recall], np.r_[1.0, precision], label=f"{name} (AUPRC {metrics.auprc(labels, s):.3f})")
+        precision, recall, area = metrics.pr_points(labels, s)
+        ax.plot(np.r_[0.0, recall], np.r_[1.0, precision], label=f"{name} (AUPRC {area:.3f})")
     ax.axhline(float(np.mean(labels)), color="grey", linestyle=":", label="fraud rate")
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")

@@ -89,6 +89,10 @@ def test_report_has_metrics_at_half_and_at_the_given_threshold():
     assert r["f1"] == pytest.approx(2 / 3) and r["f1_at_threshold"] == pytest.approx(6 / 7)
     assert r["alert_rate"] == pytest.approx(3 / 8) and r["alert_rate_at_threshold"] == pytest.approx(4 / 8)
     assert r["threshold"] == 0.4
+    labels, scores = _tied_scores()  # both ranking metrics from one placing of the rows, as sklearn has them
+    ranked = metrics.report(labels, scores, 0.5)
+    assert ranked["auprc"] == pytest.approx(average_precision_score(labels, scores))
+    assert ranked["roc_auc"] == pytest.approx(roc_auc_score(labels, scores))
     assert set(r) == {"auprc", "roc_auc", "threshold"} | {
         f"{m}{suffix}" for m in ("precision", "recall", "f1", "accuracy", "alert_rate")
         for suffix in ("", "_at_threshold")}
@@ -183,7 +187,8 @@ def test_invalid_inputs_are_rejected(labels, scores, message):
 
 def test_pr_points_are_the_precision_recall_curve_where_recall_moves():
     labels, scores = _tied_scores()
-    precision, recall = metrics.pr_points(labels, scores)
+    precision, recall, area = metrics.pr_points(labels, scores)
+    assert area == pytest.approx(average_precision_score(labels, scores))
     p, r, t = precision_recall_curve(labels, scores)
     at = np.searchsorted(t, np.unique(scores[labels == 1])[::-1])  # sklearn's points at the fraud scores
     assert np.array_equal(precision, p[at]) and np.array_equal(recall, r[at])
