@@ -532,6 +532,7 @@ class TritonPythonModel:
         self.max_shap_edges = int(cap) if cap else MAX_SHAP_EDGES
         bulk = parameters.get("bulk_edges", {}).get("string_value")
         self.bulk_edges = int(bulk) if bulk else BULK_EDGES
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.explanation_slot = _ExplanationSlot(Path(__file__).resolve().parent)
         device = "cpu"
         if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
@@ -595,7 +596,7 @@ class TritonPythonModel:
     @contextmanager
     def _threads(self, n_edges: int | None):
         """Every core for a bulk request on CPU (``bulk_edges``), one thread otherwise."""
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = self.cores
         if self.predictor.device != "cpu" or not n_edges or n_edges < self.bulk_edges or cores == 1:
             yield
             return
