@@ -232,12 +232,14 @@ def cmd_score(args) -> int:
     graph_dir = scoring.champion_graph_dir()
     with _client(args.triton_url, "score", load_champion=True) as client:
         scored = scoring.score_transactions(client, frame, graph_dir)
-        threshold = scoring.champion_meta(client).get("threshold", 0.5)
+        meta = scoring.champion_meta(client)
+        threshold = meta.get("threshold", 0.5)
     scored.insert(0, "line", range(2, len(scored) + 2))
     with pd.option_context("display.max_rows", args.max_rows, "display.width", 160):
         print(scored.to_string(index=False, max_rows=args.max_rows))
-    print(f"scored by the champion inside their graph context: {scored.attrs.get('context_edges', 0)} edges "
-          "(the new rows plus the champion's test transactions of the same cards and merchants, 2 hops)")
+    print(f"scored by the champion inside their graph context: {scored.attrs.get('context_edges', 0):,} edges "
+          "(the new rows plus the champion's test transactions their scores read: a "
+          f"{scoring.field_hops(meta['architecture'])}-hop receptive field)")
     summary = scoring.label_metrics(scored, threshold)
     if summary is not None:
         print("against the rows' labels (Is Fraud?): " + ", ".join(
