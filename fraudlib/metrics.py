@@ -63,17 +63,14 @@ def pr_points(labels, scores) -> tuple[np.ndarray, np.ndarray, float]:
     fraud score instead of one per row, and the area, by the code of ``auprc`` (``_Cells``)."""
     y, s = _check(labels, scores)
     cells = _Cells(y, {"model": s}, "auprc", {})
-    return (*cells.curve("model"), float(cells(*cells.all_rows())["model"][0]))
+    return (*cells.curve("model"), cells.value("model"))
 
 
 def _ranking(labels, scores) -> dict[str, float]:
     """``auprc`` and ``roc_auc`` from one placing of the rows (``_Cells``: 1.6 s at 6.2M rows)."""
     y, s = _check(labels, scores)
-    cells, out = _Cells(y, {"model": s}, "auprc", {}), {}
-    for metric in RANKING_METRICS:
-        cells.metric = metric  # the cells of the ranking metrics are the same
-        out[metric] = float(cells(*cells.all_rows())["model"][0])
-    return out
+    cells = _Cells(y, {"model": s}, "auprc", {})
+    return {metric: cells.value("model", metric) for metric in RANKING_METRICS}
 
 
 def at_threshold(labels, scores, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
@@ -191,26 +188,31 @@ class _Cells:
 
     def __call__(self, cells: np.ndarray, fraud: np.ndarray) -> dict[str, np.ndarray]:
         """Per model, the metric under each resample's weights; NaN where it is undefined."""
-        return {name: self._metric(m, cells, fraud) for name, m in self.models.items()}
+        return {name: self._metric(m, cells, fraud, self.metric) for name, m in self.models.items()}
 
-    def _metric(self, m: dict, cells: np.ndarray, fraud: np.ndarray) -> np.ndarray:
+    def value(self, name: str, metric: str | None = None) -> float:
+        """Model ``name``'s ``metric`` on the rows as given; by default the cells' own metric,
+        else another that the same cells serve (the ranking metrics share theirs)."""
+        return float(self._metric(self.models[name], *self.all_rows(), metric or self.metric)[0])
+
+    def _metric(self, m: dict, cells: np.ndarray, fraud: np.ndarray, metric: str) -> np.ndarray:
         b = cells.shape[0]
         pos = fraud.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
-            if self.metric in THRESHOLD_METRICS:
+            if metric in THRESHOLD_METRICS:
                 tp = fraud @ m["fraud_flag"].astype(np.float64)
                 flagged = tp + cells @ m["flag"].astype(np.float64)
-                if self.metric == "alert_rate":
+                if metric == "alert_rate":
                     return flagged / (pos + cells.sum(axis=1))
                 precision = np.where(flagged > 0, tp / flagged, 0.0)
                 recall = np.where(pos > 0, tp / pos, 0.0)
-                if self.metric == "precision":
+                if metric == "precision":
                     return precision
-                if self.metric == "recall":
+                if metric == "recall":
                     return recall
                 return np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
             others, frauds = self._per_position(m, cells, fraud)
-            if self.metric == "auprc":
+            if metric == "auprc":
                 # average_precision_score: sum over the fraud scores u[k] of (recall step) x precision
                 # at threshold u[k].
                 precision, _ = self._curve(others, frauds)
@@ -257,8 +259,7 @@ def metric_value(labels, scores, metric: str, threshold: float | None = None) ->
     """One bootstrap metric (``BOOTSTRAP_METRICS``) on the rows as given, by the same code as
     ``bootstrap`` (equal to ``auprc``/``roc_auc``/``at_threshold`` up to float rounding)."""
     y, s = _check(labels, scores)
-    cells = _Cells(y, {"model": s}, metric, {"model": threshold})
-    return float(cells(*cells.all_rows())["model"][0])
+    return _Cells(y, {"model": s}, metric, {"model": threshold}).value("model")
 
 
 @dataclass(frozen=True)
