@@ -528,10 +528,13 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args.get("model_config") or "{}")
         parameters = config.get("parameters", {})
-        cap = parameters.get("max_shap_edges", {}).get("string_value")
-        self.max_shap_edges = int(cap) if cap else MAX_SHAP_EDGES
-        bulk = parameters.get("bulk_edges", {}).get("string_value")
-        self.bulk_edges = int(bulk) if bulk else BULK_EDGES
+
+        def setting(key: str, default: int) -> int:  # a config parameter (string_value), else the default
+            value = parameters.get(key, {}).get("string_value")
+            return int(value) if value else default
+
+        self.max_shap_edges = setting("max_shap_edges", MAX_SHAP_EDGES)
+        self.bulk_edges = setting("bulk_edges", BULK_EDGES)
         self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.explanation_slot = _ExplanationSlot(Path(__file__).resolve().parent)
         device = "cpu"
@@ -596,13 +599,12 @@ class TritonPythonModel:
     @contextmanager
     def _threads(self, n_edges: int | None):
         """Every core for a bulk request on CPU (``bulk_edges``), one thread otherwise."""
-        cores = self.cores
-        if self.predictor.device != "cpu" or not n_edges or n_edges < self.bulk_edges or cores == 1:
+        if self.predictor.device != "cpu" or not n_edges or n_edges < self.bulk_edges or self.cores == 1:
             yield
             return
-        pb_utils.Logger.log_info(f"bulk request: {n_edges} edges scored with {cores} threads")
-        torch.set_num_threads(cores)
-        self.predictor.booster.set_param({"nthread": cores})
+        pb_utils.Logger.log_info(f"bulk request: {n_edges} edges scored with {self.cores} threads")
+        torch.set_num_threads(self.cores)
+        self.predictor.booster.set_param({"nthread": self.cores})
         try:
             yield
         finally:
