@@ -379,14 +379,17 @@ def score_in_context(context: Graph, user_ids: np.ndarray, merchant_ids: np.ndar
     edge, ``_held``; the others are appended after its edges), the graph cut to the rows'
     receptive field (``n_hops``: ``field_hops``) and scored by ``predict``; and that graph's
     number of edges. The field is found on the edge index alone and only its edges are gathered
-    (at 100M rows the context is 6.2M edges, most of them a few rows' field)."""
+    (at 100M rows the context is 6.2M edges); a field of most of the context is scored in the
+    whole context instead (no edge outside the field reaches the rows: the same scores)."""
     found = _held(context, user_ids, merchant_ids, edge_attr)
     fresh = found < 0
     found[fresh] = context.num_edges + np.arange(int(fresh.sum()))
     edge_index = np.hstack([context.edge_index, np.vstack([user_ids[fresh], merchant_ids[fresh]])])
     keep = _field(edge_index, context.x_user.shape[0], context.x_merchant.shape[0], found, n_hops)
     kept = keep[keep < context.num_edges]
-    sub = context if len(kept) == context.num_edges else context.edges(kept)  # no copy of a whole context
+    if 2 * len(kept) > context.num_edges:  # most of the context: scored whole, not gathered (2.9 s at 100M)
+        kept = np.arange(context.num_edges)
+    sub = context if len(kept) == context.num_edges else context.edges(kept)
     sub = append_edges(sub, user_ids[fresh], merchant_ids[fresh], edge_attr[fresh])
     positions = np.where(fresh, len(kept) + np.cumsum(fresh) - 1, np.searchsorted(kept, found))
     return np.asarray(predict(sub, positions), dtype=np.float64).reshape(-1), sub.num_edges

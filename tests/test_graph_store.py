@@ -46,3 +46,32 @@ def test_tables_are_written_in_chunks_as_the_same_bytes_as_one_pyarrow_write(tmp
 
     pacsv.write_csv(pa.table({c: values[:, i] for i, c in enumerate(columns)}), tmp_path / "whole.csv")
     assert (tmp_path / "chunked.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
+
+
+def test_a_parquet_edge_table_of_several_row_groups_is_read_into_the_same_row_major_table(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(graph_store, "_BLOCK_ROWS", 3)  # several row blocks per group, one cut short
+    values = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    path = tmp_path / "edges.parquet"
+    pq.write_table(pa.table({f"c{i}": values[:, i] for i in range(4)}), path, row_group_size=8)
+    assert pq.ParquetFile(path).metadata.num_row_groups == 7
+
+    table = graph_store._read_rows_table(path, ["c1", "c3"])
+
+    assert table.flags.c_contiguous and table.dtype == np.float32
+    np.testing.assert_array_equal(table, values[:, [1, 3]])
+
+
+def test_compact_relabels_the_touched_nodes_in_order_as_np_unique_does():
+    g = random_graph(users=200, merchants=150, fu=2, fm=3, fe=1)  # 300 edges: some nodes left untouched
+    users, src = np.unique(g.edge_index[0], return_inverse=True)
+    merchants, dst = np.unique(g.edge_index[1], return_inverse=True)
+    assert users.size < g.x_user.shape[0] and merchants.size < g.x_merchant.shape[0]
+
+    small = graph_store.compact(g)
+
+    np.testing.assert_array_equal(small.edge_index, np.vstack([src, dst]))
+    np.testing.assert_array_equal(small.x_user, g.x_user[users])
+    np.testing.assert_array_equal(small.x_merchant, g.x_merchant[merchants])

@@ -48,6 +48,23 @@ def test_targets_score_the_same_inside_their_receptive_field_as_inside_the_whole
     np.testing.assert_allclose(got, logits(model, g)[targets], rtol=1e-5, atol=1e-5)
 
 
+def test_a_field_of_most_of_the_context_is_scored_in_the_whole_context_with_the_same_scores():
+    torch.manual_seed(0)
+    g = random_graph()  # dense: 300 edges between 60 cards and 40 merchants
+    model = FraudGNN(5, 6, 4, hidden_channels=8, n_hops=2, edge_means=1).eval()
+    targets = np.array([3, 150])
+    field = receptive_field(g, targets, 3)
+    assert g.num_edges / 2 < field.size < g.num_edges
+    users, merchants, attr = g.edge_index[0, targets], g.edge_index[1, targets], g.edge_attr[targets]
+    new = np.array([g.x_user.shape[0] - 1]), merchants[:1], attr[:1] + 1.0  # and a new row
+
+    got, context = in_context(model, g, np.r_[users, new[0]], np.r_[merchants, new[1]], np.vstack([attr, new[2]]), 2)
+
+    assert context == g.num_edges + 1
+    whole = logits(model, append_edges(g, *new))
+    np.testing.assert_allclose(got, whole[[3, 150, g.num_edges]], rtol=1e-5, atol=1e-5)
+
+
 def test_new_rows_score_as_appended_to_the_whole_graph_and_known_rows_as_their_own_edges():
     torch.manual_seed(0)
     g = random_graph(users=600, merchants=400, edges=900)
