@@ -698,14 +698,8 @@ def _test_input(model: gnn.FraudGNN, graph: Graph, device: str) -> EdgeBatches:
     """XGBoost input of the test edges over the whole test graph, as ``model.edge_features``
     computes it (the node embeddings of one pass over the graph, then each edge's row), built
     per batch of edges."""
-    xu, xm, ei, ea = _tensors(compact(graph), device)
-    h_user, h_merchant = model.embed(xu, xm, ei, edge_attr=ea)
-
-    @torch.no_grad()
-    def rows(start: int, stop: int) -> np.ndarray:
-        return gnn._edge_features(xu, h_user, xm, h_merchant, ei[:, start:stop], ea[start:stop]).cpu().numpy()
-
-    return EdgeBatches(graph.num_edges, rows)
+    rows, n = model.edge_feature_rows(*_tensors(compact(graph), device))
+    return EdgeBatches(n, lambda start, stop: rows(start, stop).cpu().numpy())
 
 
 def _feature_names(graph: Graph, hidden: int) -> dict[str, list[str]]:

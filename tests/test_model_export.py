@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -369,6 +370,24 @@ def test_scoring_chosen_edges_gives_their_scores_in_the_whole_graph(model, test_
     assert model.predict(part, np.zeros(0, dtype=np.int64)).shape == (0,)
     with pytest.raises(ValueError, match=f"edges must be a list of edge positions in 0..{part.num_edges - 1}"):
         model.predict(part, np.array([part.num_edges]))
+
+
+def test_a_large_request_is_scored_in_batches_with_the_same_scores(model, test_graph, monkeypatch):
+    # Above BATCH_EDGES edges the trees' input is built and scored a batch at a time.
+    predictor = model.predictor
+    part = test_graph.edges(np.arange(test_graph.num_edges))
+    assert part.num_edges > type(predictor.compiled_gnn).MAX_EDGES  # the torch path, as bulk requests take
+    whole, chosen = model.predict(part), np.array([part.num_edges - 1, 0, 7, 7, 30])
+    batches = []
+    predict_dense = predictor.predict_dense
+    monkeypatch.setattr(predictor, "predict_dense", lambda rows: batches.append(len(rows)) or predict_dense(rows))
+    monkeypatch.setattr(sys.modules[type(predictor).__module__], "BATCH_EDGES", 7)
+
+    np.testing.assert_array_equal(model.predict(part), whole)
+    assert batches[:2] == [7, 7] and sum(batches) == part.num_edges and len(batches) == -(-part.num_edges // 7)
+    batches.clear()
+    np.testing.assert_array_equal(model.predict(part, chosen), whole[chosen])
+    assert batches == [5]  # 5 chosen edges: one batch
 
 
 def test_a_graph_without_edges_scores_to_nothing(model, test_graph):
