@@ -4,8 +4,11 @@ Measures, for one model package made champion of a fresh repository:
 - start to ready of the embedded server (no model loaded), stage + promote of the package,
   and a restart serving the champion (start, load, health check: what `fraud serve` does),
 - throughput scoring a whole test graph in one request (transactions/s),
-- latency p50/p99 of single-transaction requests (a 1-edge graph: the request cost,
-  not a score in context) at concurrency 1 (``--rounds`` rounds) and 8 (one client per thread).
+- latency p50/p99 of single-transaction requests at concurrency 1 (``--rounds`` rounds) and 8
+  (one client per thread): a 1-edge graph (the request cost, not a score in context), or with
+  ``--fanout K`` each transaction of the test graph with a sample of its receptive field, the
+  request `fraud score --fanout K` sends (``scoring.sampled_field``; benchmarks/bench_fanout.py
+  measures what the sample costs in AUPRC).
 
     .venv/bin/python benchmarks/bench_triton.py                       # newest trained model, its test graph
     .venv/bin/python benchmarks/bench_triton.py --package <out>/prediction_and_shapley \\
@@ -30,6 +33,7 @@ import numpy as np
 
 from fraudlib import settings
 from fraudlib.graph_store import read_part
+from fraudlib.scoring import Adjacency, field_hops, sampled_field
 from fraudlib.triton_repo import (CONFIG, GRAPH_INPUTS, PACKAGE_CONFIG, PUBLIC_MODEL, TritonRepository,
                                   graph_inputs, health_check_inputs)
 from fraudlib.triton_server import EmbeddedTriton, TritonClient
@@ -74,6 +78,14 @@ def single_transactions(graph: dict[str, np.ndarray], n: int) -> list[dict[str, 
         "edge_attr_user_to_merchant": graph["edge_attr_user_to_merchant"][i][None],
         "COMPUTE_SHAP": np.array([False]),
     } for i in picks]
+
+
+def sampled_transactions(test, n: int, n_hops: int, fanout: int) -> list[dict[str, np.ndarray]]:
+    """``n`` test transactions, each in a sample of its receptive field (seeded per request)."""
+    graph = Adjacency(test.edge_index, test.x_user.shape[0], test.x_merchant.shape[0])
+    picks = np.random.default_rng(1).integers(0, test.num_edges, n)
+    return [graph_inputs(test.edges(sampled_field(graph, np.array([edge]), n_hops, fanout, seed=k)))
+            for k, edge in enumerate(picks)]
 
 
 def logged_path(triton_log: Path, marker: str) -> str:
@@ -147,11 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=2000, help="single-transaction requests per run")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of single requests at concurrency 1")
     parser.add_argument("--repeats", type=int, default=5, help="timed whole-graph requests")
+    parser.add_argument("--fanout", type=int, default=None,
+                        help="single transactions in a sample of their receptive field (at most this many "
+                             "edges of each node per hop) from the test graph; default: 1-edge graphs")
     parser.add_argument("--json-out", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.package is None:
         args.package, default_graph = default_package()
         args.graph_dir = args.graph_dir or default_graph
+    if args.fanout is not None and not args.graph_dir:
+        parser.error("--fanout samples the test graph's receptive fields: give --graph-dir")
 
     with tempfile.TemporaryDirectory(prefix="bench_triton_") as tmp:
         tmp = Path(tmp)
@@ -163,20 +180,29 @@ def main(argv: list[str] | None = None) -> int:
             stage_promote_s = time.perf_counter() - t
             dims = {name: tensor.shape[-1] for name, tensor in health_check_inputs(
                 repo.public / str(version) / PACKAGE_CONFIG).items() if name in GRAPH_INPUTS}
+            singles = None
             if args.graph_dir:
-                graph = graph_inputs(read_part(args.graph_dir, "test"))
+                test = read_part(args.graph_dir, "test")
+                graph = graph_inputs(test)
                 graph_name = f"test part of {args.graph_dir}"
+                if args.fanout is not None:
+                    meta = json.loads((repo.public / str(version) / "meta.json").read_text())
+                    singles = sampled_transactions(test, args.requests, field_hops(meta["architecture"]), args.fanout)
+                del test
             else:
                 graph = random_graph(dims, TEST_EDGES, TEST_USERS, TEST_MERCHANTS)
                 graph_name = "random, full test graph size"
+            singles = singles or single_transactions(graph, args.requests)
+            sizes = [request["edge_index_user_to_merchant"].shape[1] for request in singles]
             figures = {
                 "package": str(args.package), "batch_graph": graph_name,
                 "start_to_ready_s": server.start_to_ready_s,
                 "stage_and_promote_s": stage_promote_s,
                 "batch": batch_throughput(client, graph, args.repeats),
                 # This VM's scheduling noise moves a p99 by 2x between runs: several rounds show it.
-                "latency": [latency(server.url, single_transactions(graph, args.requests), c)
-                            for c in [1] * args.rounds + [8]],
+                "single_requests": {"fanout": args.fanout, "edges_p50": float(np.median(sizes)),
+                                    "edges_max": int(max(sizes))},
+                "latency": [latency(server.url, singles, c) for c in [1] * args.rounds + [8]],
             }
             figures["trees"] = logged_path(server.log_path, "trees evaluated by ")
             figures["message_passing"] = logged_path(server.log_path, "message passing of small requests by ")
@@ -195,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{figures['restart_serving_champion_s']:.2f} s")
     print(f"batch: {b['edges']} edges in {b['median_s'] * 1000:.1f} ms -> "
           f"{b['tx_per_s_median']:,.0f} tx/s (target >= 100,000)")
+    r = figures["single_requests"]
+    print("single transactions: " + ("1-edge graphs" if r["fanout"] is None else
+                                     f"in a sample of their receptive field, fanout {r['fanout']}: "
+                                     f"{r['edges_p50']:,.0f} edges (p50), {r['edges_max']:,} at most"))
     for lat in figures["latency"]:
         print(f"single transaction, concurrency {lat['concurrency']}: p50 {lat['p50_ms']:.2f} ms, "
               f"p99 {lat['p99_ms']:.2f} ms, {lat['requests_per_s']:,.0f} req/s")

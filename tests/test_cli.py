@@ -77,6 +77,11 @@ def test_score_refuses_an_output_it_cannot_write_before_reading_anything(tmp_pat
         assert done.returncode == 1 and why in done.stderr, done.stderr
 
 
+def test_score_refuses_a_fanout_below_one_edge(tmp_path):
+    done = fraud("score", str(tmp_path / "missing.csv"), "--fanout", "0", runs_dir=tmp_path)
+    assert done.returncode == 2 and "--fanout: must be a whole number >= 1, got 0" in done.stderr
+
+
 def test_status_reports_an_unreachable_triton_and_exits_non_zero(tmp_path):
     done = fraud("status", "--triton-url", "127.0.0.1:9", runs_dir=tmp_path)
     assert done.returncode != 0

@@ -4,6 +4,7 @@ Triton server, a real MLflow store; then the `fraud` commands a user runs betwee
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,14 @@ def test_score_prints_probabilities_for_raw_rows_in_graph_context(runs_dir, tmp_
     assert len(scored) == 5
     probabilities = [float(r["fraud_probability"]) for r in scored if r["fraud_probability"]]
     assert probabilities and all(0.0 <= p <= 1.0 for p in probabilities)
+
+    # In a sample of their receptive field: a smaller context, probabilities all the same.
+    sampled = run([str(BIN / "fraud"), "score", str(new), "--fanout", "3"], runs_dir)
+    assert sampled.returncode == 0, sampled.stdout + sampled.stderr
+    assert "at most 3 edges a node and hop" in sampled.stdout
+    context = [int(re.search(r"graph context: ([\d,]+) edges", d.stdout).group(1).replace(",", ""))
+               for d in (done, sampled)]
+    assert 5 <= context[1] < context[0]
 
 
 def test_scoring_the_test_periods_rows_gives_the_batch_probabilities(runs_dir, tmp_path):

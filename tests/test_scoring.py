@@ -6,7 +6,8 @@ import torch
 
 from fraudlib.gnn import FraudGNN
 from fraudlib.graph_store import Graph
-from fraudlib.scoring import append_edges, feature_groups, field_hops, receptive_field, score_in_context
+from fraudlib.scoring import (Adjacency, append_edges, feature_groups, field_hops, receptive_field, sampled_field,
+                              score_in_context)
 
 
 def random_graph(seed=0, users=60, merchants=40, edges=300, fu=5, fm=6, fe=4):
@@ -197,3 +198,43 @@ def test_the_field_bound_says_exceeds_only_for_fields_larger_than_the_cap(n_hops
         assert (sizes[said] > cap).all()  # never wrong
         if cap == 5 and n_hops > 1:  # and it passes over the fields far above the cap
             assert said[sizes > 4 * cap].all()
+
+
+@pytest.mark.parametrize("n_hops", [1, 2, 3])
+def test_a_fanout_above_every_degree_samples_the_whole_receptive_field(n_hops):
+    g = random_graph(users=600, merchants=400, edges=900)
+    targets = np.array([3, 150, 299])
+    sizes = g.x_user.shape[0], g.x_merchant.shape[0]
+    most = max(np.bincount(g.edge_index[0]).max(), np.bincount(g.edge_index[1]).max())
+    np.testing.assert_array_equal(sampled_field(Adjacency(g.edge_index, *sizes), targets, n_hops, fanout=most),
+                                  receptive_field(g, targets, n_hops))
+
+
+def test_a_sampled_field_draws_at_most_fanout_edges_of_each_node_per_hop_and_keeps_the_targets():
+    g = random_graph()  # dense: 300 edges between 60 cards and 40 merchants, degrees ~5-8
+    graph, targets = Adjacency(g.edge_index, g.x_user.shape[0], g.x_merchant.shape[0]), np.array([3, 150])
+    one_hop = sampled_field(graph, targets, 1, fanout=2)
+    # hop 1: the targets plus at most 2 edges of each of their (up to 4) endpoints
+    assert set(targets) <= set(one_hop) and len(one_hop) <= 2 + 4 * 2
+    ends = g.edge_index[:, one_hop]
+    endpoints = [set(g.edge_index[0, targets]), set(g.edge_index[1, targets])]
+    assert all(ends[0, i] in endpoints[0] or ends[1, i] in endpoints[1] for i in range(len(one_hop)))
+    three = sampled_field(graph, targets, 3, fanout=2)
+    assert set(one_hop) <= set(receptive_field(g, targets, 1)) and len(three) < receptive_field(g, targets, 3).size
+    np.testing.assert_array_equal(three, sampled_field(graph, targets, 3, fanout=2))  # seeded
+    assert not np.array_equal(three, sampled_field(graph, targets, 3, fanout=2, seed=1))
+    with pytest.raises(ValueError, match="fanout must be >= 1"):
+        sampled_field(graph, targets, 3, fanout=0)
+
+
+def test_rows_scored_with_a_fanout_score_as_inside_their_sampled_field():
+    torch.manual_seed(0)
+    g = random_graph(users=600, merchants=400, edges=900)
+    model = FraudGNN(5, 6, 4, hidden_channels=8, n_hops=2, edge_means=1).eval()
+    targets = np.array([3, 150, 299])
+    users, merchants, attr = g.edge_index[0, targets], g.edge_index[1, targets], g.edge_attr[targets]
+    got, context = score_in_context(g, users, merchants, attr, lambda sub, pos: logits(model, sub)[pos], 3, fanout=2)
+    field = sampled_field(Adjacency(g.edge_index, g.x_user.shape[0], g.x_merchant.shape[0]), targets, 3, fanout=2)
+    assert context == field.size < receptive_field(g, targets, 3).size
+    sub = g.edges(field)
+    np.testing.assert_allclose(got.reshape(3, -1), logits(model, sub)[np.searchsorted(field, targets)], rtol=1e-6)
