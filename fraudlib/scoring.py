@@ -257,9 +257,9 @@ class Adjacency:
 def sampled_field(graph: Adjacency, targets: np.ndarray, n_hops: int, fanout: int, seed: int = 0) -> np.ndarray:
     """A sample of the targets' receptive field (sorted edge positions): the field's hops
     (``_field``) with at most ``fanout`` edges of each node drawn at each hop (seeded,
-    ``Adjacency.sample``), the targets themselves kept. At most 2 x (fanout + fanout^2 + ...) edges a target, whatever
-    the degrees: a transaction in a sample of its context, as the GNN was trained (messages
-    pass over a uniform sample of the stream, and every node reads means, not sums)."""
+    ``Adjacency.sample``), the targets themselves kept. At most 2 x (fanout + fanout^2 + ...)
+    edges a target, whatever the degrees: a transaction in a sample of its context, as the GNN
+    was trained (messages pass over a uniform sample of the stream; every node reads means)."""
     if fanout < 1:
         raise ValueError(f"fanout must be >= 1 edge per node and hop, got {fanout}")
     edge_index, rng = graph.ends, np.random.default_rng(seed)
@@ -381,8 +381,8 @@ def score_frame(frame: pd.DataFrame, graph_dir: Path | str, predict: Predict, n_
     from the history saved with it, as preprocessing computed them) and scored inside their
     context: its test graph (the latest labelled transactions) with the new rows placed in it
     (``score_in_context``), cut to the new rows' receptive field (with ``fanout``, a sample of
-    it: ``sampled_field``). A row whose card or merchant the
-    model never saw has no node to attach to and is reported unscored. One row out per row in:
+    it: ``sampled_field``). A row whose card or merchant the model never saw has no node to
+    attach to and is reported unscored. One row out per row in:
     ``User``, ``Card``, ``Merchant Name``, ``Amount``, ``fraud_probability`` (NaN: unscored),
     ``note``, and ``Is Fraud?`` when the rows have it; ``attrs["context_edges"]``.
     """
@@ -433,7 +433,7 @@ def score_in_context(context: Graph, user_ids: np.ndarray, merchant_ids: np.ndar
     keep = _field(edge_index, *sizes, found, n_hops) if fanout is None else \
         sampled_field(Adjacency(edge_index, *sizes), found, n_hops, fanout)
     kept = keep[keep < context.num_edges]
-    if fanout is None and 2 * len(kept) > context.num_edges:  # most of the context: scored whole, not gathered (2.9 s at 100M)
+    if fanout is None and 2 * len(kept) > context.num_edges:  # scored whole, not gathered (2.9 s at 100M)
         kept = np.arange(context.num_edges)
     sub = context if len(kept) == context.num_edges else context.edges(kept)
     sub = append_edges(sub, user_ids[fresh], merchant_ids[fresh], edge_attr[fresh])

@@ -386,7 +386,8 @@ class FraudPredictor:
                 edge_attr: torch.Tensor, edges: torch.Tensor | None = None) -> np.ndarray:
         n = edge_index.shape[1] if edges is None else edges.shape[0]
         if n <= BATCH_EDGES:
-            return self.predict_dense(self.gnn.edge_features(x_user, x_merchant, edge_index, edge_attr, edges).cpu().numpy())
+            features = self.gnn.edge_features(x_user, x_merchant, edge_index, edge_attr, edges)
+            return self.predict_dense(features.cpu().numpy())
         rows, n = self.gnn.edge_feature_rows(x_user, x_merchant, edge_index, edge_attr, edges)
         out = np.empty(n, dtype=np.float32)
         for start in range(0, n, BATCH_EDGES):  # the trees' input a batch at a time (memory)
