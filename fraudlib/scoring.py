@@ -441,10 +441,10 @@ def score_in_context(context: Graph, user_ids: np.ndarray, merchant_ids: np.ndar
     return np.asarray(predict(sub, positions), dtype=np.float64).reshape(-1), sub.num_edges
 
 
-def score_in_process(model, frame: pd.DataFrame, graph_dir: Path | str) -> pd.DataFrame:
+def score_in_process(model, frame: pd.DataFrame, graph_dir: Path | str, fanout: int | None = None) -> pd.DataFrame:
     """:func:`score_frame` with a model loaded in-process (``model_export.load_model``)."""
     return score_frame(frame, graph_dir, lambda graph, positions: model.predict(compact(graph), positions),
-                       field_hops(model.meta["architecture"]))
+                       field_hops(model.meta["architecture"]), fanout)
 
 
 def score_transactions(client: TritonClient, rows: pd.DataFrame | Path | str,

@@ -84,6 +84,8 @@ class TransactionScorer(mlflow.pyfunc.PythonModel):
 
     Input: a DataFrame of raw rows as text, the file's 15 columns (``pd.read_csv(path,
     dtype=str)``; ``Is Fraud?`` optional). Output: one row per input row (``scoring.score_frame``).
+    Parameter ``fanout`` (default 0: each row's whole receptive field): score each row in a
+    sample of it, at most this many edges of each node at each hop (``scoring.sampled_field``).
     Everything it reads is in its artifacts: ``model_version`` (the Triton model package's
     version folder) and ``scoring_context`` (encoders, history and test graph of its data).
     """
@@ -97,7 +99,8 @@ class TransactionScorer(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from fraudlib import scoring
 
-        return scoring.score_in_process(self.model, scoring.parse_raw(model_input), self.context_dir)
+        fanout = int((params or {}).get("fanout") or 0) or None
+        return scoring.score_in_process(self.model, scoring.parse_raw(model_input), self.context_dir, fanout)
 
 
 def model_requirements() -> list[str]:
@@ -186,7 +189,7 @@ def _log_model(version_dir: Path, graph_dir: Path) -> None:
     transactions). MLflow scores the example with the logged model as it will be loaded (its
     copied code and artifacts); a failure there, only a warning in MLflow, fails the logging."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
     from fraudlib import scoring
     from fraudlib.preprocess import read_test_rows
@@ -197,7 +200,8 @@ def _log_model(version_dir: Path, graph_dir: Path) -> None:
         example = scoring.raw_rows(rows.drop(columns=[scoring.LABEL]))
         signature = ModelSignature(
             inputs=Schema([ColSpec(DataType.string, c, required=c != scoring.LABEL) for c in scoring.COLUMNS]),
-            outputs=Schema([ColSpec(DataType[kind], name) for name, kind in scoring.OUTPUT_TYPES.items()]))
+            outputs=Schema([ColSpec(DataType[kind], name) for name, kind in scoring.OUTPUT_TYPES.items()]),
+            params=ParamSchema([ParamSpec("fanout", DataType.long, 0)]))
         with _failed_example() as failures:
             mlflow.pyfunc.log_model(
                 name=PYFUNC_ARTIFACT_PATH,

@@ -146,6 +146,9 @@ def test_the_champion_loads_and_scores_elsewhere_without_the_training_machines_f
     expected = scoring.score_in_process(model_export.load_model(result.model_dir), scoring.parse_raw(rows),
                                         graph_dir)
     assert expected["fraud_probability"].notna().sum() >= 20
+    sampled = scoring.score_in_process(model_export.load_model(result.model_dir), scoring.parse_raw(rows),
+                                       graph_dir, fanout=3)
+    assert not np.allclose(sampled["fraud_probability"], expected["fraud_probability"], equal_nan=True)
     (tmp_path / "rows.csv").write_text(rows.to_csv(index=False))
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "runs").mkdir(parents=True)
@@ -155,14 +158,16 @@ def test_the_champion_loads_and_scores_elsewhere_without_the_training_machines_f
         "import fraudlib\n"
         "print(fraudlib.__file__)\n"
         "rows = pd.read_csv(sys.argv[1], dtype=str, keep_default_na=False)\n"
-        "model.predict(rows).to_parquet(sys.argv[2])\n")
+        "model.predict(rows).to_parquet(sys.argv[2])\n"
+        "model.predict(rows, params={'fanout': 3}).to_parquet(sys.argv[3])\n")
     env = {**os.environ, "FRAUD_RUNS_DIR": str(elsewhere / "runs"),
            "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri(), "PYTHONPATH": ""}
     away = [graph_dir, result.model_dir.parent]
     for path in away:
         path.rename(path.with_name(path.name + ".away"))
     try:
-        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "rows.csv"), str(tmp_path / "out.parquet")],
+        done = subprocess.run([sys.executable, "-c", script, *(str(tmp_path / f) for f in ("rows.csv", "out.parquet",
+                                                                                             "sampled.parquet"))],
                               cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     finally:
         for path in away:
@@ -173,6 +178,9 @@ def test_the_champion_loads_and_scores_elsewhere_without_the_training_machines_f
     assert len(got) == len(rows)
     np.testing.assert_allclose(got["fraud_probability"].to_numpy(), expected["fraud_probability"].to_numpy(),
                                rtol=1e-5, atol=1e-6)
+    # With a fanout: each row in a sample of its receptive field, as fraudlib samples it here.
+    np.testing.assert_allclose(pd.read_parquet(tmp_path / "sampled.parquet")["fraud_probability"].to_numpy(),
+                               sampled["fraud_probability"].to_numpy(), rtol=1e-5, atol=1e-6)
     assert not list((elsewhere / "runs").iterdir())
 
 
