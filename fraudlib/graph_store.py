@@ -96,14 +96,18 @@ def compact(graph: Graph) -> Graph:
     every edge's score, is unchanged, while the work and the request no longer scale with
     all nodes of the node tables. Nodes keep their order (``np.unique``'s relabelling, found by
     marking the touched ids rather than sorting the edges' ends: 1.3 s -> 0.1 s at 6.2M edges)."""
-    ends = []
-    for side, n in ((0, graph.x_user.shape[0]), (1, graph.x_merchant.shape[0])):
-        touched = np.zeros(n, dtype=bool)
-        touched[graph.edge_index[side]] = True
-        ends.append((np.flatnonzero(touched), (np.cumsum(touched) - 1)[graph.edge_index[side]]))
-    (users, src), (merchants, dst) = ends
+    users, src = _touched(graph.edge_index[0], graph.x_user.shape[0])
+    merchants, dst = _touched(graph.edge_index[1], graph.x_merchant.shape[0])
     return dataclasses.replace(graph, x_user=graph.x_user[users], x_merchant=graph.x_merchant[merchants],
                                edge_index=np.vstack([src, dst]).astype(np.int64))
+
+
+def _touched(ids: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of an ``n``-row node table that ``ids`` touch, in order, and ``ids`` renumbered
+    over them."""
+    touched = np.zeros(n, dtype=bool)
+    touched[ids] = True
+    return np.flatnonzero(touched), (np.cumsum(touched) - 1)[ids]
 
 
 def _part_dir(graph_dir: Path, part: str) -> Path:

@@ -271,7 +271,7 @@ def sampled_field(graph: Adjacency, targets: np.ndarray, n_hops: int, fanout: in
             reached[side][frontier[side]] = True
         picked = np.concatenate([graph.sample(side, frontier[side], fanout, rng) for side in (0, 1)])
         edges.append(picked)
-        frontier = [np.unique(ends[picked][~seen[ends[picked]]]) for ends, seen in zip(edge_index, reached)]
+        frontier = [np.unique(nodes[~seen[nodes]]) for nodes, seen in zip(edge_index[:, picked], reached)]
     return np.unique(np.concatenate(edges))
 
 
